@@ -1,0 +1,7 @@
+"""`python -m orchestrator ...` is the same as the `dpo` command."""
+
+import sys
+
+from orchestrator.cli import main
+
+sys.exit(main())

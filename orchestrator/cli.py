@@ -1,0 +1,84 @@
+"""The `dpo` command line.
+
+    dpo demo-assets [--force]                          build the embedded default model and data
+    dpo train CONFIG [--set key=value ...]             DPO in this process (no Ray)
+    dpo sft CONFIG [--set key=value ...]               SFT in this process on data.sft_train
+    dpo check CONFIG [--set key=value ...]             validate config and data, train nothing
+
+Bad config or bad data exits with status 2 and a message naming the key, file, rows and reason;
+nothing is trained and nothing is written. Run `dpo --help` or `python -m orchestrator --help`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from orchestrator.config import ConfigError, load_config
+
+EXIT_BAD_INPUT = 2
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML experiment config, e.g. configs/quickstart.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set dpo.beta=0.2 --set model.path=/models/qwen (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dpo", description="Ray-based DPO experiment orchestrator")
+    parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo-assets", help="build (or show) the embedded default model and data set")
+    demo.add_argument("--force", action="store_true", help="rebuild even if the cached assets exist")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the embedded default (default 0)")
+
+    for name, text in (("train", "train with DPO in this process"), ("sft", "supervised fine-tuning in this process"),
+                       ("check", "validate the config and the data without training")):
+        _add_config_arguments(commands.add_parser(name, help=text))
+    return parser
+
+
+def _check(config) -> None:
+    from orchestrator.config import data_args, model_args
+    from trainables.entrypoints import load_preference_data
+
+    data = load_preference_data(model_args(config), data_args(config))
+    print(f"ok: {len(data.train)} training pairs, {len(data.eval)} held-out pairs, config {config.name}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from trainables.data import InvalidDataError
+
+    try:
+        if args.command == "demo-assets":
+            from orchestrator.demo_assets import build_demo_assets
+
+            assets = build_demo_assets(seed=args.seed, force=args.force)
+            print(f"model: {assets.model_dir}")
+            for split, path in sorted(assets.data_files.items()):
+                print(f"{split}: {path}")
+            return 0
+        config = load_config(args.config, args.overrides)
+        if args.command == "check":
+            _check(config)
+        elif args.command == "train":
+            from orchestrator.local_run import train
+
+            train(config)
+        elif args.command == "sft":
+            from orchestrator.local_run import sft
+
+            sft(config)
+        return 0
+    except (ConfigError, InvalidDataError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

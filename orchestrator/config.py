@@ -1,0 +1,280 @@
+"""The typed experiment config: YAML + `--set key=value` overrides, validated at the edge.
+
+Every field carries a one-line description; unknown keys and bad values are errors that name the key
+(`dpo.beta: must be > 0 (got -1)`). After validation the config is turned into the plain argument groups
+of trainables/settings.py; nothing deeper ever sees this object. `demo:` paths (e.g. `demo:model`) are
+resolved to the embedded default assets, built on first use.
+Check a config without training: `python -m orchestrator.config configs/quickstart.yaml`.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from trainables.loop import LoopSettings
+from trainables.settings import DataArgs, ModelArgs, PreferenceArgs, RuntimeArgs
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file and every bad key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    path: str = Field(description="Policy model: a save_pretrained directory or a hub name; `demo:model` is the embedded default")
+    tokenizer_path: str | None = Field(None, description="Tokenizer location when it differs from model.path")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit)")
+    trust_remote_code: bool = Field(False, description="Allow code shipped with the model to run; off unless you trust it")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Dtype the weights are loaded in")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field("sdpa", description="Attention kernel")
+    disable_dropout: bool = Field(True, description="Zero all dropout so step 0 starts exactly at ln 2 (as TRL does)")
+
+
+class DataSection(Section):
+    train: str = Field(description="Training pairs: .jsonl/.json/.parquet/.csv file or a hub dataset name")
+    eval: str | None = Field(None, description="Held-out pairs for eval/ metrics (file or hub name)")
+    train_split: str = Field("train", description="Split of train when it is a hub dataset")
+    eval_split: str = Field("test", description="Split of eval when it is a hub dataset")
+    layout: Literal["auto", "explicit", "conversational", "implicit_prompt"] = Field("auto", description="Pair layout; auto detects it")
+    columns: dict[str, str] = Field(default_factory=dict, description="Column mapping, e.g. {prompt: question, chosen: good}")
+    max_length: int = Field(512, gt=1, description="Max tokens of prompt + answer; prompt cut from the left first, then answers from the right")
+    max_prompt_length: int | None = Field(None, gt=0, description="Max prompt tokens when truncating (default max_length // 2)")
+    drop_invalid: bool = Field(False, description="Drop bad rows (counted and logged) instead of failing")
+    max_invalid_fraction: float = Field(0.05, ge=0, le=1, description="With drop_invalid: fail if more than this fraction is bad")
+    eval_holdout: int = Field(0, ge=0, description="Without data.eval: hold out this many training rows for evaluation")
+    sft_train: str | None = Field(None, description="SFT examples (prompt/completion or messages) for `dpo sft`")
+    sft_eval: str | None = Field(None, description="Held-out SFT examples")
+
+
+class DPOSection(Section):
+    beta: float = Field(0.1, gt=0, description="Inverse temperature of the implicit reward; DPO_NOTES.md 'What beta does'")
+    kl_weight: float = Field(0.0, ge=0, description="lambda: weight of the explicit KL(pi || pi_ref) term on answer tokens")
+    loss: Literal["sigmoid", "ipo", "cdpo", "hinge"] = Field("sigmoid", description="Preference loss variant")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="cdpo: assumed fraction of flipped labels")
+    kl_estimator: Literal["k3", "exact"] = Field("k3", description="k3 works with cached reference log-probs; exact needs reference.mode=live")
+
+
+class TrainSection(Section):
+    learning_rate: float = Field(1e-4, gt=0, description="Peak AdamW learning rate")
+    batch_size: int = Field(32, gt=0, description="Pairs per optimizer step, over all workers")
+    micro_batch_size: int | None = Field(None, gt=0, description="Pairs per forward/backward per worker (gradient accumulation); default batch_size / workers")
+    max_steps: int = Field(500, gt=0, description="Optimizer steps")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps")
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not on biases / norms)")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null disables")
+    eval_every: int = Field(100, gt=0, description="Held-out evaluation every N steps (and at the end)")
+    checkpoint_every: int = Field(100, gt=0, description="Checkpoint every N steps (and at the end)")
+    keep_checkpoints: int | None = Field(2, gt=0, description="Keep only the newest N checkpoints; null keeps all")
+    log_every: int = Field(10, gt=0, description="Report train/ metrics (window means) every N steps; step 1 always")
+    seed: int = Field(0, description="Seed of the data order and initialisation")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on CUDA, fp32 on CPU")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N (single-process runs)")
+    eval_batch_size: int = Field(32, gt=0, description="Pairs per evaluation forward")
+    resume_from: str | None = Field(None, description="Checkpoint folder or `latest` (under output_dir) to resume from")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", value):
+            raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+        return value
+
+
+class ReferenceSection(Section):
+    mode: Literal["precomputed", "live", "none"] = Field("precomputed", description="precomputed: cached once; live: reference model in memory; none: reference-free")
+    path: str | None = Field(None, description="Reference model (default: model.path, the model DPO starts from)")
+    cache_dir: str | None = Field(None, description="Where precomputed log-probs are cached (default ~/.cache/dpo-orchestrator/reference)")
+    batch_size: int = Field(32, gt=0, description="Pairs per reference forward while precomputing")
+
+
+class ExperimentConfig(Section):
+    name: str = Field(description="Experiment name: the sweep name and the MLflow experiment")
+    output_dir: str | None = Field(None, description="Where metrics.jsonl and checkpoints go (default outputs/<name>)")
+    model: ModelSection
+    data: DataSection
+    dpo: DPOSection = Field(default_factory=DPOSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    reference: ReferenceSection = Field(default_factory=ReferenceSection)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", value):
+            raise ValueError("use letters, digits, '.', '_' and '-' only (it names folders and MLflow experiments)")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ExperimentConfig":
+        if self.dpo.kl_estimator == "exact" and self.reference.mode != "live":
+            raise ValueError("dpo.kl_estimator: exact needs reference.mode: live (cached log-probs hold no full distributions)")
+        if self.dpo.loss == "cdpo" and self.dpo.label_smoothing == 0:
+            raise ValueError("dpo.label_smoothing: cdpo needs a value in (0, 0.5), e.g. 0.1 (0 is plain sigmoid DPO)")
+        if self.dpo.loss != "cdpo" and self.dpo.label_smoothing > 0:
+            raise ValueError(f"dpo.label_smoothing: only used by dpo.loss=cdpo, not {self.dpo.loss}")
+        if self.reference.mode == "none" and self.dpo.kl_weight > 0:
+            raise ValueError("dpo.kl_weight: must be 0 with reference.mode: none (there is no reference to stay close to)")
+        if self.output_dir is None:
+            self.output_dir = f"outputs/{self.name}"
+        return self
+
+
+# ---- loading ---------------------------------------------------------------------------------
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`dpo.beta=0.2` -> (["dpo", "beta"], 0.2); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set dpo.beta=0.2")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = raw
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {text!r}: {key} is not a section")
+        node[keys[-1]] = value
+    return raw
+
+
+def _format_errors(error: ValidationError, source: str) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = "unknown key (check the spelling; see README 'Config reference')" if item["type"] == "extra_forbidden" else item["msg"]
+        got = "" if item["type"] in ("missing", "extra_forbidden") else f" (got {item.get('input')!r})"
+        lines.append(f"  {key}: {message}{got}")
+    return f"invalid config {source}:\n" + "\n".join(lines)
+
+
+def _looks_local(value: str) -> bool:
+    return value.startswith(("/", ".", "~")) or value.count("/") != 1 or bool(re.search(r"\.(jsonl?|parquet|csv)$", value))
+
+
+def check_paths_exist(config: ExperimentConfig, source: str) -> None:
+    """A local model directory or data file that does not exist is an error before any work."""
+    candidates = {"model.path": config.model.path, "model.tokenizer_path": config.model.tokenizer_path,
+                  "reference.path": config.reference.path, "data.train": config.data.train, "data.eval": config.data.eval,
+                  "data.sft_train": config.data.sft_train, "data.sft_eval": config.data.sft_eval}
+    missing = [f"  {key}: {value!r} does not exist" for key, value in candidates.items()
+               if value and _looks_local(value) and not Path(value).expanduser().exists()]
+    if missing:
+        raise ConfigError(f"invalid config {source}:\n" + "\n".join(missing) + "\n(hub names look like org/name)")
+
+
+def resolve_demo_paths(raw: dict[str, Any]) -> None:
+    """Replace `demo:...` values under model/data/reference with the embedded default's paths."""
+    from orchestrator.demo_assets import DEMO_PREFIX, resolve_demo_path
+
+    for section in ("model", "data", "reference"):
+        node = raw.get(section)
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if isinstance(value, str) and value.startswith(DEMO_PREFIX):
+                    node[key] = resolve_demo_path(value)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read, override, validate. Raises ConfigError naming every bad key."""
+    source = str(path)
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {source} does not exist") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config {source} is not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {source}: the top level must be a mapping of sections")
+    apply_overrides(raw, overrides or [])
+    try:
+        config = ExperimentConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_format_errors(error, source)) from None
+    resolved = config.model_dump()
+    resolve_demo_paths(resolved)
+    config = ExperimentConfig.model_validate(resolved)
+    check_paths_exist(config, source)
+    return config
+
+
+def flatten(config: ExperimentConfig) -> dict[str, Any]:
+    """The resolved config as dotted keys (MLflow params)."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict) and node:
+            for key, value in node.items():
+                walk(f"{prefix}.{key}" if prefix else key, value)
+        else:
+            flat[prefix] = node
+
+    walk("", config.model_dump())
+    return flat
+
+
+# ---- to plain argument groups -----------------------------------------------------------------
+
+def model_args(config: ExperimentConfig) -> ModelArgs:
+    return ModelArgs(**config.model.model_dump())
+
+
+def data_args(config: ExperimentConfig, *, sft: bool = False) -> DataArgs:
+    data = config.data
+    if sft and not data.sft_train:
+        raise ConfigError("data.sft_train: required for `dpo sft` (prompt/completion examples)")
+    return DataArgs(
+        train=data.sft_train if sft else data.train, eval=data.sft_eval if sft else data.eval,
+        train_split=data.train_split, eval_split=data.eval_split, layout=data.layout, columns=dict(data.columns),
+        max_length=data.max_length, max_prompt_length=data.max_prompt_length, drop_invalid=data.drop_invalid,
+        max_invalid_fraction=data.max_invalid_fraction, eval_holdout=data.eval_holdout,
+    )
+
+
+def preference_args(config: ExperimentConfig) -> PreferenceArgs:
+    return PreferenceArgs(
+        beta=config.dpo.beta, kl_weight=config.dpo.kl_weight, loss=config.dpo.loss,
+        label_smoothing=config.dpo.label_smoothing, kl_estimator=config.dpo.kl_estimator,
+        reference_mode=config.reference.mode, reference_path=config.reference.path,
+        reference_cache_dir=config.reference.cache_dir, reference_batch_size=config.reference.batch_size,
+    )
+
+
+def loop_settings(config: ExperimentConfig, *, output_dir: str | None = None, workers: int = 1,
+                  show_progress: bool = True) -> LoopSettings:
+    train = config.train
+    if train.batch_size % workers:
+        raise ConfigError(f"train.batch_size={train.batch_size} must be divisible by the {workers} workers")
+    return LoopSettings(
+        learning_rate=train.learning_rate, batch_size=train.batch_size,
+        micro_batch_size=train.micro_batch_size or train.batch_size // workers, max_steps=train.max_steps,
+        warmup_steps=train.warmup_steps, schedule=train.schedule, weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm, eval_every=train.eval_every, checkpoint_every=train.checkpoint_every,
+        keep_checkpoints=train.keep_checkpoints, log_every=train.log_every, seed=train.seed,
+        output_dir=output_dir or str(config.output_dir), show_progress=show_progress,
+    )
+
+
+def runtime_args(config: ExperimentConfig, *, show_progress: bool = True) -> RuntimeArgs:
+    return RuntimeArgs(device=config.train.device, precision=config.train.precision,
+                       eval_batch_size=config.train.eval_batch_size, resume_from=config.train.resume_from,
+                       show_progress=show_progress)
+
+
+if __name__ == "__main__":
+    try:
+        print(yaml.safe_dump(load_config(sys.argv[1], sys.argv[2:]).model_dump(), sort_keys=False))
+    except ConfigError as error:
+        sys.exit(str(error))

@@ -1,0 +1,80 @@
+"""Single-process runs (`dpo train`, `dpo sft`): config -> plain arguments -> engine, metrics to JSONL.
+
+No Ray here: the engine runs in this process, and every report is appended as one JSON object to
+`<output_dir>/metrics.jsonl` (with `step` and the metric keys) while a progress bar shows the steps.
+The resolved config is written beside it as `config.yaml`. Nothing is written before the data has been
+validated: the first file appears with the first report.
+Run: `dpo train configs/quickstart.yaml` or `dpo sft configs/quickstart.yaml`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from orchestrator import config as cfg
+from trainables.entrypoints import run_dpo, run_sft
+
+logger = logging.getLogger(__name__)
+
+
+class MetricsFile:
+    """The `report` callable of single-process runs: appends metrics to output_dir/metrics.jsonl."""
+
+    def __init__(self, output_dir: Path, config: cfg.ExperimentConfig, *, append: bool):
+        self.output_dir = output_dir
+        self.config = config
+        self.append = append
+        self.opened = False
+        self.first: dict[str, Any] | None = None
+        self.last: dict[str, Any] = {}
+
+    @property
+    def path(self) -> Path:
+        return self.output_dir / "metrics.jsonl"
+
+    def __call__(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        if not self.opened:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.yaml").write_text(yaml.safe_dump(self.config.model_dump(), sort_keys=False))
+            if not self.append:
+                self.path.write_text("")
+            self.opened = True
+        record = dict(metrics)
+        if checkpoint_dir:
+            record["checkpoint"] = checkpoint_dir
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.first is None:
+            self.first = record
+        self.last.update(record)
+
+
+def _summary(metrics: dict[str, Any]) -> str:
+    keys = [k for k in sorted(metrics) if k.startswith(("eval/", "train/loss"))]
+    return "  ".join(f"{k}={metrics[k]:.4f}" for k in keys if isinstance(metrics[k], float) and math.isfinite(metrics[k]))
+
+
+def train(config: cfg.ExperimentConfig) -> MetricsFile:
+    """DPO in this process; returns the metrics sink (first and last records)."""
+    output_dir = Path(str(config.output_dir))
+    sink = MetricsFile(output_dir, config, append=config.train.resume_from is not None)
+    run_dpo(cfg.model_args(config), cfg.data_args(config), cfg.preference_args(config), cfg.loop_settings(config),
+            cfg.runtime_args(config), sink)
+    print(f"done: {output_dir}/metrics.jsonl  {_summary(sink.last)}")
+    return sink
+
+
+def sft(config: cfg.ExperimentConfig) -> MetricsFile:
+    """SFT in this process on data.sft_train; output under output_dir."""
+    output_dir = Path(str(config.output_dir))
+    sink = MetricsFile(output_dir, config, append=config.train.resume_from is not None)
+    run_sft(cfg.model_args(config), cfg.data_args(config, sft=True), cfg.loop_settings(config),
+            cfg.runtime_args(config), sink)
+    print(f"done: {output_dir}/metrics.jsonl  {_summary(sink.last)}")
+    return sink

@@ -1,0 +1,234 @@
+"""What a worker runs: DPO or SFT training from plain argument groups and a `report` callable.
+
+`run_dpo` / `run_sft` load the tokenizer and data, tokenise, get the reference log-probs (precomputed
+cache, live model or none), load the policy (from a checkpoint when resuming), and run the shared loop.
+The same functions serve `dpo train` in one process and every Ray Train worker of a sweep (which passes
+`prepare_model` = ray.train.torch.prepare_model and a report that forwards to Ray).
+Run through the CLI: `dpo train configs/quickstart.yaml`; tested by `python -m pytest tests/test_engine.py -q`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from trainables.checkpointing import latest_checkpoint, load_training_state
+from trainables.data import load_preference_pairs, load_prompt_answers
+from trainables.dpo_objective import CachedReference, DPOObjective, LiveReference, NoReference
+from trainables.loop import LoopSettings, Report, rank_and_world, run_training_loop
+from trainables.losses import preference_loss_by_name
+from trainables.modeling import load_causal_lm, load_tokenizer, model_fingerprint, resolve_autocast_dtype, resolve_device
+from trainables.reference_cache import ReferenceLogps, load_or_compute_reference_logps, reference_fingerprint
+from trainables.settings import DataArgs, ModelArgs, PreferenceArgs, RuntimeArgs
+from trainables.sft_objective import SFTObjective
+from trainables.tokenization import TokenizedPair, prepare_tokenizer, tokenize_examples, tokenize_pairs
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_REFERENCE_CACHE = Path("~/.cache/dpo-orchestrator/reference").expanduser()
+
+
+@dataclass
+class PreferenceData:
+    tokenizer: Any
+    train: list[TokenizedPair]
+    eval: list[TokenizedPair]
+
+
+def _split_holdout(rows: list, holdout: int) -> tuple[list, list]:
+    """Deterministically hold out `holdout` rows (a seeded permutation, independent of train.seed)."""
+    if holdout <= 0:
+        return rows, []
+    if holdout >= len(rows):
+        raise ValueError(f"data.eval_holdout={holdout} leaves no training rows out of {len(rows)}")
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(1234)).tolist()
+    held = set(order[:holdout])
+    return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
+
+
+def tokenizer_for(model_args: ModelArgs):
+    tokenizer = load_tokenizer(
+        model_args.tokenizer_path or model_args.path,
+        revision=model_args.revision,
+        trust_remote_code=model_args.trust_remote_code,
+    )
+    return prepare_tokenizer(tokenizer)
+
+
+def load_preference_data(model_args: ModelArgs, data_args: DataArgs) -> PreferenceData:
+    """Load, validate and tokenise the train and eval pairs (raises InvalidDataError on bad rows)."""
+    tokenizer = tokenizer_for(model_args)
+    common = dict(
+        layout=data_args.layout, columns=data_args.columns or None, chat_template_tokenizer=tokenizer,
+        drop_invalid=data_args.drop_invalid, max_invalid_fraction=data_args.max_invalid_fraction,
+    )
+    train = load_preference_pairs(data_args.train, split=data_args.train_split, **common)
+    if data_args.eval:
+        held_out = load_preference_pairs(data_args.eval, split=data_args.eval_split, **common)
+    else:
+        train, held_out = _split_holdout(train, data_args.eval_holdout)
+    tokenize = lambda pairs: tokenize_pairs(pairs, tokenizer, data_args.max_length, data_args.max_prompt_length)
+    return PreferenceData(tokenizer=tokenizer, train=tokenize(train), eval=tokenize(held_out))
+
+
+def reference_cache_key(model_args: ModelArgs, preference_args: PreferenceArgs, data: PreferenceData, precision: str) -> str:
+    reference_path = preference_args.reference_path or model_args.path
+    model_key = model_fingerprint(reference_path, model_args.revision)
+    return reference_fingerprint(model_key, list(data.train) + list(data.eval), precision)
+
+
+def precompute_reference(
+    model_args: ModelArgs,
+    preference_args: PreferenceArgs,
+    data: PreferenceData,
+    runtime_args: RuntimeArgs,
+) -> tuple[ReferenceLogps, ReferenceLogps, str, bool]:
+    """Reference log-probs of train and eval pairs from the cache, computing them once if absent.
+
+    Returns (train values, eval values, cache key, reused). Train and eval share one cache file.
+    """
+    device = resolve_device(runtime_args.device)
+    autocast_dtype = resolve_autocast_dtype(runtime_args.precision, device)
+    key = reference_cache_key(model_args, preference_args, data, str(autocast_dtype))
+    reference_path = preference_args.reference_path or model_args.path
+    values, reused = load_or_compute_reference_logps(
+        cache_dir=Path(preference_args.reference_cache_dir or DEFAULT_REFERENCE_CACHE).expanduser(),
+        fingerprint=key,
+        pairs=list(data.train) + list(data.eval),
+        load_reference_model=lambda: load_causal_lm(
+            reference_path, revision=model_args.revision, trust_remote_code=model_args.trust_remote_code,
+            dtype=model_args.dtype, attn_implementation=model_args.attn_implementation,
+        ),
+        pad_token_id=data.tokenizer.pad_token_id,
+        batch_size=preference_args.reference_batch_size,
+        device=device,
+        autocast_dtype=autocast_dtype,
+        show_progress=runtime_args.show_progress,
+    )
+    return _take(values, 0, len(data.train)), _take(values, len(data.train), len(data.eval)), key, reused
+
+
+def _take(values: ReferenceLogps, start: int, count: int) -> ReferenceLogps:
+    """Pairs [start, start+count) of a cache as a cache of their own."""
+    chosen_lo, chosen_hi = int(values.chosen_offsets[start]), int(values.chosen_offsets[start + count])
+    rejected_lo, rejected_hi = int(values.rejected_offsets[start]), int(values.rejected_offsets[start + count])
+    return ReferenceLogps(
+        chosen_logps=values.chosen_logps[start : start + count],
+        rejected_logps=values.rejected_logps[start : start + count],
+        chosen_token_logps=values.chosen_token_logps[chosen_lo:chosen_hi],
+        rejected_token_logps=values.rejected_token_logps[rejected_lo:rejected_hi],
+        chosen_offsets=values.chosen_offsets[start : start + count + 1] - chosen_lo,
+        rejected_offsets=values.rejected_offsets[start : start + count + 1] - rejected_lo,
+    )
+
+
+def _resume_checkpoint(resume_from: str | None, output_dir: str) -> Path | None:
+    if resume_from is None:
+        return None
+    if resume_from == "latest":
+        return latest_checkpoint(Path(output_dir) / "checkpoints")
+    checkpoint = Path(resume_from)
+    if not (checkpoint / "training_state.pt").is_file():
+        raise FileNotFoundError(f"train.resume_from={resume_from!r} is not a checkpoint folder (no training_state.pt)")
+    return checkpoint
+
+
+def _load_policy(model_args: ModelArgs, checkpoint: Path | None, device, prepare_model):
+    model = load_causal_lm(
+        str(checkpoint / "model") if checkpoint else model_args.path,
+        revision=None if checkpoint else model_args.revision,
+        trust_remote_code=model_args.trust_remote_code, dtype=model_args.dtype,
+        attn_implementation=model_args.attn_implementation, disable_dropout=model_args.disable_dropout,
+    )
+    return prepare_model(model) if prepare_model else model.to(device)
+
+
+def _reference_for(model_args, preference_args, data, runtime_args, device, autocast_dtype):
+    if preference_args.reference_mode == "none":
+        return NoReference(), None
+    if preference_args.reference_mode == "live":
+        model = load_causal_lm(
+            preference_args.reference_path or model_args.path, revision=model_args.revision,
+            trust_remote_code=model_args.trust_remote_code, dtype=model_args.dtype,
+            attn_implementation=model_args.attn_implementation,
+        ).to(device)
+        return LiveReference(model, preference_args.kl_estimator == "exact", autocast_dtype), None
+    rank, world = rank_and_world()
+    if world > 1 and rank != 0:
+        dist.barrier()  # rank 0 fills the cache first; the others then read it
+    train_values, eval_values, key, _ = precompute_reference(model_args, preference_args, data, runtime_args)
+    if world > 1 and rank == 0:
+        dist.barrier()
+    return CachedReference(train_values, eval_values), key
+
+
+def run_dpo(
+    model_args: ModelArgs,
+    data_args: DataArgs,
+    preference_args: PreferenceArgs,
+    loop_settings: LoopSettings,
+    runtime_args: RuntimeArgs,
+    report: Report,
+    prepare_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+) -> dict[str, float]:
+    """Train a policy with DPO; returns the last reported metrics."""
+    device = resolve_device(runtime_args.device)
+    autocast_dtype = resolve_autocast_dtype(runtime_args.precision, device)
+    torch.manual_seed(loop_settings.seed)
+    data = load_preference_data(model_args, data_args)
+    reference, cache_key = _reference_for(model_args, preference_args, data, runtime_args, device, autocast_dtype)
+    checkpoint = _resume_checkpoint(runtime_args.resume_from, loop_settings.output_dir)
+    model = _load_policy(model_args, checkpoint, device, prepare_model)
+    objective = DPOObjective(
+        train_pairs=data.train, eval_pairs=data.eval, reference=reference,
+        loss_fn=preference_loss_by_name(preference_args.loss, preference_args.label_smoothing),
+        beta=preference_args.beta, kl_weight=preference_args.kl_weight,
+        exact_kl=preference_args.kl_estimator == "exact" and preference_args.reference_mode == "live",
+        length_normalize=preference_args.loss == "ipo", pad_token_id=data.tokenizer.pad_token_id,
+        device=device, autocast_dtype=autocast_dtype, eval_batch_size=runtime_args.eval_batch_size,
+    )
+    lineage = {"stage": "dpo", "base_model": model_args.path, "beta": preference_args.beta,
+               "kl_weight": preference_args.kl_weight, "reference_cache_key": cache_key or ""}
+    return run_training_loop(
+        model=model, tokenizer=data.tokenizer, objective=objective, settings=loop_settings, report=report,
+        device=device, resume_state=load_training_state(checkpoint) if checkpoint else None, checkpoint_extra=lineage,
+    )
+
+
+def run_sft(
+    model_args: ModelArgs,
+    data_args: DataArgs,
+    loop_settings: LoopSettings,
+    runtime_args: RuntimeArgs,
+    report: Report,
+    prepare_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+) -> dict[str, float]:
+    """Supervised fine-tuning on prompt/completion examples; returns the last reported metrics."""
+    device = resolve_device(runtime_args.device)
+    autocast_dtype = resolve_autocast_dtype(runtime_args.precision, device)
+    torch.manual_seed(loop_settings.seed)
+    tokenizer = tokenizer_for(model_args)
+    common = dict(columns=data_args.columns or None, chat_template_tokenizer=tokenizer,
+                  drop_invalid=data_args.drop_invalid, max_invalid_fraction=data_args.max_invalid_fraction)
+    train = load_prompt_answers(data_args.train, split=data_args.train_split, **common)
+    if data_args.eval:
+        held_out = load_prompt_answers(data_args.eval, split=data_args.eval_split, **common)
+    else:
+        train, held_out = _split_holdout(train, data_args.eval_holdout)
+    tokenize = lambda rows: tokenize_examples(rows, tokenizer, data_args.max_length, data_args.max_prompt_length)
+    checkpoint = _resume_checkpoint(runtime_args.resume_from, loop_settings.output_dir)
+    model = _load_policy(model_args, checkpoint, device, prepare_model)
+    objective = SFTObjective(
+        train_examples=tokenize(train), eval_examples=tokenize(held_out), pad_token_id=tokenizer.pad_token_id,
+        device=device, autocast_dtype=autocast_dtype, eval_batch_size=runtime_args.eval_batch_size,
+    )
+    return run_training_loop(
+        model=model, tokenizer=tokenizer, objective=objective, settings=loop_settings, report=report,
+        device=device, resume_state=load_training_state(checkpoint) if checkpoint else None,
+        checkpoint_extra={"stage": "sft", "base_model": model_args.path},
+    )

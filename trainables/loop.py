@@ -1,0 +1,222 @@
+"""The optimisation loop shared by DPO and SFT: steps, accumulation, clipping, eval, checkpoints.
+
+What differs between DPO and SFT lives in an `Objective` (dpo_objective.py, sft_objective.py); this
+loop owns AdamW with a warmup + decay schedule, gradient accumulation, gradient clipping, the
+deterministic data order (a seeded permutation per epoch, so the data position is just the step),
+metric windows, evaluation every `eval_every` steps and at the end, atomic checkpoints, resume, and
+the stop on a non-finite loss. It never imports Ray: progress leaves through `report(metrics,
+checkpoint_dir)`. Under torch.distributed each rank takes a strided share of every global batch and
+metric sums are all-reduced, so W workers give the losses of 1 worker with the same global batch.
+Tested by `python -m pytest tests/test_engine.py -q`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from trainables.checkpointing import restore_rng_state, save_checkpoint
+
+logger = logging.getLogger(__name__)
+
+Report = Callable[[dict[str, Any], "str | None"], None]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised before the optimizer step when a loss is NaN or inf; no checkpoint follows it."""
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """Plain optimisation settings (resolved from the validated config by the orchestrator)."""
+
+    learning_rate: float
+    batch_size: int  # pairs (or examples) per optimizer step, over all workers
+    micro_batch_size: int  # per worker per forward/backward
+    max_steps: int
+    warmup_steps: int
+    schedule: str  # cosine | linear | constant
+    weight_decay: float
+    max_grad_norm: float | None
+    eval_every: int
+    checkpoint_every: int
+    keep_checkpoints: int | None
+    log_every: int
+    seed: int
+    output_dir: str
+    show_progress: bool = True
+
+
+class Objective(Protocol):
+    """A training objective: computes a micro-batch loss and metric sums, and evaluates."""
+
+    dataset_size: int
+
+    def token_count(self, indices: Sequence[int]) -> int: ...
+
+    def micro_batch(
+        self, model: torch.nn.Module, indices: Sequence[int], global_batch_size: int, global_token_count: int
+    ) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+    def summarize(self, sums: dict[str, float], prefix: str) -> dict[str, float]: ...
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]: ...
+
+
+def rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_reduce_sums(sums: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Sum each value over all ranks (identity without torch.distributed)."""
+    _, world = rank_and_world()
+    if world == 1:
+        return dict(sums)
+    keys = sorted(sums)
+    packed = torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(packed)
+    return dict(zip(keys, packed.tolist()))
+
+
+def global_batch_indices(step: int, dataset_size: int, batch_size: int, seed: int) -> list[int]:
+    """Indices of optimizer step `step` (0-based): consecutive slices of per-epoch seeded permutations."""
+    start = step * batch_size
+    indices: list[int] = []
+    while len(indices) < batch_size:
+        epoch, offset = divmod(start + len(indices), dataset_size)
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        permutation = torch.randperm(dataset_size, generator=generator).tolist()
+        indices.extend(permutation[offset : offset + batch_size - len(indices)])
+    return indices
+
+
+def build_optimizer(model: torch.nn.Module, learning_rate: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW; biases and norm weights (1-D parameters) get no weight decay."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.999), eps=1e-8)
+
+
+def learning_rate_factor(step: int, warmup_steps: int, max_steps: int, schedule: str) -> float:
+    """Linear warmup to 1, then cosine or linear decay to 0 at max_steps (or constant)."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def run_training_loop(
+    *,
+    model: torch.nn.Module,
+    tokenizer,
+    objective: Objective,
+    settings: LoopSettings,
+    report: Report,
+    device: torch.device,
+    resume_state: dict[str, Any] | None = None,
+    checkpoint_extra: dict[str, Any] | None = None,
+) -> dict[str, float]:
+    """Train for settings.max_steps optimizer steps; returns the last reported metrics."""
+    rank, world = rank_and_world()
+    if settings.batch_size % world:
+        raise ValueError(f"train.batch_size={settings.batch_size} must be divisible by the {world} workers")
+    optimizer = build_optimizer(model, settings.learning_rate, settings.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: learning_rate_factor(step, settings.warmup_steps, settings.max_steps, settings.schedule),
+    )
+    start_step = 0
+    if resume_state is not None:
+        optimizer.load_state_dict(resume_state["optimizer"])
+        scheduler.load_state_dict(resume_state["scheduler"])
+        restore_rng_state(resume_state["rng"])
+        start_step = int(resume_state["step"])
+        logger.info("resumed at step %d (%d pairs consumed)", start_step, resume_state["pairs_consumed"])
+    checkpoints_dir = Path(settings.output_dir) / "checkpoints"
+    window: dict[str, float] = {}
+    window_seconds = 0.0
+    last_metrics: dict[str, float] = {}
+    progress = tqdm(
+        total=settings.max_steps, initial=start_step, desc="train", disable=not settings.show_progress or rank != 0
+    )
+    model.train()
+    for step in range(start_step, settings.max_steps):
+        started = time.perf_counter()
+        batch = global_batch_indices(step, objective.dataset_size, settings.batch_size, settings.seed)
+        global_tokens = objective.token_count(batch)
+        local = batch[rank::world]
+        optimizer.zero_grad(set_to_none=True)
+        step_sums: dict[str, float] = {}
+        for start in range(0, len(local), settings.micro_batch_size):
+            micro = local[start : start + settings.micro_batch_size]
+            loss, sums = objective.micro_batch(model, micro, settings.batch_size, global_tokens)
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"non-finite loss ({loss.item()}) at step {step + 1}; stopping without a checkpoint. "
+                    "Lower train.learning_rate or dpo.beta, or check the data for degenerate pairs."
+                )
+            (loss * world).backward()  # DDP averages gradients over ranks; undo that to keep the global mean
+            for key, value in sums.items():
+                step_sums[key] = step_sums.get(key, 0.0) + value
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            model.parameters(), settings.max_grad_norm if settings.max_grad_norm else float("inf")
+        )
+        if not torch.isfinite(grad_norm):
+            raise NonFiniteLossError(f"non-finite gradient norm at step {step + 1}; stopping without a checkpoint.")
+        step_sums["grad_norm"] = float(grad_norm) / world  # identical on every rank; summed back to one value
+        step_sums["lr"] = scheduler.get_last_lr()[0] / world
+        step_sums["steps"] = 1.0 / world
+        optimizer.step()
+        scheduler.step()
+        window_seconds += time.perf_counter() - started
+        for key, value in step_sums.items():
+            window[key] = window.get(key, 0.0) + value
+        done = step + 1
+        progress.update(1)
+        metrics: dict[str, float] = {}
+        if done == 1 or done % settings.log_every == 0 or done == settings.max_steps:
+            reduced = all_reduce_sums(window, device)
+            metrics.update(objective.summarize(reduced, "train"))
+            steps = reduced.pop("steps")
+            metrics["train/grad_norm"] = reduced["grad_norm"] / steps
+            metrics["train/lr"] = reduced["lr"] / steps
+            metrics["train/tokens_per_second"] = reduced.get("tokens", 0.0) / max(window_seconds, 1e-9) / world
+            window, window_seconds = {}, 0.0
+            progress.set_postfix(loss=f"{metrics['train/loss']:.4f}")
+        if done % settings.eval_every == 0 or done == settings.max_steps:
+            model.eval()
+            metrics.update(objective.evaluate(model))
+            model.train()
+        checkpoint_dir = None
+        if done % settings.checkpoint_every == 0 or done == settings.max_steps:
+            if rank == 0:
+                checkpoint_dir = str(
+                    save_checkpoint(
+                        checkpoints_dir, done, model=model, tokenizer=tokenizer, optimizer=optimizer,
+                        scheduler=scheduler, pairs_consumed=done * settings.batch_size,
+                        extra=checkpoint_extra, keep_last=settings.keep_checkpoints,
+                    )
+                )
+            if world > 1:
+                dist.barrier()
+        if metrics or checkpoint_dir:
+            metrics["step"] = done
+            report(metrics, checkpoint_dir)
+            last_metrics.update(metrics)
+    progress.close()
+    return last_metrics

@@ -1,0 +1,140 @@
+"""Loading causal LMs and tokenizers safely, and fingerprinting them for caches.
+
+Every model in the project (policy, reference, exported checkpoints) loads through `load_causal_lm`:
+safetensors only, `trust_remote_code` only when the config says so, dropout disabled by default (as TRL
+does, so step 0 of DPO starts exactly at ln 2). Works for a local directory written by save_pretrained
+or a hub name. Tested by `python -m pytest tests/test_engine.py -q`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str | None = None) -> torch.device:
+    """`auto`/None picks CUDA when present, else CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """`auto` means bf16 autocast on a CUDA device that supports it, full fp32 elsewhere."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def load_causal_lm(
+    path: str,
+    *,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    dtype: str = "float32",
+    attn_implementation: str | None = "sdpa",
+    disable_dropout: bool = True,
+):
+    """Load a Hugging Face causal LM from a directory or hub name (safetensors weights only)."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = dict(
+        revision=revision,
+        trust_remote_code=trust_remote_code,
+        use_safetensors=True,
+        dtype=_DTYPES[dtype],
+    )
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as error:
+        if attn_implementation and "attn_implementation" in str(error):
+            logger.warning("model %s does not support attn_implementation=%s; using its default", path, attn_implementation)
+            kwargs.pop("attn_implementation")
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        else:
+            raise OSError(
+                f"could not load model.path={path!r} as a causal LM with safetensors weights: {error}. "
+                "Give a directory written by save_pretrained(safe_serialization=True) or a hub name."
+            ) from error
+    if disable_dropout:
+        disable_dropout_in(model)
+    return model
+
+
+def disable_dropout_in(model: torch.nn.Module) -> None:
+    """Set every dropout probability to 0 so train-mode forwards are deterministic."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    config = getattr(model, "config", None)
+    for name in ("attention_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop", "hidden_dropout", "dropout"):
+        if config is not None and isinstance(getattr(config, name, None), float):
+            setattr(config, name, 0.0)
+
+
+def load_tokenizer(path: str, *, revision: str | None = None, trust_remote_code: bool = False):
+    """Load the tokenizer that belongs to a model directory or hub name."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise OSError(f"could not load a tokenizer from {path!r}: {error}. Set model.tokenizer_path to one.") from error
+
+
+def _hash_file(path: Path, digest) -> None:
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 23), b""):
+            digest.update(block)
+
+
+def model_fingerprint(path: str, revision: str | None = None) -> str:
+    """Content hash of a local model (config + weights), or name@revision for a hub model.
+
+    Local weights are hashed in full (about 1 GB/s), so a fine-tuned model with the same shapes and
+    file sizes still gets a different fingerprint.
+    """
+    local = Path(path).expanduser()
+    digest = hashlib.sha256()
+    if not local.is_dir():
+        digest.update(f"hub:{path}@{revision or 'main'}".encode())
+        return digest.hexdigest()[:16]
+    files = sorted(local.glob("*.safetensors")) + sorted(local.glob("config.json"))
+    if not files:
+        raise FileNotFoundError(f"{local} holds no *.safetensors weights or config.json")
+    for file in files:
+        digest.update(file.name.encode())
+        _hash_file(file, digest)
+    return digest.hexdigest()[:16]
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def save_model_and_tokenizer(model, tokenizer, directory: Path) -> None:
+    """save_pretrained both (safetensors), unwrapping DDP if needed."""
+    unwrapped = getattr(model, "module", model)
+    unwrapped.save_pretrained(directory, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+
+
+def describe_model(model: torch.nn.Module) -> str:
+    config = getattr(model, "config", None)
+    architecture = (getattr(config, "architectures", None) or [type(model).__name__])[0]
+    return json.dumps({"architecture": architecture, "parameters": parameter_count(model)})

@@ -1,0 +1,168 @@
+"""Reference-model log-probs computed once, cached on disk under a fingerprint, shared by every trial.
+
+In `reference.mode: precomputed` the reference model runs once over the train and eval pairs; its
+per-sequence log-probs (for the DPO rewards) and per-token answer log-probs (for the KL term) are written
+as safetensors (never pickle) to `<cache_dir>/reference-<fingerprint>.safetensors`. The fingerprint
+covers the reference model's weights, every token id of the data (so the data, the tokenizer, max_length
+and the truncation rule), the truncation rule's version and the precision, so any changed input gives a
+new file. Training then loads a single model. Tested by `python -m pytest tests/test_engine.py -q`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from trainables.logprobs import forward_logps, scatter_answer_values, split_chosen_rejected
+from trainables.tokenization import TRUNCATION_RULE, TokenizedPair, collate_pairs
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ReferenceLogps:
+    """Cached reference log-probs for N pairs; token values are stored flat with offsets."""
+
+    chosen_logps: torch.Tensor  # (N,)
+    rejected_logps: torch.Tensor  # (N,)
+    chosen_token_logps: torch.Tensor  # (total chosen answer tokens,)
+    rejected_token_logps: torch.Tensor  # (total rejected answer tokens,)
+    chosen_offsets: torch.Tensor  # (N+1,) long
+    rejected_offsets: torch.Tensor  # (N+1,) long
+
+    def __len__(self) -> int:
+        return self.chosen_logps.shape[0]
+
+    def for_batch(self, indices: Sequence[int], answer_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Reference values for a collated batch of the pairs `indices`.
+
+        Returns chosen (B,), rejected (B,) sequence log-probs and token log-probs (2B, seq) aligned with
+        answer_mask, all on answer_mask's device.
+        """
+        index = torch.as_tensor(list(indices), dtype=torch.long)
+        rows = [
+            self.chosen_token_logps[self.chosen_offsets[i] : self.chosen_offsets[i + 1]] for i in index.tolist()
+        ] + [
+            self.rejected_token_logps[self.rejected_offsets[i] : self.rejected_offsets[i + 1]] for i in index.tolist()
+        ]
+        device = answer_mask.device
+        return (
+            self.chosen_logps[index].to(device),
+            self.rejected_logps[index].to(device),
+            scatter_answer_values(answer_mask, rows),  # (2B, seq)
+        )
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name).contiguous() for name in self.__dataclass_fields__}
+
+
+def reference_fingerprint(model_fingerprint: str, pairs: Sequence[TokenizedPair], precision: str) -> str:
+    """Hash of everything the cached values depend on."""
+    digest = hashlib.sha256()
+    digest.update(f"{model_fingerprint}|{TRUNCATION_RULE}|{precision}|{len(pairs)}".encode())
+    for pair in pairs:
+        for ids in (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids):
+            digest.update(len(ids).to_bytes(4, "little"))
+            digest.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes())
+    return digest.hexdigest()[:20]
+
+
+@torch.no_grad()
+def compute_reference_logps(
+    model: torch.nn.Module,
+    pairs: Sequence[TokenizedPair],
+    *,
+    pad_token_id: int,
+    batch_size: int,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None = None,
+    show_progress: bool = True,
+) -> ReferenceLogps:
+    """One no-grad pass of the reference model over all pairs, batched by similar length."""
+    model.eval()
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].prompt_ids) + len(pairs[i].chosen_ids))
+    chosen = torch.zeros(len(pairs))
+    rejected = torch.zeros(len(pairs))
+    chosen_tokens: list[torch.Tensor | None] = [None] * len(pairs)
+    rejected_tokens: list[torch.Tensor | None] = [None] * len(pairs)
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    for indices in tqdm(batches, desc="reference log-probs", disable=not show_progress):
+        batch = {k: v.to(device) for k, v in collate_pairs([pairs[i] for i in indices], pad_token_id).items()}
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            result = forward_logps(model, batch)
+        chosen_seq, rejected_seq = split_chosen_rejected(result.sequence_logps.float().cpu())
+        chosen_mask, rejected_mask = split_chosen_rejected(batch["answer_mask"].cpu())
+        chosen_tok, rejected_tok = split_chosen_rejected(result.token_logps.float().cpu())
+        for row, pair_index in enumerate(indices):
+            chosen[pair_index] = chosen_seq[row]
+            rejected[pair_index] = rejected_seq[row]
+            chosen_tokens[pair_index] = chosen_tok[row][chosen_mask[row]]
+            rejected_tokens[pair_index] = rejected_tok[row][rejected_mask[row]]
+    return ReferenceLogps(
+        chosen_logps=chosen,
+        rejected_logps=rejected,
+        chosen_token_logps=torch.cat(chosen_tokens) if pairs else torch.zeros(0),
+        rejected_token_logps=torch.cat(rejected_tokens) if pairs else torch.zeros(0),
+        chosen_offsets=_offsets([t.numel() for t in chosen_tokens]),
+        rejected_offsets=_offsets([t.numel() for t in rejected_tokens]),
+    )
+
+
+def _offsets(lengths: list[int]) -> torch.Tensor:
+    return torch.tensor([0] + lengths, dtype=torch.long).cumsum(0)
+
+
+def cache_path(cache_dir: Path, fingerprint: str) -> Path:
+    return Path(cache_dir) / f"reference-{fingerprint}.safetensors"
+
+
+def save_reference_logps(values: ReferenceLogps, path: Path, metadata: dict[str, str]) -> None:
+    """Atomic write: a crash leaves either no file or a complete one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(f".tmp-{os.getpid()}")
+    save_file(values.tensors(), str(temporary), metadata={k: str(v) for k, v in metadata.items()})
+    os.replace(temporary, path)
+
+
+def load_reference_logps(path: Path) -> ReferenceLogps:
+    return ReferenceLogps(**load_file(str(path)))
+
+
+def load_or_compute_reference_logps(
+    *,
+    cache_dir: Path,
+    fingerprint: str,
+    pairs: Sequence[TokenizedPair],
+    load_reference_model: Callable[[], torch.nn.Module],
+    pad_token_id: int,
+    batch_size: int,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None,
+    show_progress: bool = True,
+) -> tuple[ReferenceLogps, bool]:
+    """Reuse the cache file for `fingerprint` or compute and write it. Returns (values, reused)."""
+    path = cache_path(cache_dir, fingerprint)
+    if path.exists():
+        values = load_reference_logps(path)
+        if len(values) == len(pairs):
+            logger.info("reusing reference log-probs %s", path)
+            return values, True
+        logger.warning("reference cache %s has %d pairs, expected %d; recomputing", path, len(values), len(pairs))
+    logger.info("computing reference log-probs for %d pairs into %s", len(pairs), path)
+    model = load_reference_model().to(device)
+    values = compute_reference_logps(
+        model, pairs, pad_token_id=pad_token_id, batch_size=batch_size, device=device,
+        autocast_dtype=autocast_dtype, show_progress=show_progress,
+    )
+    del model
+    save_reference_logps(values, path, {"fingerprint": fingerprint, "pairs": json.dumps(len(pairs))})
+    return values, False
