@@ -1,0 +1,1 @@
+"""After-the-fact analysis: MLflow runs to pandas, stability verdicts, beta selection, plots, reports."""

@@ -1,0 +1,1 @@
+"""Driver side of the DPO orchestrator: config, CLI, sweeps, searchers, study pipeline, tracking."""
