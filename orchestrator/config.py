@@ -184,7 +184,10 @@ def resolve_demo_paths(raw: dict[str, Any]) -> None:
         if isinstance(node, dict):
             for key, value in node.items():
                 if isinstance(value, str) and value.startswith(DEMO_PREFIX):
-                    node[key] = resolve_demo_path(value)
+                    try:
+                        node[key] = resolve_demo_path(value)
+                    except ValueError as error:
+                        raise ConfigError(f"{section}.{key}: {error}") from None
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
