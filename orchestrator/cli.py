@@ -4,6 +4,7 @@
     dpo train CONFIG [--set key=value ...]             DPO in this process (no Ray)
     dpo sft CONFIG [--set key=value ...]               SFT in this process on data.sft_train
     dpo check CONFIG [--set key=value ...]             validate config and data, train nothing
+    dpo sweep CONFIG [--set ...] [--address ADDR] [--resume]   Ray Tune sweep of Ray Train trials
 
 Bad config or bad data exits with status 2 and a message naming the key, file, rows and reason;
 nothing is trained and nothing is written. Run `dpo --help` or `python -m orchestrator --help`.
@@ -38,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("train", "train with DPO in this process"), ("sft", "supervised fine-tuning in this process"),
                        ("check", "validate the config and the data without training")):
         _add_config_arguments(commands.add_parser(name, help=text))
+    sweep = commands.add_parser("sweep", help="sweep beta / kl_weight / learning_rate with Ray Tune over Ray Train")
+    _add_config_arguments(sweep)
+    sweep.add_argument("--address", default=None,
+                       help="Ray cluster to join: auto or ray://host:10001 (default: start a local Ray on 127.0.0.1)")
+    sweep.add_argument("--resume", action="store_true",
+                       help="continue the sweep of this config's name from its storage (finished trials are not rerun)")
     return parser
 
 
@@ -70,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
             from orchestrator.local_run import train
 
             train(config)
+        elif args.command == "sweep":
+            from orchestrator.sweep import print_summary, run_sweep
+
+            print_summary(run_sweep(config, address=args.address, resume=args.resume))
         elif args.command == "sft":
             from orchestrator.local_run import sft
 

@@ -97,6 +97,42 @@ class ReferenceSection(Section):
     batch_size: int = Field(32, gt=0, description="Pairs per reference forward while precomputing")
 
 
+SearchValues = float | list[float] | dict[str, Any] | None
+
+
+class SweepSection(Section):
+    strategy: Literal["incremental_beta", "grid", "random", "optuna"] = Field("incremental_beta", description="How trials are proposed; incremental_beta follows DPO_NOTES.md")
+    max_trials: int = Field(20, gt=0, description="Upper bound on trials (random/optuna: the number of samples)")
+    max_concurrent_trials: int | None = Field(None, gt=0, description="Trials running at once (default: as many as resources allow)")
+    beta: SearchValues = Field(None, description="grid: list; random/optuna: list or {min, max, log}; incremental: unused (see start_beta)")
+    kl_weight: SearchValues = Field(None, description="Values of lambda; incremental: the fan-out list of each round (default [dpo.kl_weight])")
+    learning_rate: SearchValues = Field(None, description="Learning rates; incremental: the fan-out list of each round (default [train.learning_rate])")
+    scheduler: Literal["none", "asha"] = Field("none", description="Early stopping of weak trials (ASHA on sweep.metric)")
+    metric: str = Field("eval/preference_accuracy", description="What the sweep maximises (or minimises, see mode)")
+    mode: Literal["max", "min"] = Field("max", description="Direction of sweep.metric")
+    task: Literal["simple", "complex"] | None = Field(None, description="Task prior: simple starts beta at 0.5 (0.5-1.0), complex at 0.1 (0.1-0.3)")
+    start_beta: float | None = Field(None, gt=0, description="First beta of the incremental procedure (default 0.1 or the task prior)")
+    min_beta: float | None = Field(None, gt=0, description="Lowest beta a back-off may reach")
+    max_beta: float | None = Field(None, gt=0, description="Highest beta the climb may reach")
+    step: float = Field(0.1, ge=0.1, le=0.2, description="Beta increase per improving round (0.1 to 0.2)")
+    backoff: Literal["halve_step", "raise_kl_weight"] = Field("halve_step", description="On oscillation or a drop: lower beta by half a step, or raise kl_weight")
+    kl_weight_factor: float = Field(2.0, gt=1, description="raise_kl_weight: multiply kl_weight by this")
+    patience: int = Field(2, gt=0, description="Stop after this many rounds in a row without improvement")
+    max_rounds: int = Field(10, gt=0, description="Hard limit on incremental rounds")
+
+
+class ResourcesSection(Section):
+    num_workers: int = Field(1, gt=0, description="Ray Train workers per trial (data-parallel ranks)")
+    use_gpu: bool = Field(False, description="One GPU per worker (or gpus_per_worker)")
+    cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker; also its torch thread count")
+    gpus_per_worker: float = Field(1, ge=0, description="GPUs per worker when use_gpu")
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="ddp: a full model per worker; fsdp: shard models that do not fit one device")
+
+
+class FailureSection(Section):
+    max_failures: int = Field(1, ge=-1, description="Restarts of a trial's workers from their last checkpoint (-1: unlimited)")
+
+
 class ExperimentConfig(Section):
     name: str = Field(description="Experiment name: the sweep name and the MLflow experiment")
     output_dir: str | None = Field(None, description="Where metrics.jsonl and checkpoints go (default outputs/<name>)")
@@ -105,6 +141,10 @@ class ExperimentConfig(Section):
     dpo: DPOSection = Field(default_factory=DPOSection)
     train: TrainSection = Field(default_factory=TrainSection)
     reference: ReferenceSection = Field(default_factory=ReferenceSection)
+    sweep: SweepSection = Field(default_factory=SweepSection)
+    resources: ResourcesSection = Field(default_factory=ResourcesSection)
+    failure: FailureSection = Field(default_factory=FailureSection)
+    storage_path: str = Field("./runs", description="Sweep storage: local folder, shared filesystem or s3:// URI")
 
     @field_validator("name")
     @classmethod
@@ -153,6 +193,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 def _format_errors(error: ValidationError, source: str) -> str:
     lines = []
     for item in error.errors():
+        if not item["loc"] and item["type"] == "value_error":
+            # A cross-field rule of _consistent: its message already starts with the key; the input is the whole config.
+            lines.append(f"  {item['msg'].removeprefix('Value error, ')}")
+            continue
         key = ".".join(str(part) for part in item["loc"]) or "(top level)"
         message = "unknown key (check the spelling; see README 'Config reference')" if item["type"] == "extra_forbidden" else item["msg"]
         got = "" if item["type"] in ("missing", "extra_forbidden") else f" (got {item.get('input')!r})"

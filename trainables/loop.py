@@ -203,7 +203,8 @@ def run_training_loop(
             metrics.update(objective.evaluate(model))
             model.train()
         checkpoint_dir = None
-        if done % settings.checkpoint_every == 0 or done == settings.max_steps:
+        checkpoint_step = done % settings.checkpoint_every == 0 or done == settings.max_steps
+        if checkpoint_step:
             if rank == 0:
                 checkpoint_dir = str(
                     save_checkpoint(
@@ -214,7 +215,7 @@ def run_training_loop(
                 )
             if world > 1:
                 dist.barrier()
-        if metrics or checkpoint_dir:
+        if metrics or checkpoint_step:  # the same decision on every rank: Ray needs all ranks to report
             metrics["step"] = done
             report(metrics, checkpoint_dir)
             last_metrics.update(metrics)

@@ -1,0 +1,109 @@
+"""One sweep trial = one Ray Train TorchTrainer (Train V2), driven by a Tune function trainable.
+
+The Tune-over-Train pattern of Ray's train_tune_interop example: `run_trial` is the Tune trainable; it
+builds a TorchTrainer named after the Tune trial id (no timestamps, so `dpo sweep --resume` finds the
+same run and its checkpoints) with TuneReportCallback, and each of its workers runs `train_worker`,
+which calls the engine (trainables.entrypoints.run_dpo) with plain arguments, Ray's prepare_model
+(DDP or FSDP) and a report that forwards metrics and checkpoints to Ray. This is the only module that
+touches ray.train. Exercised by `python -m pytest tests/test_sweep.py -m ray -q`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+from ray import tune
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from orchestrator import config as cfg
+
+SEARCHED_KEYS = {"beta": ("dpo", "beta"), "kl_weight": ("dpo", "kl_weight"), "learning_rate": ("train", "learning_rate")}
+
+
+def trial_experiment(experiment: dict[str, Any], trial_config: dict[str, Any], reference_cache_dir: str) -> cfg.ExperimentConfig:
+    """The base experiment with this trial's beta / kl_weight / learning_rate, validated again."""
+    raw = {section: dict(value) if isinstance(value, dict) else value for section, value in experiment.items()}
+    for key, (section, field) in SEARCHED_KEYS.items():
+        if key in trial_config:
+            raw[section][field] = float(trial_config[key])
+    raw["reference"]["cache_dir"] = reference_cache_dir
+    return cfg.ExperimentConfig.model_validate(raw)
+
+
+def train_worker(loop_config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker: the engine's DPO loop with Ray's model preparation and reporting."""
+    from trainables.entrypoints import run_dpo
+
+    experiment = cfg.ExperimentConfig.model_validate(loop_config["experiment"])
+    resources = experiment.resources
+    if not resources.use_gpu:
+        torch.set_num_threads(max(1, int(resources.cpus_per_worker)))  # Ray pins the worker to these CPUs
+    context = ray.train.get_context()
+    local_dir = Path(tempfile.mkdtemp(prefix=f"dpo-{context.get_experiment_name()}-rank{context.get_world_rank()}-"))
+    device = ray.train.torch.get_device()
+    device = device[0] if isinstance(device, list) else device
+
+    def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        checkpoint = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    def prepare_model(model: torch.nn.Module) -> torch.nn.Module:
+        return ray.train.torch.prepare_model(model, parallel_strategy=resources.strategy)
+
+    def run(resume_from: str | None) -> None:
+        runtime = cfg.runtime_args(experiment, show_progress=False)
+        runtime = type(runtime)(**{**runtime.__dict__, "device": str(device), "resume_from": resume_from})
+        run_dpo(cfg.model_args(experiment), cfg.data_args(experiment), cfg.preference_args(experiment),
+                cfg.loop_settings(experiment, output_dir=str(local_dir), workers=context.get_world_size(), show_progress=False),
+                runtime, report, prepare_model=prepare_model)
+
+    try:
+        restored = ray.train.get_checkpoint()
+        if restored is None:
+            run(None)
+        else:
+            with restored.as_directory() as checkpoint_dir:
+                run(checkpoint_dir)
+    finally:
+        shutil.rmtree(local_dir, ignore_errors=True)
+
+
+def run_trial(trial_config: dict[str, Any], *, experiment: dict[str, Any], trials_storage: str, reference_cache_dir: str) -> None:
+    """The Tune function trainable: one TorchTrainer per trial, named after the trial id."""
+    trial = trial_experiment(experiment, trial_config, reference_cache_dir)
+    resources = trial.resources
+    per_worker = {"CPU": resources.cpus_per_worker}
+    if resources.use_gpu:
+        per_worker["GPU"] = resources.gpus_per_worker
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"experiment": trial.model_dump()},
+        scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
+                                     resources_per_worker=per_worker),
+        run_config=RunConfig(
+            name=tune.get_context().get_trial_id(),
+            storage_path=trials_storage,
+            callbacks=[TuneReportCallback()],
+            failure_config=FailureConfig(max_failures=trial.failure.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=trial.train.keep_checkpoints),
+        ),
+    )
+    trainer.fit()
+
+
+def worker_environment() -> dict[str, str]:
+    """Environment every Ray worker gets (runtime_env): quiet tokenizers, no hub calls when offline."""
+    env = {"TOKENIZERS_PARALLELISM": "false"}
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "DPO_DEMO_CACHE", "HF_HOME"):
+        if name in os.environ:
+            env[name] = os.environ[name]
+    return env

@@ -1,0 +1,225 @@
+"""`dpo sweep`: Ray Tune over Ray Train trials, with the incremental beta procedure as a searcher.
+
+Order of work: validate config and data (before Ray starts) -> start or join Ray -> compute the
+reference log-probs once as a Ray task (on a GPU node when the sweep uses GPUs) into the sweep's
+storage -> a Tuner whose trials each run a TorchTrainer (orchestrator/ray_trial.py) -> the best trial,
+the searcher's decision log and the reference-cache key are printed and written to
+`<storage_path>/<name>/sweep_summary.json`. `--resume` restores the Tuner of that name: finished
+trials are not rerun, unfinished ones continue from their last checkpoint.
+Run: `dpo sweep configs/quickstart.yaml [--address auto] [--resume]`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from orchestrator import config as cfg
+
+logger = logging.getLogger(__name__)
+
+SUMMARY_FILE = "sweep_summary.json"
+
+
+@dataclass
+class SweepPaths:
+    root: str  # <storage>/<name>: the Tuner's experiment folder
+    trials: str  # where each trial's TorchTrainer run (and its checkpoints) lives
+    reference_cache: str
+
+
+def sweep_paths(config: cfg.ExperimentConfig) -> SweepPaths:
+    storage = config.storage_path
+    if "://" not in storage:
+        storage = str(Path(storage).expanduser().resolve())
+    root = f"{storage.rstrip('/')}/{config.name}"
+    cache = config.reference.cache_dir or (f"{root}/reference_cache" if "://" not in root else None)
+    if cache is None:
+        raise cfg.ConfigError("reference.cache_dir: with an object-store storage_path, set it to a shared filesystem path")
+    return SweepPaths(root=root, trials=f"{root}-trials", reference_cache=cache)
+
+
+def start_ray(address: str | None, config: cfg.ExperimentConfig) -> None:
+    """Join a cluster (auto / ray://...) or start a local Ray bound to 127.0.0.1, sized to this machine."""
+    import ray
+
+    from orchestrator.ray_trial import worker_environment
+
+    runtime_env = {"env_vars": worker_environment()}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=os.cpu_count(),
+                 runtime_env=runtime_env, log_to_driver=True)
+    check_cluster_fits(config, ray.cluster_resources())
+
+
+def check_cluster_fits(config: cfg.ExperimentConfig, cluster: dict[str, float]) -> None:
+    """More workers, CPUs or GPUs than the cluster has is a config error before any trial starts."""
+    resources = config.resources
+    need_cpu = resources.num_workers * resources.cpus_per_worker
+    need_gpu = resources.num_workers * resources.gpus_per_worker if resources.use_gpu else 0
+    problems = []
+    if need_cpu > cluster.get("CPU", 0):
+        problems.append(f"resources.num_workers x resources.cpus_per_worker = {need_cpu:g} CPUs, the cluster has {cluster.get('CPU', 0):g}")
+    if need_gpu > cluster.get("GPU", 0):
+        problems.append(f"resources.use_gpu: {need_gpu:g} GPUs needed, the cluster has {cluster.get('GPU', 0):g}")
+    if problems:
+        raise cfg.ConfigError("the trial does not fit the cluster:\n  " + "\n  ".join(problems))
+
+
+def precompute_reference_once(config: cfg.ExperimentConfig, cache_dir: str) -> tuple[str | None, bool]:
+    """Reference log-probs for the whole sweep, as one Ray task; returns (cache key, reused)."""
+    if config.reference.mode != "precomputed":
+        return None, False
+    import ray
+
+    def compute(experiment: dict[str, Any]) -> tuple[str, bool]:
+        from trainables.entrypoints import load_preference_data, precompute_reference
+
+        exp = cfg.ExperimentConfig.model_validate(experiment)
+        preference = cfg.preference_args(exp)
+        data = load_preference_data(cfg.model_args(exp), cfg.data_args(exp))
+        _, _, key, reused = precompute_reference(cfg.model_args(exp), preference, data, cfg.runtime_args(exp, show_progress=False))
+        return key, reused
+
+    experiment = config.model_dump()
+    experiment["reference"]["cache_dir"] = cache_dir
+    options = {"num_gpus": 1} if config.resources.use_gpu else {"num_cpus": 1}
+    key, reused = ray.get(ray.remote(compute).options(**options).remote(experiment))
+    logger.info("reference log-probs %s (cache key %s) in %s", "reused" if reused else "computed", key, cache_dir)
+    return key, reused
+
+
+def searcher_and_space(config: cfg.ExperimentConfig):
+    """(search_alg, param_space, num_samples) for the configured strategy."""
+    from ray import tune
+
+    from orchestrator.searchers import IncrementalBetaSearcher, IncrementalBetaSettings, grid_or_random_search_space
+
+    sweep = config.sweep
+    beta = sweep.beta if sweep.beta is not None else config.dpo.beta
+    kl_weight = sweep.kl_weight if sweep.kl_weight is not None else config.dpo.kl_weight
+    learning_rate = sweep.learning_rate if sweep.learning_rate is not None else config.train.learning_rate
+    if sweep.strategy == "incremental_beta":
+        as_tuple = lambda value: tuple(float(v) for v in (value if isinstance(value, list) else [value]))
+        settings = IncrementalBetaSettings(
+            task=sweep.task, start_beta=sweep.start_beta, min_beta=sweep.min_beta, max_beta=sweep.max_beta,
+            step=sweep.step, backoff=sweep.backoff, kl_weight_factor=sweep.kl_weight_factor, patience=sweep.patience,
+            max_rounds=sweep.max_rounds, learning_rates=as_tuple(learning_rate), kl_weights=as_tuple(kl_weight),
+        )
+        return IncrementalBetaSearcher(settings, metric=sweep.metric, mode=sweep.mode), {}, sweep.max_trials
+    if sweep.strategy == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        space = grid_or_random_search_space(beta, kl_weight, learning_rate, "random")
+        return OptunaSearch(metric=sweep.metric, mode=sweep.mode), space, sweep.max_trials
+    space = grid_or_random_search_space(beta, kl_weight, learning_rate, sweep.strategy)
+    return None, space, 1 if sweep.strategy == "grid" else sweep.max_trials
+
+
+def build_tuner(config: cfg.ExperimentConfig, paths: SweepPaths, resume: bool):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from orchestrator.ray_trial import run_trial
+
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, experiment=config.model_dump(), trials_storage=paths.trials,
+                             reference_cache_dir=paths.reference_cache),
+        {"cpu": 0, "memory": 1},  # the trial driver only waits (Ray needs a non-empty bundle); its Train workers reserve CPUs/GPUs
+    )
+    if resume:
+        return tune.Tuner.restore(paths.root, trainable=trainable, resume_unfinished=True, resume_errored=False)
+    search_alg, space, num_samples = searcher_and_space(config)
+    scheduler = None
+    if config.sweep.scheduler == "asha":
+        scheduler = ASHAScheduler(time_attr="step", max_t=config.train.max_steps, grace_period=max(1, config.train.eval_every))
+    storage_root, name = paths.root.rsplit("/", 1)
+    return tune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=tune.TuneConfig(
+            metric=config.sweep.metric, mode=config.sweep.mode, search_alg=search_alg, scheduler=scheduler,
+            num_samples=num_samples, max_concurrent_trials=config.sweep.max_concurrent_trials,
+            trial_dirname_creator=lambda trial: trial.trial_id,
+        ),
+        run_config=tune.RunConfig(name=name, storage_path=storage_root, failure_config=tune.FailureConfig(max_failures=0)),
+    )
+
+
+def summarize(results, config: cfg.ExperimentConfig, cache_key: str | None, searcher) -> dict[str, Any]:
+    """Best trial, every trial's final metrics and the searcher's decision log, as plain data."""
+    trials = []
+    for result in results:
+        metrics = result.metrics or {}
+        trials.append({
+            "trial_id": metrics.get("trial_id"), "config": {k: v for k, v in (result.config or {}).items()},
+            "metric": metrics.get(config.sweep.metric), "step": metrics.get("step"),
+            "error": str(result.error) if result.error else None, "path": result.path,
+        })
+    scored = [t for t in trials if isinstance(t["metric"], (int, float)) and math.isfinite(t["metric"]) and not t["error"]]
+    reverse = config.sweep.mode == "max"
+    best = sorted(scored, key=lambda t: t["metric"], reverse=reverse)[0] if scored else None
+    return {"name": config.name, "metric": config.sweep.metric, "mode": config.sweep.mode, "best": best,
+            "trials": trials, "reference_cache_key": cache_key,
+            "decision_log": searcher.decisions() if searcher is not None and hasattr(searcher, "decisions") else []}
+
+
+def read_decision_log(root: str) -> list[dict[str, Any]]:
+    """The incremental searcher's decision log from its newest saved state in the sweep folder."""
+    states = sorted(Path(root).glob("searcher-state-*"), key=lambda p: p.stat().st_mtime) if "://" not in root else []
+    for state in reversed(states):
+        try:
+            return json.loads(state.read_text()).get("decision_log", [])
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+    return []
+
+
+def run_sweep(config: cfg.ExperimentConfig, *, address: str | None = None, resume: bool = False) -> dict[str, Any]:
+    """The whole `dpo sweep`: validation, Ray, shared reference cache, Tuner, summary."""
+    import ray
+
+    from trainables.entrypoints import load_preference_data
+
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # eval metrics arrive every eval_every steps
+    data = load_preference_data(cfg.model_args(config), cfg.data_args(config))  # bad data fails here, before Ray
+    logger.info("data ok: %d training pairs, %d held-out pairs", len(data.train), len(data.eval))
+    paths = sweep_paths(config)
+    if resume and "://" not in paths.root and not Path(paths.root).is_dir():
+        raise cfg.ConfigError(f"--resume: no sweep named {config.name!r} under {config.storage_path} ({paths.root})")
+    started_here = not ray.is_initialized()
+    if started_here:
+        start_ray(address, config)
+    try:
+        cache_key, _ = precompute_reference_once(config, paths.reference_cache)
+        tuner = build_tuner(config, paths, resume)
+        results = tuner.fit()
+        summary = summarize(results, config, cache_key, None)
+        summary["decision_log"] = read_decision_log(paths.root)
+        summary["storage"] = paths.root
+    finally:
+        if started_here:
+            ray.shutdown()
+    if "://" not in paths.root:
+        Path(paths.root, SUMMARY_FILE).write_text(json.dumps(summary, indent=1, default=str))
+    return summary
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    print(f"sweep {summary['name']}: {len(summary['trials'])} trials, reference cache key {summary['reference_cache_key']}")
+    for entry in summary["decision_log"]:
+        print(f"  round {entry.get('round')}: beta {entry.get('beta')} -> {entry.get('action')}: {entry.get('reason')}")
+    best = summary["best"]
+    if best is None:
+        print("no trial produced a finite " + summary["metric"])
+        return
+    values = {k: best["config"].get(k) for k in ("beta", "kl_weight", "learning_rate") if k in best["config"]}
+    print(f"best trial {best['trial_id']}: {summary['metric']}={best['metric']:.4f} {values}")
+    print(f"results: {summary['storage']}/{SUMMARY_FILE}")
