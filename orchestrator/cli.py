@@ -59,7 +59,7 @@ def _check(config) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from trainables.data import InvalidDataError
+    from trainables.data import DataSourceError, InvalidDataError
 
     try:
         if args.command == "demo-assets":
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 
             sft(config)
         return 0
-    except (ConfigError, InvalidDataError, FileNotFoundError) as error:
+    except (ConfigError, InvalidDataError, DataSourceError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
