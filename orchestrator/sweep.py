@@ -162,6 +162,7 @@ def summarize(results, config: cfg.ExperimentConfig, cache_key: str | None, sear
             "trial_id": metrics.get("trial_id"), "config": {k: v for k, v in (result.config or {}).items()},
             "metric": metrics.get(config.sweep.metric), "step": metrics.get("step"),
             "error": str(result.error) if result.error else None, "path": result.path,
+            "step_seconds": metrics.get("perf/step_seconds_total"), "eval_seconds": metrics.get("perf/eval_seconds_total"),
         })
     scored = [t for t in trials if isinstance(t["metric"], (int, float)) and math.isfinite(t["metric"]) and not t["error"]]
     reverse = config.sweep.mode == "max"

@@ -150,6 +150,8 @@ def run_training_loop(
     checkpoints_dir = Path(settings.output_dir) / "checkpoints"
     window: dict[str, float] = {}
     window_seconds = 0.0
+    step_seconds_total = 0.0  # time inside optimizer steps, for overhead accounting (bench/sweep.py)
+    eval_seconds_total = 0.0
     last_metrics: dict[str, float] = {}
     progress = tqdm(
         total=settings.max_steps, initial=start_step, desc="train", disable=not settings.show_progress or rank != 0
@@ -184,6 +186,7 @@ def run_training_loop(
         optimizer.step()
         scheduler.step()
         window_seconds += time.perf_counter() - started
+        step_seconds_total += time.perf_counter() - started
         for key, value in step_sums.items():
             window[key] = window.get(key, 0.0) + value
         done = step + 1
@@ -199,9 +202,11 @@ def run_training_loop(
             window, window_seconds = {}, 0.0
             progress.set_postfix(loss=f"{metrics['train/loss']:.4f}")
         if done % settings.eval_every == 0 or done == settings.max_steps:
+            eval_started = time.perf_counter()
             model.eval()
             metrics.update(objective.evaluate(model))
             model.train()
+            eval_seconds_total += time.perf_counter() - eval_started
         checkpoint_dir = None
         checkpoint_step = done % settings.checkpoint_every == 0 or done == settings.max_steps
         if checkpoint_step:
@@ -217,6 +222,8 @@ def run_training_loop(
                 dist.barrier()
         if metrics or checkpoint_step:  # the same decision on every rank: Ray needs all ranks to report
             metrics["step"] = done
+            metrics["perf/step_seconds_total"] = step_seconds_total
+            metrics["perf/eval_seconds_total"] = eval_seconds_total
             report(metrics, checkpoint_dir)
             last_metrics.update(metrics)
     progress.close()

@@ -1,0 +1,90 @@
+"""Sweep benchmark: Ray overhead of a `dpo sweep` and the reference compute the shared cache saves.
+
+    python bench/sweep.py                                   # the quickstart sweep, as `dpo sweep` runs it
+    python bench/sweep.py --config configs/quickstart.yaml --set train.max_steps=200
+
+It runs the sweep in a fresh storage folder and reports:
+- wall time of the whole sweep, and the time the trials spent inside optimizer steps and evaluation
+  (each trial reports `perf/step_seconds_total` and `perf/eval_seconds_total`);
+- Ray overhead = 1 - (trial step + eval seconds) / (wall seconds x trial slots), where trial slots is
+  how many trials fit the machine at once; it counts start-up of Ray, trial actors, Train workers,
+  model and data loading, checkpoint upload and the reference pass as overhead;
+- the reference pass: its cold cost (measured once more, outside the sweep) and the compute that
+  per-trial recomputation would have spent, K x cold cost, against 1 x cold cost with the shared cache.
+Writes the figures as JSON to --out. A benchmark, never a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from orchestrator import config as cfg  # noqa: E402
+from orchestrator.sweep import run_sweep  # noqa: E402
+from trainables.entrypoints import load_preference_data, precompute_reference  # noqa: E402
+
+
+def cold_reference_seconds(config: cfg.ExperimentConfig) -> float:
+    """One reference pass over train + eval pairs into an empty cache, as the sweep's Ray task does it."""
+    with tempfile.TemporaryDirectory() as cache_dir:
+        config = config.model_copy(deep=True)
+        config.reference.cache_dir = cache_dir
+        data = load_preference_data(cfg.model_args(config), cfg.data_args(config))
+        started = time.perf_counter()
+        precompute_reference(cfg.model_args(config), cfg.preference_args(config), data, cfg.runtime_args(config, show_progress=False))
+        return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/quickstart.yaml", help="sweep config (default: the quickstart)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override key=value")
+    parser.add_argument("--out", default=None, help="JSON output (default bench/results/sweep-<date>.json)")
+    args = parser.parse_args()
+
+    storage = tempfile.mkdtemp(prefix="dpo-bench-sweep-")
+    config = cfg.load_config(args.config, args.overrides + [f"storage_path={storage}"])
+    started = time.perf_counter()
+    summary = run_sweep(config)
+    wall = time.perf_counter() - started
+
+    cpus = os.cpu_count() or 1
+    per_trial_cpus = config.resources.num_workers * config.resources.cpus_per_worker
+    slots = max(1, min(config.sweep.max_concurrent_trials or cpus, math.floor(cpus / per_trial_cpus)))
+    trials = summary["trials"]
+    step_seconds = sum(t.get("step_seconds") or 0.0 for t in trials)
+    eval_seconds = sum(t.get("eval_seconds") or 0.0 for t in trials)
+    overhead = 1.0 - (step_seconds + eval_seconds) / (wall * slots)
+    reference_seconds = cold_reference_seconds(config)
+    figures = {
+        "date": datetime.date.today().isoformat(), "cpus": cpus, "config": args.config, "overrides": args.overrides,
+        "trials": len(trials), "betas_tried": sorted({t["config"].get("beta") for t in trials}),
+        "trial_slots": slots, "wall_seconds": wall, "trial_step_seconds": step_seconds,
+        "trial_eval_seconds": eval_seconds, "ray_overhead_fraction": overhead,
+        "reference_cold_seconds": reference_seconds,
+        "reference_seconds_shared_cache": reference_seconds,
+        "reference_seconds_per_trial_recompute": reference_seconds * len(trials),
+        "best": summary["best"],
+    }
+    print(f"sweep {config.name}: {len(trials)} trials, betas {figures['betas_tried']}, {slots} trial slot(s) on {cpus} CPUs")
+    print(f"  wall {wall:.1f} s; in optimizer steps {step_seconds:.1f} s, in evaluation {eval_seconds:.1f} s")
+    print(f"  Ray overhead (wall not spent in steps or eval): {overhead:.1%}")
+    print(f"  reference pass: {reference_seconds:.1f} s once with the shared cache vs "
+          f"{reference_seconds * len(trials):.1f} s recomputed per trial ({len(trials)}x)")
+    out = Path(args.out or f"bench/results/sweep-{figures['date']}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(figures, indent=1, default=str))
+    print(f"  written: {out}")
+
+
+if __name__ == "__main__":
+    main()
