@@ -29,6 +29,13 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class LoraSection(Section):
+    r: int = Field(8, gt=0, description="LoRA rank")
+    alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (scale = alpha / r)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch")
+    target_modules: str | list[str] = Field("all-linear", description="Modules that get adapters (peft syntax)")
+
+
 class ModelSection(Section):
     path: str = Field(description="Policy model: a save_pretrained directory or a hub name; `demo:model` is the embedded default")
     tokenizer_path: str | None = Field(None, description="Tokenizer location when it differs from model.path")
@@ -37,6 +44,7 @@ class ModelSection(Section):
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Dtype the weights are loaded in")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field("sdpa", description="Attention kernel")
     disable_dropout: bool = Field(True, description="Zero all dropout so step 0 starts exactly at ln 2 (as TRL does)")
+    lora: LoraSection | None = Field(None, description="Train LoRA adapters (needs the `lora` extra: peft) instead of all weights")
 
 
 class DataSection(Section):
@@ -275,7 +283,12 @@ def flatten(config: ExperimentConfig) -> dict[str, Any]:
 # ---- to plain argument groups -----------------------------------------------------------------
 
 def model_args(config: ExperimentConfig) -> ModelArgs:
-    return ModelArgs(**config.model.model_dump())
+    fields = config.model.model_dump(exclude={"lora"})
+    lora = config.model.lora
+    if lora is not None:
+        targets = lora.target_modules if isinstance(lora.target_modules, str) else tuple(lora.target_modules)
+        fields.update(lora_rank=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, lora_target_modules=targets)
+    return ModelArgs(**fields)
 
 
 def data_args(config: ExperimentConfig, *, sft: bool = False) -> DataArgs:

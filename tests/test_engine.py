@@ -181,3 +181,26 @@ def test_sft_lowers_answer_loss(world, tmp_path):
             RuntimeArgs(device="cpu", show_progress=False), lambda m, c: reports.append(m))
     assert reports[-1]["train/loss"] < reports[0]["train/loss"]
     assert "eval/perplexity" in reports[-1]
+
+
+def test_lora_trains_adapters_and_resumes(world, tmp_path):
+    """LoRA: only adapters train; the live reference is the adapter-disabled policy; resume is exact."""
+    lora = ModelArgs(path=world["model"], lora_rank=4, lora_alpha=8.0)
+    live = PreferenceArgs(beta=0.1, reference_mode="live")
+
+    def run_lora(output_dir, runtime):
+        reports: list[dict] = []
+        run_dpo(lora, DataArgs(train=world["train"], eval=world["eval"], max_length=48), live,
+                settings(output_dir), runtime, lambda m, c: reports.append(m))
+        return reports
+
+    straight = run_lora(tmp_path / "straight", RuntimeArgs(device="cpu", show_progress=False))
+    assert abs(straight[0]["train/loss"] - math.log(2)) < 1e-4
+    assert straight[-1]["train/reward_margin"] != 0
+    step3 = tmp_path / "straight" / "checkpoints" / "step-000003"
+    assert (step3 / "model" / "adapter_config.json").is_file()
+    resumed = run_lora(tmp_path / "resumed", RuntimeArgs(device="cpu", show_progress=False, resume_from=str(step3)))
+    by_step = {r["step"]: r["train/loss"] for r in straight}
+    assert resumed[0]["step"] == 4
+    for record in resumed:
+        assert abs(record["train/loss"] - by_step[record["step"]]) < 1e-6

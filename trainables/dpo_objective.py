@@ -10,6 +10,7 @@ none (reference-free: reference log-probs are 0). Used by trainables/loop.py; te
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -42,18 +43,29 @@ class CachedReference:
 
 
 class LiveReference:
-    """A frozen reference model run next to the policy (needed for the exact KL)."""
+    """A frozen reference model run next to the policy (needed for the exact KL).
 
-    def __init__(self, model: torch.nn.Module, keep_logits: bool, autocast_dtype: torch.dtype | None):
-        self.model = model.eval().requires_grad_(False)
+    With LoRA, the reference can be the policy itself with its adapters disabled (`adapters_of_policy`):
+    no second model in memory, and the base weights are exactly the model DPO started from.
+    """
+
+    def __init__(self, model: torch.nn.Module, keep_logits: bool, autocast_dtype: torch.dtype | None,
+                 adapters_of_policy: bool = False):
+        self.model = model if adapters_of_policy else model.eval().requires_grad_(False)
+        self.adapters_of_policy = adapters_of_policy
         self.keep_logits = keep_logits
         self.autocast_dtype = autocast_dtype
+
+    def _context(self):
+        if self.adapters_of_policy:
+            return getattr(self.model, "module", self.model).disable_adapter()
+        return contextlib.nullcontext()
 
     @torch.no_grad()
     def values(self, split: str, indices: Sequence[int], batch: dict[str, torch.Tensor]) -> ReferenceValues:
         device_type = batch["input_ids"].device.type
-        with torch.autocast(device_type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
-            result = forward_logps(self.model, batch, keep_logits=self.keep_logits)
+        with self._context(), torch.autocast(device_type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
+            result = forward_logps(getattr(self.model, "module", self.model), batch, keep_logits=self.keep_logits)
         chosen, rejected = split_chosen_rejected(result.sequence_logps)
         return ReferenceValues(chosen, rejected, result.token_logps, result.logits)
 

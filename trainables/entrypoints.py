@@ -22,7 +22,7 @@ from trainables.data import load_preference_pairs, load_prompt_answers
 from trainables.dpo_objective import CachedReference, DPOObjective, LiveReference, NoReference
 from trainables.loop import LoopSettings, Report, rank_and_world, run_training_loop
 from trainables.losses import preference_loss_by_name
-from trainables.modeling import load_causal_lm, load_tokenizer, model_fingerprint, resolve_autocast_dtype, resolve_device
+from trainables.modeling import attach_lora, load_causal_lm, load_tokenizer, model_fingerprint, resolve_autocast_dtype, resolve_device
 from trainables.reference_cache import ReferenceLogps, load_or_compute_reference_logps, reference_fingerprint
 from trainables.settings import DataArgs, ModelArgs, PreferenceArgs, RuntimeArgs
 from trainables.sft_objective import SFTObjective
@@ -139,25 +139,35 @@ def _resume_checkpoint(resume_from: str | None, output_dir: str) -> Path | None:
 
 
 def _load_policy(model_args: ModelArgs, checkpoint: Path | None, device, prepare_model):
+    """The policy: full weights from the checkpoint, or the base model plus (resumed) LoRA adapters."""
+    lora = model_args.lora_rank is not None
+    full_checkpoint = checkpoint is not None and not lora
     model = load_causal_lm(
-        str(checkpoint / "model") if checkpoint else model_args.path,
-        revision=None if checkpoint else model_args.revision,
+        str(checkpoint / "model") if full_checkpoint else model_args.path,
+        revision=None if full_checkpoint else model_args.revision,
         trust_remote_code=model_args.trust_remote_code, dtype=model_args.dtype,
         attn_implementation=model_args.attn_implementation, disable_dropout=model_args.disable_dropout,
     )
+    if lora:
+        model = attach_lora(model, rank=model_args.lora_rank, alpha=model_args.lora_alpha,
+                            dropout=model_args.lora_dropout, target_modules=model_args.lora_target_modules,
+                            adapter_dir=str(checkpoint / "model") if checkpoint else None)
     return prepare_model(model) if prepare_model else model.to(device)
 
 
-def _reference_for(model_args, preference_args, data, runtime_args, device, autocast_dtype):
+def _reference_for(model_args, preference_args, data, runtime_args, device, autocast_dtype, policy):
     if preference_args.reference_mode == "none":
         return NoReference(), None
+    exact = preference_args.kl_estimator == "exact"
+    if policy is not None:  # LoRA with a live reference: the policy with its adapters disabled
+        return LiveReference(policy, exact, autocast_dtype, adapters_of_policy=True), None
     if preference_args.reference_mode == "live":
         model = load_causal_lm(
             preference_args.reference_path or model_args.path, revision=model_args.revision,
             trust_remote_code=model_args.trust_remote_code, dtype=model_args.dtype,
             attn_implementation=model_args.attn_implementation,
         ).to(device)
-        return LiveReference(model, preference_args.kl_estimator == "exact", autocast_dtype), None
+        return LiveReference(model, exact, autocast_dtype), None
     rank, world = rank_and_world()
     if world > 1 and rank != 0:
         dist.barrier()  # rank 0 fills the cache first; the others then read it
@@ -181,9 +191,13 @@ def run_dpo(
     autocast_dtype = resolve_autocast_dtype(runtime_args.precision, device)
     torch.manual_seed(loop_settings.seed)
     data = load_preference_data(model_args, data_args)
-    reference, cache_key = _reference_for(model_args, preference_args, data, runtime_args, device, autocast_dtype)
     checkpoint = _resume_checkpoint(runtime_args.resume_from, loop_settings.output_dir)
-    model = _load_policy(model_args, checkpoint, device, prepare_model)
+    reference_is_policy = (preference_args.reference_mode == "live" and model_args.lora_rank is not None
+                           and not preference_args.reference_path)
+    model = _load_policy(model_args, checkpoint, device, prepare_model) if reference_is_policy else None
+    # Otherwise the reference goes first, so a cache miss never holds two models in memory at once.
+    reference, cache_key = _reference_for(model_args, preference_args, data, runtime_args, device, autocast_dtype, model)
+    model = model or _load_policy(model_args, checkpoint, device, prepare_model)
     objective = DPOObjective(
         train_pairs=data.train, eval_pairs=data.eval, reference=reference,
         loss_fn=preference_loss_by_name(preference_args.loss, preference_args.label_smoothing),

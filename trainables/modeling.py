@@ -75,6 +75,19 @@ def load_causal_lm(
     return model
 
 
+def attach_lora(model, *, rank: int, alpha: float, dropout: float, target_modules, adapter_dir: str | None = None):
+    """Wrap a causal LM with trainable LoRA adapters (new, or resumed from a saved adapter folder)."""
+    try:
+        from peft import LoraConfig, PeftModel, get_peft_model
+    except ImportError as error:
+        raise ImportError("model.lora needs peft: pip install -e '.[lora]'") from error
+    if adapter_dir is not None:
+        return PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
+    targets = target_modules if isinstance(target_modules, str) else list(target_modules)
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
 def disable_dropout_in(model: torch.nn.Module) -> None:
     """Set every dropout probability to 0 so train-mode forwards are deterministic."""
     for module in model.modules():

@@ -21,6 +21,10 @@ class ModelArgs:
     dtype: str = "float32"  # weight dtype: float32 | bfloat16 | float16
     attn_implementation: str | None = "sdpa"  # sdpa | eager | flash_attention_2
     disable_dropout: bool = True  # so step 0 of DPO starts exactly at ln 2
+    lora_rank: int | None = None  # None: train all weights; else LoRA adapters of this rank (peft)
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_target_modules: str | tuple[str, ...] = "all-linear"
 
 
 @dataclass(frozen=True)
