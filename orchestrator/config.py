@@ -213,7 +213,8 @@ def _format_errors(error: ValidationError, source: str) -> str:
 
 
 def _looks_local(value: str) -> bool:
-    return value.startswith(("/", ".", "~")) or value.count("/") != 1 or bool(re.search(r"\.(jsonl?|parquet|csv)$", value))
+    """Paths (absolute, ./relative, ~, nested, or data-file names) are checked; `name` or `org/name` may be hub ids."""
+    return value.startswith(("/", ".", "~")) or value.count("/") > 1 or bool(re.search(r"\.(jsonl?|parquet|csv)$", value))
 
 
 def check_paths_exist(config: ExperimentConfig, source: str) -> None:
@@ -253,6 +254,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
         raise ConfigError(f"config {source} is not valid YAML: {error}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config {source}: the top level must be a mapping of sections")
+    for key, value in list(raw.items()):
+        if value is None and key in ExperimentConfig.model_fields and key not in ("output_dir", "name"):
+            raw[key] = {}  # a section header whose entries are all commented out
     apply_overrides(raw, overrides or [])
     try:
         config = ExperimentConfig.model_validate(raw)
