@@ -173,8 +173,12 @@ def summarize(results, config: cfg.ExperimentConfig, cache_key: str | None, sear
 
 
 def read_decision_log(root: str) -> list[dict[str, Any]]:
-    """The incremental searcher's decision log from its newest saved state in the sweep folder."""
-    states = sorted(Path(root).glob("searcher-state-*"), key=lambda p: p.stat().st_mtime) if "://" not in root else []
+    """The incremental searcher's decision log from its newest saved state in the sweep folder.
+
+    Newest by name, as Tune's own restore picks it (the name holds the session's start time): after
+    `--resume` Tune's storage sync copies the first session's file again, so modification times mislead.
+    """
+    states = sorted(Path(root).glob("searcher-state-*")) if "://" not in root else []
     for state in reversed(states):
         try:
             return json.loads(state.read_text()).get("decision_log", [])

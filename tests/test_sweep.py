@@ -1,0 +1,303 @@
+"""`dpo sweep` on a real local Ray: DDP equivalence, a two-node cluster, the incremental beta climb, --resume.
+
+Every Ray test starts its own Ray (or local cluster) and stops it, and writes only under pytest's tmp
+folders (Tune storage, reference cache, demo assets). Models are the tiny ones of tests/tiny_world.py,
+trained for a few steps; most of the time is Ray and worker start-up (about 20 s per trial on 2 CPUs).
+Run: `python -m pytest tests/test_sweep.py -q --durations=10` (about 4 minutes on 2 CPU cores);
+only the Ray-free check: `python -m pytest tests/test_sweep.py -m "not ray" -q`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchestrator import config as cfg
+from orchestrator.sweep import SUMMARY_FILE, check_cluster_fits, run_sweep, start_ray
+from tests.tiny_world import build_model_dir, pair_rows, write_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+TOLERANCE = 1e-5  # CPU float32: 2 DDP workers vs 1 process, same global batch
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict[str, str]:
+    """A tiny Llama, 32 training pairs and 8 held-out pairs (the model is shared by all tests)."""
+    root = tmp_path_factory.mktemp("sweep-world")
+    model_dir = build_model_dir(root / "model", "llama")
+    train = write_jsonl(root / "train.jsonl", pair_rows("explicit", 32, seed=1))
+    eval_ = write_jsonl(root / "eval.jsonl", pair_rows("explicit", 8, seed=2))
+    return {"model": str(model_dir), "train": str(train), "eval": str(eval_)}
+
+
+@pytest.fixture(autouse=True)
+def private_caches(tmp_path, monkeypatch):
+    """Demo assets and anything else cached by name go to this test's tmp folder, never ~ or the repo."""
+    monkeypatch.setenv("DPO_DEMO_CACHE", str(tmp_path / "demo-cache"))
+
+
+def tiny_raw(world: dict[str, str], tmp_path: Path, **sections: dict[str, Any]) -> dict[str, Any]:
+    """A raw config on the tiny world with every output in tmp_path; `sections` update its sections."""
+    raw: dict[str, Any] = {
+        "name": "tiny", "output_dir": str(tmp_path / "outputs"), "storage_path": str(tmp_path / "runs"),
+        "model": {"path": world["model"]},
+        "data": {"train": world["train"], "eval": world["eval"], "max_length": 48},
+        "dpo": {"beta": 0.1},
+        "train": {"learning_rate": 5e-3, "batch_size": 8, "max_steps": 4, "warmup_steps": 0, "log_every": 1,
+                  "eval_every": 4, "checkpoint_every": 4, "device": "cpu"},
+        "reference": {"cache_dir": str(tmp_path / "reference-cache")},
+        "resources": {"num_workers": 1, "cpus_per_worker": 1},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            raw.setdefault(section, {}).update(values)
+        else:
+            raw[section] = values
+    return raw
+
+
+def tiny_config(world: dict[str, str], tmp_path: Path, **sections: dict[str, Any]) -> cfg.ExperimentConfig:
+    return cfg.ExperimentConfig.model_validate(tiny_raw(world, tmp_path, **sections))
+
+
+# ---- no Ray needed --------------------------------------------------------------------------------
+
+def test_a_trial_larger_than_the_cluster_is_a_config_error(world, tmp_path):
+    fits = tiny_config(world, tmp_path, resources={"num_workers": 2, "cpus_per_worker": 1})
+    check_cluster_fits(fits, {"CPU": 2.0})  # exactly full is fine
+
+    too_many_workers = tiny_config(world, tmp_path, resources={"num_workers": 4, "cpus_per_worker": 1})
+    with pytest.raises(cfg.ConfigError, match=r"num_workers x resources.cpus_per_worker = 4 CPUs, the cluster has 2"):
+        check_cluster_fits(too_many_workers, {"CPU": 2.0})
+
+    too_many_gpus = tiny_config(world, tmp_path, resources={"num_workers": 2, "use_gpu": True})
+    with pytest.raises(cfg.ConfigError, match=r"use_gpu: 2 GPUs needed, the cluster has 1"):
+        check_cluster_fits(too_many_gpus, {"CPU": 8.0, "GPU": 1.0})
+    with pytest.raises(cfg.ConfigError, match=r"the cluster has 0"):
+        check_cluster_fits(too_many_gpus, {"CPU": 8.0})  # a CPU-only cluster
+
+
+# ---- real Ray -------------------------------------------------------------------------------------
+
+@pytest.fixture
+def local_ray():
+    """Stops the Ray this test starts (start_ray / run_sweep), even when the test fails."""
+    import ray
+
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.ray
+def test_two_ddp_workers_give_the_losses_of_one_worker(world, tmp_path, local_ray):
+    """The same global batch of 8 pairs, split 4 + 4 over two DDP ranks (with gradient accumulation)."""
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from orchestrator.ray_trial import train_worker
+    from trainables.entrypoints import run_dpo
+
+    steps = 4
+    config = tiny_config(world, tmp_path, dpo={"beta": 0.1, "kl_weight": 0.5},
+                         train={"max_steps": steps, "micro_batch_size": 2, "eval_every": 2, "checkpoint_every": 1},
+                         resources={"num_workers": 2, "cpus_per_worker": 1})
+
+    one_worker: list[dict[str, Any]] = []  # the engine in this process, as `dpo train` runs it
+    run_dpo(cfg.model_args(config), cfg.data_args(config), cfg.preference_args(config),
+            cfg.loop_settings(config, output_dir=str(tmp_path / "one-worker"), workers=1, show_progress=False),
+            cfg.runtime_args(config, show_progress=False), lambda metrics, _: one_worker.append(metrics))
+
+    start_ray(None, config)
+    trainer = TorchTrainer(  # what orchestrator.ray_trial.run_trial builds, without the Tune wrapper
+        train_worker,
+        train_loop_config={"experiment": config.model_dump()},
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+        # A checkpoint every step keeps every step's metrics in Result.metrics_dataframe.
+        run_config=RunConfig(name="two-workers", storage_path=str(tmp_path / "train-runs"),
+                             checkpoint_config=CheckpointConfig(num_to_keep=None)),
+    )
+    result = trainer.fit()
+    assert result.error is None, result.error
+    two_workers = result.metrics_dataframe.sort_values("step").to_dict("records")
+
+    assert [row["step"] for row in two_workers] == [row["step"] for row in one_worker] == list(range(1, steps + 1))
+    compared = ["train/loss", "train/preference_loss", "train/kl", "train/grad_norm", "train/reward_margin",
+                "eval/loss", "eval/preference_accuracy"]
+    for single, ddp in zip(one_worker, two_workers):
+        for key in compared:
+            if key in single:
+                assert math.isclose(ddp[key], single[key], abs_tol=TOLERANCE), (
+                    f"step {single['step']} {key}: 2 workers {ddp[key]!r} vs 1 worker {single[key]!r}")
+    assert one_worker[-1]["train/loss"] < one_worker[0]["train/loss"] - 0.01  # the steps really trained
+    assert one_worker[-1]["train/kl"] > 0  # so the KL term and its token normalisation are compared too
+
+
+@pytest.fixture
+def two_node_cluster():
+    """Two Ray nodes of 1 CPU each on this machine (ray.cluster_utils), removed after the test.
+
+    The nodes take this machine's address: Ray 2.60 rewrites 127.0.0.1 in `ray.init(address=...)` to the
+    machine's IP, so a cluster bound to 127.0.0.1 alone cannot be joined by address.
+    """
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.mark.ray
+def test_a_trial_spreads_its_two_workers_over_two_nodes(world, tmp_path, two_node_cluster):
+    config = tiny_config(world, tmp_path, name="two-nodes", sweep={"strategy": "grid", "beta": [0.1]},
+                         resources={"num_workers": 2, "cpus_per_worker": 1})
+
+    summary = run_sweep(config, address=two_node_cluster.address)
+
+    [trial] = summary["trials"]
+    assert trial["error"] is None
+    assert trial["step"] == config.train.max_steps
+    assert summary["best"]["trial_id"] == trial["trial_id"]
+    nodes = {node["NodeID"] for node in two_node_cluster.global_state.node_table() if node["Alive"]}
+    workers = [actor for actor in two_node_cluster.global_state.actor_table(None).values()
+               if actor["ActorClassName"] == "RayTrainWorker"]
+    assert len(workers) == 2
+    assert {actor["Address"]["NodeID"] for actor in workers} == nodes and len(nodes) == 2
+
+
+@pytest.mark.ray
+def test_incremental_beta_starts_at_01_climbs_and_stops_by_its_rule(tmp_path, local_ray):
+    """The embedded default (demo model and task), shortened: 2 rounds at most (beta 0.1, then 0.2)."""
+    config = cfg.load_config(REPO / "configs/quickstart.yaml", [
+        f"output_dir={tmp_path / 'outputs'}", f"storage_path={tmp_path / 'runs'}",
+        "train.max_steps=24", "train.warmup_steps=4", "train.log_every=3", "train.eval_every=24",
+        "train.checkpoint_every=24", "train.eval_batch_size=64",
+        "sweep.max_beta=0.2", "sweep.patience=1", "sweep.max_trials=4",
+    ])
+
+    summary = run_sweep(config)
+
+    log = summary["decision_log"]
+    assert log, "the searcher's decision log is empty"
+    assert log[0]["round"] == 1 and log[0]["beta"] == pytest.approx(0.1)
+    assert log[0]["action"] == "climb", log[0]["reason"]
+    betas = [entry["beta"] for entry in log]
+    assert all(later > earlier for earlier, later in zip(betas, betas[1:])), betas
+    assert log[-1]["action"] == "stop"
+    assert "patience" in log[-1]["reason"] or "upper bound" in log[-1]["reason"], log[-1]["reason"]
+    assert all(entry["action"] != "stop" for entry in log[:-1])
+    assert len(summary["trials"]) == len(log) >= 2  # one (learning_rate, kl_weight) pair: one trial per round
+    assert sorted(t["config"]["beta"] for t in summary["trials"]) == pytest.approx(betas)
+    assert all(t["error"] is None and t["step"] == 24 for t in summary["trials"])
+
+
+# ---- interrupt and --resume -----------------------------------------------------------------------
+
+def experiment_trial_states(root: Path) -> dict[str, str]:
+    """trial_id -> status from Tune's newest experiment_state file (newest by name, as Tune restores)."""
+    for path in sorted(root.glob("experiment_state-*.json"), reverse=True):
+        try:
+            trial_data = json.loads(path.read_text())["trial_data"]
+            trials = [json.loads(entry[0]) for entry in trial_data]
+            return {trial["trial_id"]: trial["status"] for trial in trials}
+        except (json.JSONDecodeError, KeyError, IndexError, TypeError):
+            continue  # being written
+    return {}
+
+
+def searcher_rounds(root: Path) -> int:
+    """How many rounds the saved incremental searcher state has closed."""
+    for path in sorted(root.glob("searcher-state-*.json"), reverse=True):
+        try:
+            return len(json.loads(path.read_text()).get("decision_log", []))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+    return 0
+
+
+def kill_process_tree(pid: int) -> None:
+    """SIGKILL a process and every descendant: the driver and the local Ray it started (GCS, raylet, workers)."""
+    import psutil
+
+    try:
+        parent = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return
+    processes = [parent] + parent.children(recursive=True)
+    for process in processes:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(processes, timeout=30)
+    assert not alive, f"processes survived SIGKILL: {alive}"
+
+
+def run_cli(arguments: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "orchestrator", *arguments], cwd=log.parent, env=env,
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def log_tail(log: Path) -> str:
+    return log.read_text(errors="replace")[-4000:]
+
+
+@pytest.mark.ray
+def test_an_interrupted_sweep_finishes_with_resume_without_rerunning_finished_trials(world, tmp_path):
+    raw = tiny_raw(world, tmp_path, name="resumable",
+                   sweep={"strategy": "incremental_beta", "start_beta": 0.1, "max_beta": 0.2, "patience": 2,
+                          "max_concurrent_trials": 1})
+    config_file = tmp_path / "resumable.yaml"
+    config_file.write_text(json.dumps(raw))  # JSON is YAML
+    root = Path(raw["storage_path"]) / raw["name"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}  # the repo's code, run from tmp_path
+
+    first = run_cli(["sweep", str(config_file)], tmp_path / "first.log", env)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and first.poll() is None:
+            if "TERMINATED" in experiment_trial_states(root).values() and searcher_rounds(root) >= 1:
+                break
+            time.sleep(0.5)
+        assert first.poll() is None, f"the sweep ended before it could be interrupted:\n{log_tail(tmp_path / 'first.log')}"
+        assert time.monotonic() < deadline, f"no trial finished in time:\n{log_tail(tmp_path / 'first.log')}"
+    finally:
+        kill_process_tree(first.pid)
+    first.wait(timeout=30)
+
+    finished = [trial_id for trial_id, status in experiment_trial_states(root).items() if status == "TERMINATED"]
+    assert len(finished) == 1
+    [done] = finished
+    results_before = (root / done / "result.json").read_text()
+    checkpoints_before = sorted(path.name for path in Path(f"{root}-trials", done).glob("checkpoint_*"))
+    assert checkpoints_before, "the finished trial left no checkpoint"
+
+    second = run_cli(["sweep", str(config_file), "--resume"], tmp_path / "resume.log", env)
+    try:
+        exit_code = second.wait(timeout=240)
+    finally:
+        kill_process_tree(second.pid)
+    assert exit_code == 0, log_tail(tmp_path / "resume.log")
+
+    states = experiment_trial_states(root)
+    assert len(states) == 2 and set(states.values()) == {"TERMINATED"}, states
+    assert (root / done / "result.json").read_text() == results_before  # not one more result: not rerun
+    assert sorted(path.name for path in Path(f"{root}-trials", done).glob("checkpoint_*")) == checkpoints_before
+    summary = json.loads((root / SUMMARY_FILE).read_text())
+    assert sorted(trial["trial_id"] for trial in summary["trials"]) == sorted(states)
+    assert all(trial["error"] is None for trial in summary["trials"])
+    assert [entry["beta"] for entry in summary["decision_log"]] == pytest.approx([0.1, 0.2])
+    assert summary["decision_log"][-1]["action"] == "stop"
