@@ -141,6 +141,12 @@ class FailureSection(Section):
     max_failures: int = Field(1, ge=-1, description="Restarts of a trial's workers from their last checkpoint (-1: unlimited)")
 
 
+class TrackingSection(Section):
+    enabled: bool = Field(True, description="Record sweeps and trials in MLflow")
+    uri: str | None = Field(None, description="MLflow tracking URI; overrides MLFLOW_TRACKING_URI; neither: the embedded local server")
+    experiment: str | None = Field(None, description="MLflow experiment name (default: the config's name)")
+
+
 class ExperimentConfig(Section):
     name: str = Field(description="Experiment name: the sweep name and the MLflow experiment")
     output_dir: str | None = Field(None, description="Where metrics.jsonl and checkpoints go (default outputs/<name>)")
@@ -152,6 +158,7 @@ class ExperimentConfig(Section):
     sweep: SweepSection = Field(default_factory=SweepSection)
     resources: ResourcesSection = Field(default_factory=ResourcesSection)
     failure: FailureSection = Field(default_factory=FailureSection)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
     storage_path: str = Field("./runs", description="Sweep storage: local folder, shared filesystem or s3:// URI")
 
     @field_validator("name")

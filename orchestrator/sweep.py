@@ -54,9 +54,23 @@ def start_ray(address: str | None, config: cfg.ExperimentConfig) -> None:
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
+        bind_local_ray_to_loopback()
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=os.cpu_count(),
                  runtime_env=runtime_env, log_to_driver=True)
     check_cluster_fits(config, ray.cluster_resources())
+
+
+def bind_local_ray_to_loopback() -> None:
+    """Make a local Ray listen on 127.0.0.1 only.
+
+    Ray 2.60 replaces `_node_ip_address="127.0.0.1"` with the machine's routable address (so GCS and
+    raylet listen on every interface) unless its single-machine mode is on; that mode is what
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 selects. The constant is read at import, so set it directly too.
+    """
+    import ray._private.ray_constants as ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def check_cluster_fits(config: cfg.ExperimentConfig, cluster: dict[str, float]) -> None:

@@ -144,15 +144,19 @@ def test_two_ddp_workers_give_the_losses_of_one_worker(world, tmp_path, local_ra
 def two_node_cluster():
     """Two Ray nodes of 1 CPU each on this machine (ray.cluster_utils), removed after the test.
 
-    The nodes take this machine's address: Ray 2.60 rewrites 127.0.0.1 in `ray.init(address=...)` to the
-    machine's IP, so a cluster bound to 127.0.0.1 alone cannot be joined by address.
+    Both nodes listen on 127.0.0.1 only (orchestrator.sweep.bind_local_ray_to_loopback: otherwise Ray 2.60
+    rewrites 127.0.0.1 to the machine's routable address).
     """
     import ray
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    from orchestrator.sweep import bind_local_ray_to_loopback
+
+    bind_local_ray_to_loopback()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
+                                                            "node_ip_address": "127.0.0.1"})
     try:
-        cluster.add_node(num_cpus=1)
+        cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
         cluster.wait_for_nodes()
         yield cluster
     finally:
@@ -176,6 +180,7 @@ def test_a_trial_spreads_its_two_workers_over_two_nodes(world, tmp_path, two_nod
                if actor["ActorClassName"] == "RayTrainWorker"]
     assert len(workers) == 2
     assert {actor["Address"]["NodeID"] for actor in workers} == nodes and len(nodes) == 2
+    assert {node["NodeManagerAddress"] for node in two_node_cluster.global_state.node_table()} == {"127.0.0.1"}
 
 
 @pytest.mark.ray
