@@ -102,7 +102,10 @@ def run_trial(trial_config: dict[str, Any], *, experiment: dict[str, Any], trial
 
 def worker_environment() -> dict[str, str]:
     """Environment every Ray worker gets (runtime_env): quiet tokenizers, no hub calls when offline."""
-    env = {"TOKENIZERS_PARALLELISM": "false"}
+    # Train V2 workers hand each report to the controller, which collects it at every health check
+    # (default every 2 s): a report blocks until then. Checking often keeps reports from stalling steps.
+    env = {"TOKENIZERS_PARALLELISM": "false",
+           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")}
     for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "DPO_DEMO_CACHE", "HF_HOME"):
         if name in os.environ:
             env[name] = os.environ[name]
