@@ -5,6 +5,7 @@
     dpo sft CONFIG [--set key=value ...]               SFT in this process on data.sft_train
     dpo check CONFIG [--set key=value ...]             validate config and data, train nothing
     dpo sweep CONFIG [--set ...] [--address ADDR] [--resume]   Ray Tune sweep of Ray Train trials
+    dpo ui [CONFIG] [--stop]                           start (or reuse) the MLflow UI and print its URL
 
 Bad config or bad data exits with status 2 and a message naming the key, file, rows and reason;
 nothing is trained and nothing is written. Run `dpo --help` or `python -m orchestrator --help`.
@@ -45,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Ray cluster to join: auto or ray://host:10001 (default: start a local Ray on 127.0.0.1)")
     sweep.add_argument("--resume", action="store_true",
                        help="continue the sweep of this config's name from its storage (finished trials are not rerun)")
+    ui = commands.add_parser("ui", help="start or reuse the MLflow server of a config's storage_path and print its URL")
+    ui.add_argument("config", nargs="?", default=None, help="config whose tracking.uri / storage_path to use (default ./runs)")
+    ui.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    ui.add_argument("--stop", action="store_true", help="stop the embedded server instead")
     return parser
 
 
@@ -56,9 +61,24 @@ def _check(config) -> None:
     print(f"ok: {len(data.train)} training pairs, {len(data.eval)} held-out pairs, config {config.name}")
 
 
+def _ui(args) -> int:
+    from orchestrator.mlflow_server import EmbeddedServer, embedded_root, prepare_tracking_uri
+
+    config = load_config(args.config, args.overrides) if args.config else None
+    storage = config.storage_path if config else "./runs"
+    if args.stop:
+        stopped = EmbeddedServer(embedded_root(storage)).stop()
+        print("stopped" if stopped else "no embedded MLflow server was running")
+        return 0
+    uri = prepare_tracking_uri(config.tracking.uri if config else None, storage)
+    print(f"open {uri} in a browser (experiment: {(config.tracking.experiment or config.name) if config else 'your sweep name'})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from orchestrator.mlflow_server import TrackingConfigError, TrackingUnavailableError
     from trainables.data import DataSourceError, InvalidDataError
 
     try:
@@ -70,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
             for split, path in sorted(assets.data_files.items()):
                 print(f"{split}: {path}")
             return 0
+        if args.command == "ui":
+            return _ui(args)
         config = load_config(args.config, args.overrides)
         if args.command == "check":
             _check(config)
@@ -86,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
 
             sft(config)
         return 0
-    except (ConfigError, InvalidDataError, DataSourceError, FileNotFoundError) as error:
+    except (ConfigError, InvalidDataError, DataSourceError, FileNotFoundError, TrackingConfigError,
+            TrackingUnavailableError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

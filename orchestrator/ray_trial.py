@@ -52,7 +52,15 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     device = device[0] if isinstance(device, list) else device
 
+    tracker = None
+    if loop_config.get("tracking") and context.get_world_rank() == 0:  # metrics are already all-reduced
+        from orchestrator.trial_tracker import TrialTracker
+
+        tracker = TrialTracker(loop_config["tracking"]["uri"], loop_config["tracking"]["run_id"])
+
     def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        if tracker is not None:  # asynchronous: never waits for the tracking server
+            tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=int(metrics["step"]))
         checkpoint = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint)
 
@@ -74,19 +82,37 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             with restored.as_directory() as checkpoint_dir:
                 run(checkpoint_dir)
     finally:
+        if tracker is not None:
+            tracker.close(timeout_s=60)  # flush; run_trial sets the run's status
         shutil.rmtree(local_dir, ignore_errors=True)
 
 
-def run_trial(trial_config: dict[str, Any], *, experiment: dict[str, Any], trials_storage: str, reference_cache_dir: str) -> None:
-    """The Tune function trainable: one TorchTrainer per trial, named after the trial id."""
+def run_trial(trial_config: dict[str, Any], *, experiment: dict[str, Any], trials_storage: str, reference_cache_dir: str,
+              tracking_info: dict[str, Any] | None = None) -> None:
+    """The Tune function trainable: one TorchTrainer per trial, named after the trial id.
+
+    With tracking, the trial's MLflow child run (found again by its trial_id tag on resume) ends FINISHED,
+    or FAILED with the error as a tag; the workers' rank 0 logs the step metrics into it.
+    """
     trial = trial_experiment(experiment, trial_config, reference_cache_dir)
+    trial_id = tune.get_context().get_trial_id()
+    run_id = None
+    if tracking_info:
+        from orchestrator import tracking
+
+        run_id = tracking.find_or_create_trial_run(
+            tracking_info["uri"], tracking_info["experiment_id"], tracking_info["parent_run_id"], trial_id,
+            tracking_info["sweep"], {**{k: trial_config[k] for k in SEARCHED_KEYS if k in trial_config}, **trial.model_dump()},
+            tags={"decision": str(trial_config.get("decision", "")), "round": str(trial_config.get("round", ""))},
+            stage="dpo", checkpoint_dir=f"{trials_storage}/{trial_id}")
     resources = trial.resources
     per_worker = {"CPU": resources.cpus_per_worker}
     if resources.use_gpu:
         per_worker["GPU"] = resources.gpus_per_worker
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"experiment": trial.model_dump()},
+        train_loop_config={"experiment": trial.model_dump(),
+                           "tracking": {"uri": tracking_info["uri"], "run_id": run_id} if run_id else None},
         scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
                                      resources_per_worker=per_worker),
         run_config=RunConfig(
@@ -97,7 +123,14 @@ def run_trial(trial_config: dict[str, Any], *, experiment: dict[str, Any], trial
             checkpoint_config=CheckpointConfig(num_to_keep=trial.train.keep_checkpoints),
         ),
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    except BaseException as error:
+        if run_id:
+            tracking.end_run(tracking_info["uri"], run_id, "FAILED", error=f"{type(error).__name__}: {error}")
+        raise
+    if run_id:
+        tracking.end_run(tracking_info["uri"], run_id, "FINISHED")
 
 
 def worker_environment() -> dict[str, str]:

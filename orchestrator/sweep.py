@@ -137,7 +137,37 @@ def searcher_and_space(config: cfg.ExperimentConfig):
     return None, space, 1 if sweep.strategy == "grid" else sweep.max_trials
 
 
-def build_tuner(config: cfg.ExperimentConfig, paths: SweepPaths, resume: bool):
+def open_sweep_run(config: cfg.ExperimentConfig, uri: str, cache_key: str | None, resume: bool) -> dict[str, Any]:
+    """The sweep's MLflow parent run (found again on --resume); runs a killed driver left RUNNING are closed."""
+    from orchestrator import tracking
+
+    experiment = config.tracking.experiment or config.name
+    if resume:
+        closed = tracking.close_stale_runs(uri, experiment, config.name)
+        logger.info("closed %d MLflow runs left RUNNING by the interrupted sweep", closed)
+    experiment_id, parent_run_id = tracking.start_parent_run(
+        uri, experiment, config.name, config.model_dump(),
+        search_space={"strategy": config.sweep.strategy, **config.sweep.model_dump()},
+        tags={**tracking.data_fingerprints({"train": config.data.train, "eval": config.data.eval}),
+              "reference_cache_key": cache_key or ""},
+    )
+    return {"uri": uri, "experiment": experiment, "experiment_id": experiment_id,
+            "parent_run_id": parent_run_id, "sweep": config.name}
+
+
+def close_sweep_run(info: dict[str, Any], summary: dict[str, Any] | None, error: str | None) -> None:
+    """Decision log and summary as artifacts; trial runs still open are closed; the parent ends."""
+    from orchestrator import tracking
+
+    if summary is not None:
+        tracking.log_text_artifact(info["uri"], info["parent_run_id"], "decision_log.json",
+                                   json.dumps(summary["decision_log"], indent=1, default=str))
+        tracking.log_text_artifact(info["uri"], info["parent_run_id"], SUMMARY_FILE, json.dumps(summary, indent=1, default=str))
+    tracking.close_stale_runs(info["uri"], info["experiment"], info["sweep"], keep=[info["parent_run_id"]])
+    tracking.end_run(info["uri"], info["parent_run_id"], "FAILED" if error else "FINISHED", error=error)
+
+
+def build_tuner(config: cfg.ExperimentConfig, paths: SweepPaths, resume: bool, tracking_info: dict[str, Any] | None = None):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -145,7 +175,7 @@ def build_tuner(config: cfg.ExperimentConfig, paths: SweepPaths, resume: bool):
 
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, experiment=config.model_dump(), trials_storage=paths.trials,
-                             reference_cache_dir=paths.reference_cache),
+                             reference_cache_dir=paths.reference_cache, tracking_info=tracking_info),
         {"cpu": 0, "memory": 1},  # the trial driver only waits (Ray needs a non-empty bundle); its Train workers reserve CPUs/GPUs
     )
     if resume:
@@ -208,6 +238,11 @@ def run_sweep(config: cfg.ExperimentConfig, *, address: str | None = None, resum
     from trainables.entrypoints import load_preference_data
 
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # eval metrics arrive every eval_every steps
+    tracking_uri = None
+    if config.tracking.enabled:  # an unreachable server fails here, before any Ray work
+        from orchestrator.mlflow_server import prepare_tracking_uri
+
+        tracking_uri = prepare_tracking_uri(config.tracking.uri, config.storage_path)
     data = load_preference_data(cfg.model_args(config), cfg.data_args(config))  # bad data fails here, before Ray
     logger.info("data ok: %d training pairs, %d held-out pairs", len(data.train), len(data.eval))
     paths = sweep_paths(config)
@@ -216,13 +251,23 @@ def run_sweep(config: cfg.ExperimentConfig, *, address: str | None = None, resum
     started_here = not ray.is_initialized()
     if started_here:
         start_ray(address, config)
+    tracking_info = None
     try:
         cache_key, _ = precompute_reference_once(config, paths.reference_cache)
-        tuner = build_tuner(config, paths, resume)
+        if tracking_uri:
+            tracking_info = open_sweep_run(config, tracking_uri, cache_key, resume)
+        tuner = build_tuner(config, paths, resume, tracking_info)
         results = tuner.fit()
         summary = summarize(results, config, cache_key, None)
         summary["decision_log"] = read_decision_log(paths.root)
         summary["storage"] = paths.root
+        if tracking_info:
+            close_sweep_run(tracking_info, summary, error=None)
+            summary["mlflow"] = {"uri": tracking_uri, "parent_run_id": tracking_info["parent_run_id"]}
+    except BaseException as error:
+        if tracking_info:
+            close_sweep_run(tracking_info, None, error=f"{type(error).__name__}: {error}")
+        raise
     finally:
         if started_here:
             ray.shutdown()
@@ -242,3 +287,5 @@ def print_summary(summary: dict[str, Any]) -> None:
     values = {k: best["config"].get(k) for k in ("beta", "kl_weight", "learning_rate") if k in best["config"]}
     print(f"best trial {best['trial_id']}: {summary['metric']}={best['metric']:.4f} {values}")
     print(f"results: {summary['storage']}/{SUMMARY_FILE}")
+    if summary.get("mlflow"):
+        print(f"MLflow: {summary['mlflow']['uri']} (parent run {summary['mlflow']['parent_run_id']})")

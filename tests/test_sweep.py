@@ -55,6 +55,7 @@ def tiny_raw(world: dict[str, str], tmp_path: Path, **sections: dict[str, Any]) 
                   "eval_every": 4, "checkpoint_every": 4, "device": "cpu"},
         "reference": {"cache_dir": str(tmp_path / "reference-cache")},
         "resources": {"num_workers": 1, "cpus_per_worker": 1},
+        "tracking": {"enabled": False},  # MLflow is covered by tests/test_tracking.py and the incremental test
     }
     for section, values in sections.items():
         if isinstance(values, dict):
@@ -193,7 +194,13 @@ def test_incremental_beta_starts_at_01_climbs_and_stops_by_its_rule(tmp_path, lo
         "sweep.max_beta=0.2", "sweep.patience=1", "sweep.max_trials=4",
     ])
 
-    summary = run_sweep(config)
+    from orchestrator.mlflow_server import EmbeddedServer, embedded_root
+
+    try:
+        summary = run_sweep(config)  # tracking on: the embedded MLflow server under storage_path
+        check_mlflow_runs(summary)
+    finally:
+        EmbeddedServer(embedded_root(config.storage_path)).stop()
 
     log = summary["decision_log"]
     assert log, "the searcher's decision log is empty"
@@ -207,6 +214,25 @@ def test_incremental_beta_starts_at_01_climbs_and_stops_by_its_rule(tmp_path, lo
     assert len(summary["trials"]) == len(log) >= 2  # one (learning_rate, kl_weight) pair: one trial per round
     assert sorted(t["config"]["beta"] for t in summary["trials"]) == pytest.approx(betas)
     assert all(t["error"] is None and t["step"] == 24 for t in summary["trials"])
+
+
+def check_mlflow_runs(summary: dict[str, Any]) -> None:
+    """One FINISHED parent run with the decision log, one FINISHED child per trial with metric curves."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=summary["mlflow"]["uri"])
+    parent = client.get_run(summary["mlflow"]["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert "decision_log.json" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(r.data.tags["trial_id"] for r in children) == sorted(t["trial_id"] for t in summary["trials"])
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert {"beta", "kl_weight", "learning_rate"} <= set(child.data.params)
+        assert child.data.tags["dpo.stage"] == "dpo"
+        curve = client.get_metric_history(child.info.run_id, "train/loss")
+        assert len(curve) >= 8 and "eval/preference_accuracy" in child.data.metrics
 
 
 # ---- interrupt and --resume -----------------------------------------------------------------------

@@ -1,0 +1,331 @@
+"""MLflow records of a sweep: one parent run per sweep, one child run per trial, secrets redacted.
+
+Every call takes an explicit tracking URI (no global mlflow state). Runs are found again by their tags, so
+`dpo sweep --resume` continues the same parent run (tags `sweep`, `dpo.role=parent`) and each trial its own
+child run (tags `trial_id`, `sweep`), never a duplicate. `close_stale_runs` ends runs left RUNNING by a
+killed driver. Params are the resolved config flattened to dotted keys (values cut at MLflow's 6000
+characters, sent 100 per call); keys that look like secrets and passwords inside URIs are replaced by
+`***` before anything is logged. Step metrics go through orchestrator/trial_tracker.py (asynchronous).
+Tests: `python -m pytest tests/test_tracking.py -q` (server tests marked `mlflow`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+logger = logging.getLogger(__name__)
+
+MAX_PARAM_VALUE_LENGTH = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
+MAX_TAG_VALUE_LENGTH = 8000
+MAX_KEY_LENGTH = 250
+PARAMS_PER_CALL = 100  # MAX_PARAMS_TAGS_PER_BATCH
+REDACTED = "***"
+SECRET_WORDS = {"token", "password", "passwd", "pwd", "secret", "credential", "credentials", "apikey"}
+SECRET_PAIRS = {("api", "key"), ("access", "key"), ("private", "key"), ("secret", "key")}
+URI_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^/\s:@]*:)(?P<password>[^@\s/]+)(?=@)", re.I)
+QUERY_SECRET = re.compile(r"(?P<head>[?&](?:[a-z_]*token|password|secret|api[_-]?key|sig|signature)=)[^&\s]+", re.I)
+TOKEN_LIKE = re.compile(r"\b(?:hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|AKIA[0-9A-Z]{16})\b")
+PACKAGES = ("torch", "transformers", "ray", "mlflow", "datasets", "tokenizers", "peft", "trl")
+ROLE_TAG, PARENT_ROLE, TRIAL_ROLE = "dpo.role", "parent", "trial"
+TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
+
+
+# ---- redaction and flattening (pure) ----------------------------------------------------------
+
+def is_secret_key(key: str) -> bool:
+    """hf_token, password, db_passwd, client_secret, api_key, apiKey, aws_secret_access_key: yes; tokenizer_path, max_tokens: no."""
+    last = re.sub(r"([a-z])([A-Z])", r"\1_\2", key.rsplit(".", 1)[-1]).lower()
+    words = [word for word in re.split(r"[_\-\s]+", last) if word]
+    return bool(SECRET_WORDS & set(words)) or any(pair in SECRET_PAIRS for pair in zip(words, words[1:]))
+
+
+def redact(value: Any, key: str | None = None) -> Any:
+    """`***` for a secret-looking key; inside strings, URI passwords, query tokens and known token formats."""
+    if key is not None and is_secret_key(key) and value not in (None, "", False):
+        return REDACTED
+    if isinstance(value, Mapping):
+        return {k: redact(v, str(k)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact(v) for v in value]
+    if isinstance(value, str):
+        value = URI_PASSWORD.sub(lambda m: m.group("head") + REDACTED, value)
+        value = QUERY_SECRET.sub(lambda m: m.group("head") + REDACTED, value)
+        return TOKEN_LIKE.sub(REDACTED, value)
+    return value
+
+
+def redact_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Each value redacted by its (dotted) key and its content."""
+    return {key: redact(value, key) for key, value in params.items()}
+
+
+def _as_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)):
+        return json.dumps(list(value), default=str)
+    return str(value)
+
+
+def clean_key(key: str) -> str:
+    """An MLflow-safe key: letters, digits, `_ - . / space` and `:` kept, anything else becomes `_`."""
+    return re.sub(r"[^A-Za-z0-9_\-./ :]", "_", key)[:MAX_KEY_LENGTH]
+
+
+def flatten_params(nested: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """{"dpo": {"beta": 0.1}} -> {"dpo.beta": "0.1"}; lists as JSON; secrets redacted; values cut to 6000 chars."""
+    flat: dict[str, str] = {}
+    for key, value in nested.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten_params(value, f"{name}."))
+            continue
+        text = _as_text(redact(value, name))
+        if len(text) > MAX_PARAM_VALUE_LENGTH:
+            text = text[: MAX_PARAM_VALUE_LENGTH - 15] + "...(truncated)"
+        flat[clean_key(name)] = text
+    return flat
+
+
+def tag_text(value: Any, key: str) -> str:
+    text = _as_text(redact(value, key))
+    return text if len(text) <= MAX_TAG_VALUE_LENGTH else text[: MAX_TAG_VALUE_LENGTH - 15] + "...(truncated)"
+
+
+def config_yaml(config: Mapping[str, Any]) -> str:
+    """The resolved config as YAML, secrets redacted (the parent run's config.yaml artifact)."""
+    return yaml.safe_dump(redact(dict(config)), sort_keys=False)
+
+
+def _filter_value(value: str) -> str:
+    """A quoted literal for an MLflow filter string."""
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise ValueError(f"cannot search MLflow for {value!r}: it contains both quote characters")
+
+
+# ---- environment --------------------------------------------------------------------------------
+
+def package_versions(names: Iterable[str] = PACKAGES) -> dict[str, str]:
+    """Installed versions of the packages a result depends on (missing ones left out)."""
+    versions = {"python": sys.version.split()[0]}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def git_commit(path: str | Path | None = None) -> str | None:
+    """HEAD of the repository holding this code (with `-dirty` when files changed), or None outside git."""
+    where = Path(path) if path else Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{commit}-dirty" if dirty else commit
+
+
+def environment_tags() -> dict[str, str]:
+    """`git.commit`, `mlflow.source.git.commit` (shown by the UI) and `version.<package>` tags."""
+    tags = {f"version.{name}": version for name, version in package_versions().items()}
+    commit = git_commit()
+    if commit:
+        tags["git.commit"] = commit
+        tags["mlflow.source.git.commit"] = commit.removesuffix("-dirty")
+    return tags
+
+
+def data_fingerprints(sources: Mapping[str, str | None]) -> dict[str, str]:
+    """{"train": "/data/pairs.jsonl"} -> {"data.train.sha256": "<hex>"}; hub names (not local files) -> `data.train.source`."""
+    import hashlib
+
+    tags: dict[str, str] = {}
+    for name, source in sources.items():
+        if not source:
+            continue
+        path = Path(source).expanduser()
+        if not path.is_file():
+            tags[f"data.{name}.source"] = str(redact(source))
+            continue
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        tags[f"data.{name}.sha256"] = digest.hexdigest()
+        tags[f"data.{name}.path"] = str(path.resolve())
+    return tags
+
+
+# ---- runs ---------------------------------------------------------------------------------------
+
+def client_for(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def get_or_create_experiment(uri: str, name: str, client=None) -> str:
+    """Experiment id of `name`, created (or restored from the trash) if needed; safe against concurrent creators."""
+    from mlflow.exceptions import MlflowException
+
+    client = client or client_for(uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            return client.create_experiment(name)
+        except MlflowException as error:  # another process created it first
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise error
+    if experiment.lifecycle_stage == "deleted":
+        client.restore_experiment(experiment.experiment_id)
+    return experiment.experiment_id
+
+
+def log_params(client, run_id: str, params: Mapping[str, Any], tags: Mapping[str, Any] | None = None) -> None:
+    """Params (flattened, redacted) and tags in log_batch calls of at most 100 each; params already on the run are skipped."""
+    from mlflow.entities import Param, RunTag
+
+    existing = client.get_run(run_id).data.params
+    flat = flatten_params(params)
+    changed = sorted(k for k, v in flat.items() if k in existing and existing[k] != v)
+    if changed:
+        logger.warning("run %s already has different values for %s; MLflow params cannot change, kept the old ones", run_id, changed[:10])
+    param_list = [Param(k, v) for k, v in flat.items() if k not in existing]
+    tag_list = [RunTag(clean_key(k), tag_text(v, k)) for k, v in (tags or {}).items() if v is not None]
+    for start in range(0, max(len(param_list), len(tag_list)), PARAMS_PER_CALL):
+        client.log_batch(run_id, params=param_list[start:start + PARAMS_PER_CALL], tags=tag_list[start:start + PARAMS_PER_CALL])
+
+
+def find_runs(uri: str, experiment_id: str, tags: Mapping[str, str], status: str | None = None) -> list:
+    """Runs of the experiment carrying all these tags (optionally in this status), oldest first."""
+    return _search(client_for(uri), experiment_id, tags, status)
+
+
+def _search(client, experiment_id: str, tags: Mapping[str, str], status: str | None = None) -> list:
+    clauses = [f"tags.`{key}` = {_filter_value(value)}" for key, value in tags.items()]
+    if status:
+        clauses.append(f"attributes.status = '{status}'")
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], " and ".join(clauses), max_results=1000, page_token=token,
+                                  order_by=["attributes.start_time ASC"])
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _find_or_create(client, experiment_id: str, key_tags: dict[str, str], run_name: str,
+                    params: Mapping[str, Any], tags: dict[str, Any]) -> tuple[str, bool]:
+    """(run_id, created): the oldest run with key_tags, reopened as RUNNING, or a new one."""
+    found = _search(client, experiment_id, key_tags)
+    if found:
+        run_id = found[0].info.run_id
+        if len(found) > 1:
+            logger.warning("%d runs carry tags %s; continuing the oldest, %s", len(found), key_tags, run_id)
+        if found[0].info.status != "RUNNING":
+            client.update_run(run_id, status="RUNNING")
+        tags = {**tags, "resumed_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        created = False
+    else:
+        run_id = client.create_run(experiment_id, run_name=run_name, tags={**key_tags}).info.run_id
+        created = True
+    log_params(client, run_id, params, tags)
+    return run_id, created
+
+
+def start_parent_run(uri: str, experiment: str, sweep: str, config: Mapping[str, Any], *,
+                     search_space: Mapping[str, Any] | None = None, tags: Mapping[str, Any] | None = None,
+                     artifacts: Mapping[str, str] | None = None) -> tuple[str, str]:
+    """(experiment_id, run_id) of the sweep's parent run, created or (after --resume) reopened.
+
+    Logs the resolved config as params and as config.yaml, the search space (search_space.json), the
+    environment tags (git commit, package versions) and the caller's tags (data fingerprints,
+    reference-cache key, ...) and text artifacts {file name: text}.
+    """
+    client = client_for(uri)
+    experiment_id = get_or_create_experiment(uri, experiment, client)
+    all_tags = {**environment_tags(), **(tags or {}), "tracking_uri": uri}
+    run_id, _ = _find_or_create(client, experiment_id, {"sweep": sweep, ROLE_TAG: PARENT_ROLE}, sweep, config, all_tags)
+    files = {"config.yaml": config_yaml(config), **(artifacts or {})}
+    if search_space is not None:
+        files["search_space.json"] = json.dumps(redact(dict(search_space)), indent=1, default=str)
+    for name, text in files.items():
+        client.log_text(run_id, str(redact(text)), name)
+    return experiment_id, run_id
+
+
+def find_or_create_trial_run(uri: str, experiment_id: str, parent_run_id: str, trial_id: str, sweep: str,
+                             params: Mapping[str, Any], tags: Mapping[str, Any] | None = None, *,
+                             stage: str = "dpo", arm: str | None = None, checkpoint_dir: str | None = None) -> str:
+    """The trial's child run (tag mlflow.parentRunId), found by its trial_id + sweep tags or created.
+
+    params: e.g. {"beta": 0.2, "kl_weight": 0.0, "learning_rate": 1e-4, **resolved_config}; nested dicts
+    are flattened. checkpoint_dir is recorded as the tag `checkpoint_dir` (where Ray keeps this trial's
+    checkpoints). Calling it again (worker restart, --resume) returns the same run, reopened as RUNNING.
+    """
+    client = client_for(uri)
+    all_tags = {**environment_tags(), **(tags or {}), "mlflow.parentRunId": parent_run_id, ROLE_TAG: TRIAL_ROLE,
+                "dpo.stage": stage, "dpo.arm": arm, "checkpoint_dir": checkpoint_dir}
+    run_id, _ = _find_or_create(client, experiment_id, {"trial_id": trial_id, "sweep": sweep}, trial_id, params, all_tags)
+    return run_id
+
+
+def set_tags(uri: str, run_id: str, tags: Mapping[str, Any]) -> None:
+    """Tags added later (e.g. the reference-cache key once computed), redacted, 100 per call."""
+    log_params(client_for(uri), run_id, {}, tags)
+
+
+def log_text_artifact(uri: str, run_id: str, file_name: str, text: str) -> None:
+    """A text artifact (e.g. decision_log.json at the end of the sweep), secrets redacted."""
+    client_for(uri).log_text(run_id, str(redact(text)), file_name)
+
+
+def end_run(uri: str, run_id: str, status: str = "FINISHED", error: str | None = None) -> None:
+    """Mark a run FINISHED / FAILED / KILLED; a failure's message is kept in the `error` tag."""
+    if status not in TERMINAL_STATUSES:
+        raise ValueError(f"status must be one of {TERMINAL_STATUSES}, got {status!r}")
+    client = client_for(uri)
+    if error:
+        client.set_tag(run_id, "error", tag_text(error, "error"))
+    client.set_terminated(run_id, status=status)
+
+
+def close_stale_runs(uri: str, experiment: str, sweep: str, status: str = "KILLED", keep: Iterable[str] = ()) -> int:
+    """End every run of this sweep still RUNNING, except the run ids in `keep`; returns how many.
+
+    On --resume call it before reopening the parent run (runs left by a killed driver; the trials that
+    resume reopen their own runs). After tuner.fit(), call it with keep=[parent_run_id] to end the runs of
+    trials Tune stopped early (ASHA) or killed, whose trial function never got to end its run.
+    """
+    if status not in TERMINAL_STATUSES:
+        raise ValueError(f"status must be one of {TERMINAL_STATUSES}, got {status!r}")
+    client = client_for(uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return 0
+    keep = set(keep)
+    stale = [run for run in _search(client, found.experiment_id, {"sweep": sweep}, status="RUNNING") if run.info.run_id not in keep]
+    for run in stale:
+        client.set_tag(run.info.run_id, "closed_by", f"close_stale_runs at {time.strftime('%Y-%m-%dT%H:%M:%S')}")
+        client.set_terminated(run.info.run_id, status=status)
+    if stale:
+        logger.info("marked %d stale RUNNING runs of sweep %s as %s", len(stale), sweep, status)
+    return len(stale)

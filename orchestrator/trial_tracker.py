@@ -1,0 +1,232 @@
+"""Asynchronous, batched step metrics of one trial's MLflow run: the training loop never waits on the server.
+
+`TrialTracker.log_metrics` only appends to an in-memory buffer; a daemon thread sends the buffer as
+MLflow log-batch calls (up to 1000 points each) every `flush_every_s` seconds or as soon as a full batch
+is waiting. When the server is down the points stay buffered and are retried with backoff (the
+buffer is bounded by `max_buffer`; on overflow the oldest points are dropped and counted); once the
+server answers again a warning says how many points were lost and the metric `tracking/dropped_points`
+records it. `close()` flushes (bounded by a timeout); `finish()` also ends the run FINISHED or FAILED.
+Rank 0 of a Ray Train worker owns one tracker; trainables never import mlflow.
+Tests: `python -m pytest tests/test_tracking.py -m mlflow -q`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from orchestrator.tracking import TERMINAL_STATUSES, clean_key, client_for, tag_text
+
+logger = logging.getLogger(__name__)
+
+POINTS_PER_CALL = 1000  # mlflow.utils.validation.MAX_METRICS_PER_BATCH
+DROPPED_METRIC = "tracking/dropped_points"
+# MLflow error codes that no retry can fix: the batch is dropped (and counted) instead of blocking the queue.
+PERMANENT_ERRORS = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST", "INVALID_STATE",
+                    "PERMISSION_DENIED", "UNAUTHENTICATED", "NOT_FOUND"}
+
+
+@dataclass
+class _Point:
+    key: str
+    value: float
+    step: int
+    timestamp_ms: int
+
+
+class TrialTracker:
+    """Buffered, background logging of step metrics and tags to one existing MLflow run."""
+
+    def __init__(self, uri: str, run_id: str, *, flush_every_s: float = 2.0, max_buffer: int = 100_000,
+                 max_backoff_s: float = 30.0, request_timeout_s: float = 30.0, client=None) -> None:
+        self.uri, self.run_id = uri, run_id
+        self.flush_every_s, self.max_buffer, self.max_backoff_s = flush_every_s, max_buffer, max_backoff_s
+        self.request_timeout_s = request_timeout_s
+        self._http = uri.startswith(("http://", "https://"))
+        self._client = client or client_for(uri)
+        self._buffer: collections.deque[_Point] = collections.deque()
+        self._inflight: list[_Point] = []  # taken from the buffer, not yet acknowledged by the server
+        self._tags: dict[str, str] = {}
+        self._condition = threading.Condition()
+        self._closing = False
+        self.delivered_points = 0
+        self.dropped_points = 0
+        self._dropped_reported = 0
+        self._last_step = 0
+        self._failing_since: float | None = None
+        self._thread = threading.Thread(target=self._run, name=f"mlflow-tracker-{run_id[:8]}", daemon=True)
+        self._thread.start()
+        atexit.register(self.close, 10.0)
+
+    # ---- called by the training loop (never blocks on the network) ----------------------------
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
+        """Queue every numeric value of `metrics` at `step` (strings, bools and None are skipped)."""
+        now = int(time.time() * 1000)
+        points = [_Point(clean_key(key), float(value), int(step), now) for key, value in metrics.items()
+                  if isinstance(value, (int, float)) and not isinstance(value, bool)]
+        if not points:
+            return
+        with self._condition:
+            if self._closing:
+                logger.warning("TrialTracker for run %s is closed; %d points ignored", self.run_id, len(points))
+                return
+            self._last_step = max(self._last_step, int(step))
+            self._buffer.extend(points)
+            overflow = len(self._buffer) + len(self._inflight) - self.max_buffer
+            for _ in range(max(0, overflow)):
+                self._buffer.popleft()
+            self.dropped_points += max(0, overflow)
+            if len(self._buffer) >= POINTS_PER_CALL:
+                self._condition.notify_all()
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """Queue tags (e.g. the latest checkpoint's path); secrets redacted; sent with the next batch."""
+        with self._condition:
+            self._tags.update({clean_key(k): tag_text(v, k) for k, v in tags.items() if v is not None})
+
+    @property
+    def pending_points(self) -> int:
+        with self._condition:
+            return len(self._buffer) + len(self._inflight)
+
+    # ---- shutdown -------------------------------------------------------------------------------
+
+    def close(self, timeout_s: float = 60.0) -> bool:
+        """Flush what is buffered (waiting at most timeout_s) and stop the thread; True if everything was sent.
+
+        Points still unsent at the deadline are counted in dropped_points; the thread keeps trying until the
+        process exits. Called at interpreter exit too (10 s), so a worker that forgets it loses nothing.
+        """
+        with self._condition:
+            if self._closing and not self._thread.is_alive():
+                return self.pending_points == 0
+            self._closing = True
+            self._condition.notify_all()
+        self._thread.join(timeout_s)
+        atexit.unregister(self.close)
+        if self._thread.is_alive():
+            with self._condition:
+                lost = len(self._buffer) + len(self._inflight)
+            logger.warning("MLflow run %s: %d metric points not delivered within %.0f s of closing (server %s down?)",
+                           self.run_id, lost, timeout_s, self.uri)
+            self.dropped_points += lost
+            return False
+        return True
+
+    def finish(self, status: str = "FINISHED", error: str | None = None, timeout_s: float = 60.0) -> bool:
+        """close(), then end the run with this status (FAILED: `error` as a tag); True if all points arrived."""
+        if status not in TERMINAL_STATUSES:
+            raise ValueError(f"status must be one of {TERMINAL_STATUSES}, got {status!r}")
+        if not self.close(timeout_s):
+            logger.warning("MLflow run %s left RUNNING (server unreachable); the driver's end_run or "
+                           "close_stale_runs will end it", self.run_id)
+            return False
+        try:
+            if error:
+                self._client.set_tag(self.run_id, "error", tag_text(error, "error"))
+            self._client.set_terminated(self.run_id, status=status)
+        except Exception as failure:  # noqa: BLE001 - ending the run must not crash a finished trial
+            logger.warning("could not end MLflow run %s as %s: %s", self.run_id, status, failure)
+            return False
+        return True
+
+    # ---- background thread ----------------------------------------------------------------------
+
+    def _take_batch(self) -> tuple[list[_Point], dict[str, str]]:
+        with self._condition:
+            if not self._inflight:
+                count = min(POINTS_PER_CALL, len(self._buffer))
+                self._inflight = [self._buffer.popleft() for _ in range(count)]
+            tags, self._tags = self._tags, {}
+            return list(self._inflight), tags
+
+    def _send(self, points: list[_Point], tags: dict[str, str]) -> None:
+        from mlflow.entities import Metric, RunTag
+
+        metrics = [Metric(p.key, p.value, p.timestamp_ms, p.step) for p in points]
+        extra = []
+        if self.dropped_points > self._dropped_reported:
+            extra = [Metric(DROPPED_METRIC, float(self.dropped_points), int(time.time() * 1000), self._last_step)]
+        self._post_batch(metrics + extra, [RunTag(k, v) for k, v in tags.items()])
+        if extra:
+            logger.warning("MLflow run %s: %d metric points were dropped (buffer of %d full during a server outage)",
+                           self.run_id, self.dropped_points, self.max_buffer)
+            self._dropped_reported = self.dropped_points
+
+    def _post_batch(self, metrics: list, tags: list) -> None:
+        """One log-batch request. Over HTTP it is sent once, with a timeout, without MlflowClient's own
+        7 retries (minutes of exponential backoff that would hide the server's return and stall close()):
+        the same request body and credentials MlflowClient uses, retried by _run's loop instead."""
+        if not self._http:
+            self._client.log_batch(self.run_id, metrics=metrics, tags=tags)
+            return
+        import json
+
+        from mlflow.protos.service_pb2 import LogBatch
+        from mlflow.utils.credentials import get_default_host_creds
+        from mlflow.utils.proto_json_utils import message_to_json
+        from mlflow.utils.rest_utils import http_request, verify_rest_response
+
+        endpoint = "/api/2.0/mlflow/runs/log-batch"
+        body = message_to_json(LogBatch(run_id=self.run_id, metrics=[m.to_proto() for m in metrics],
+                                        tags=[t.to_proto() for t in tags]))
+        response = http_request(get_default_host_creds(self.uri), endpoint, "POST", json=json.loads(body),
+                                max_retries=0, timeout=self.request_timeout_s)
+        verify_rest_response(response, endpoint)
+
+    def _run(self) -> None:
+        failures = 0
+        while True:
+            with self._condition:
+                if not self._closing and len(self._buffer) < POINTS_PER_CALL and not self._inflight:
+                    self._condition.wait(self.flush_every_s)
+                nothing_left = not self._buffer and not self._inflight and not self._tags
+                closing = self._closing
+            if nothing_left:
+                if closing:
+                    self._report_final_drops()  # outside the lock: log_metrics must never wait on the network
+                    return
+                continue
+            points, tags = self._take_batch()
+            try:
+                self._send(points, tags)
+            except Exception as error:  # noqa: BLE001 - the trial must survive any tracking failure
+                code = getattr(error, "error_code", None)
+                if code in PERMANENT_ERRORS:
+                    logger.warning("MLflow run %s rejected %d points (%s): %s; dropped", self.run_id, len(points), code, error)
+                    with self._condition:
+                        self.dropped_points += len(points)
+                        self._inflight = []
+                    continue
+                with self._condition:
+                    self._tags = {**tags, **self._tags}  # put the tags back; the points stay in flight
+                failures += 1
+                if self._failing_since is None:
+                    self._failing_since = time.monotonic()
+                    logger.warning("MLflow server %s unreachable (%s); buffering metrics of run %s", self.uri, error, self.run_id)
+                time.sleep(min(self.max_backoff_s, 0.5 * 2 ** min(failures, 8)))
+                continue
+            with self._condition:
+                self.delivered_points += len(points)
+                self._inflight = []
+            if self._failing_since is not None:
+                logger.warning("MLflow server %s is back after %.1f s; run %s delivering buffered metrics",
+                               self.uri, time.monotonic() - self._failing_since, self.run_id)
+                self._failing_since, failures = None, 0
+
+    def _report_final_drops(self) -> None:
+        """At close: record tracking/dropped_points (0 when nothing was lost) so every run shows it."""
+        from mlflow.entities import Metric
+
+        try:
+            self._post_batch([Metric(DROPPED_METRIC, float(self.dropped_points), int(time.time() * 1000), self._last_step)], [])
+            self._dropped_reported = self.dropped_points
+        except Exception as error:  # noqa: BLE001
+            logger.warning("could not log %s to run %s: %s", DROPPED_METRIC, self.run_id, error)
