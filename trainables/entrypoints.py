@@ -51,6 +51,22 @@ def _split_holdout(rows: list, holdout: int) -> tuple[list, list]:
     return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
 
 
+def _train_and_held_out(loader: Callable[..., list], data_args: DataArgs, tokenizer, **extra) -> tuple[list, list]:
+    """Validated training rows and held-out rows (data.eval, or a deterministic hold-out)."""
+    common = dict(columns=data_args.columns or None, chat_template_tokenizer=tokenizer, drop_invalid=data_args.drop_invalid,
+                  max_invalid_fraction=data_args.max_invalid_fraction, **extra)
+    train = loader(data_args.train, split=data_args.train_split, **common)
+    if data_args.eval:
+        return train, loader(data_args.eval, split=data_args.eval_split, **common)
+    return _split_holdout(train, data_args.eval_holdout)
+
+
+def _device_and_autocast(runtime_args: RuntimeArgs, seed: int) -> tuple[torch.device, torch.dtype | None]:
+    torch.manual_seed(seed)
+    device = resolve_device(runtime_args.device)
+    return device, resolve_autocast_dtype(runtime_args.precision, device)
+
+
 def tokenizer_for(model_args: ModelArgs):
     tokenizer = load_tokenizer(
         model_args.tokenizer_path or model_args.path,
@@ -63,15 +79,7 @@ def tokenizer_for(model_args: ModelArgs):
 def load_preference_data(model_args: ModelArgs, data_args: DataArgs) -> PreferenceData:
     """Load, validate and tokenise the train and eval pairs (raises InvalidDataError on bad rows)."""
     tokenizer = tokenizer_for(model_args)
-    common = dict(
-        layout=data_args.layout, columns=data_args.columns or None, chat_template_tokenizer=tokenizer,
-        drop_invalid=data_args.drop_invalid, max_invalid_fraction=data_args.max_invalid_fraction,
-    )
-    train = load_preference_pairs(data_args.train, split=data_args.train_split, **common)
-    if data_args.eval:
-        held_out = load_preference_pairs(data_args.eval, split=data_args.eval_split, **common)
-    else:
-        train, held_out = _split_holdout(train, data_args.eval_holdout)
+    train, held_out = _train_and_held_out(load_preference_pairs, data_args, tokenizer, layout=data_args.layout)
     tokenize = lambda pairs: tokenize_pairs(pairs, tokenizer, data_args.max_length, data_args.max_prompt_length)
     return PreferenceData(tokenizer=tokenizer, train=tokenize(train), eval=tokenize(held_out))
 
@@ -187,9 +195,7 @@ def run_dpo(
     prepare_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
 ) -> dict[str, float]:
     """Train a policy with DPO; returns the last reported metrics."""
-    device = resolve_device(runtime_args.device)
-    autocast_dtype = resolve_autocast_dtype(runtime_args.precision, device)
-    torch.manual_seed(loop_settings.seed)
+    device, autocast_dtype = _device_and_autocast(runtime_args, loop_settings.seed)
     data = load_preference_data(model_args, data_args)
     checkpoint = _resume_checkpoint(runtime_args.resume_from, loop_settings.output_dir)
     reference_is_policy = (preference_args.reference_mode == "live" and model_args.lora_rank is not None
@@ -223,17 +229,9 @@ def run_sft(
     prepare_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
 ) -> dict[str, float]:
     """Supervised fine-tuning on prompt/completion examples; returns the last reported metrics."""
-    device = resolve_device(runtime_args.device)
-    autocast_dtype = resolve_autocast_dtype(runtime_args.precision, device)
-    torch.manual_seed(loop_settings.seed)
+    device, autocast_dtype = _device_and_autocast(runtime_args, loop_settings.seed)
     tokenizer = tokenizer_for(model_args)
-    common = dict(columns=data_args.columns or None, chat_template_tokenizer=tokenizer,
-                  drop_invalid=data_args.drop_invalid, max_invalid_fraction=data_args.max_invalid_fraction)
-    train = load_prompt_answers(data_args.train, split=data_args.train_split, **common)
-    if data_args.eval:
-        held_out = load_prompt_answers(data_args.eval, split=data_args.eval_split, **common)
-    else:
-        train, held_out = _split_holdout(train, data_args.eval_holdout)
+    train, held_out = _train_and_held_out(load_prompt_answers, data_args, tokenizer)
     tokenize = lambda rows: tokenize_examples(rows, tokenizer, data_args.max_length, data_args.max_prompt_length)
     checkpoint = _resume_checkpoint(runtime_args.resume_from, loop_settings.output_dir)
     model = _load_policy(model_args, checkpoint, device, prepare_model)
