@@ -31,12 +31,8 @@ TRAIN_PAIRS, EVAL_PAIRS = 12, 8
 
 
 @pytest.fixture(scope="module", autouse=True)
-def demo_cache(tmp_path_factory) -> Path:
-    """Keep every demo: build out of ~/.cache (shared with tests/test_config.py within a session)."""
-    cache = tmp_path_factory.getbasetemp() / "demo-cache"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("DPO_DEMO_CACHE", str(cache))
-        yield cache
+def _demo_cache_for_module(demo_cache) -> Path:
+    return demo_cache
 
 
 @pytest.fixture(scope="module")

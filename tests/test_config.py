@@ -18,12 +18,8 @@ QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 
 
 @pytest.fixture(scope="module", autouse=True)
-def demo_cache(tmp_path_factory) -> Path:
-    """Point DPO_DEMO_CACHE at a session-wide temporary folder (shared with tests/test_cli.py)."""
-    cache = tmp_path_factory.getbasetemp() / "demo-cache"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("DPO_DEMO_CACHE", str(cache))
-        yield cache
+def _demo_cache_for_module(demo_cache) -> Path:
+    return demo_cache
 
 
 @pytest.fixture(scope="module")
