@@ -332,3 +332,33 @@ def test_an_interrupted_sweep_finishes_with_resume_without_rerunning_finished_tr
     assert all(trial["error"] is None for trial in summary["trials"])
     assert [entry["beta"] for entry in summary["decision_log"]] == pytest.approx([0.1, 0.2])
     assert summary["decision_log"][-1]["action"] == "stop"
+
+
+@pytest.mark.ray
+@pytest.mark.mlflow
+def test_a_failing_trial_ends_failed_in_mlflow_and_the_sweep_goes_on(world, tmp_path, local_ray):
+    """learning_rate 1e8 makes AdamW blow the weights up: a non-finite loss at step 2, on every attempt."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.mlflow_server import EmbeddedServer, embedded_root
+
+    config = tiny_config(world, tmp_path, name="faulty", tracking={"enabled": True},
+                         sweep={"strategy": "grid", "learning_rate": [5e-3, 1e8]}, failure={"max_failures": 0},
+                         train={"max_grad_norm": None})
+    try:
+        summary = run_sweep(config)
+        client = MlflowClient(tracking_uri=summary["mlflow"]["uri"])
+        parent = client.get_run(summary["mlflow"]["parent_run_id"])
+        children = {run.data.tags["trial_id"]: run for run in client.search_runs(
+            [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")}
+    finally:
+        EmbeddedServer(embedded_root(config.storage_path)).stop()
+
+    by_lr = {t["config"]["learning_rate"]: t for t in summary["trials"]}
+    assert by_lr[5e-3]["error"] is None and by_lr[5e-3]["step"] == config.train.max_steps
+    assert by_lr[1e8]["error"] and "non-finite" in by_lr[1e8]["error"]
+    assert summary["best"]["trial_id"] == by_lr[5e-3]["trial_id"]
+    assert parent.info.status == "FINISHED"
+    assert children[by_lr[5e-3]["trial_id"]].info.status == "FINISHED"
+    failed = children[by_lr[1e8]["trial_id"]]
+    assert failed.info.status == "FAILED" and "non-finite" in failed.data.tags["error"]
