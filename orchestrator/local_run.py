@@ -60,21 +60,24 @@ def _summary(metrics: dict[str, Any]) -> str:
     return "  ".join(f"{k}={metrics[k]:.4f}" for k in keys if isinstance(metrics[k], float) and math.isfinite(metrics[k]))
 
 
-def train(config: cfg.ExperimentConfig) -> MetricsFile:
-    """DPO in this process; returns the metrics sink (first and last records)."""
+def _run_in_process(config: cfg.ExperimentConfig, run) -> MetricsFile:
+    """Run `run(sink)` with a metrics.jsonl sink under output_dir (appending when resuming) and print the end."""
     output_dir = Path(str(config.output_dir))
     sink = MetricsFile(output_dir, config, append=config.train.resume_from is not None)
-    run_dpo(cfg.model_args(config), cfg.data_args(config), cfg.preference_args(config), cfg.loop_settings(config),
-            cfg.runtime_args(config), sink)
+    run(sink)
     print(f"done: {output_dir}/metrics.jsonl  {_summary(sink.last)}")
     return sink
+
+
+def train(config: cfg.ExperimentConfig) -> MetricsFile:
+    """DPO in this process; returns the metrics sink (first and last records)."""
+    return _run_in_process(config, lambda sink: run_dpo(
+        cfg.model_args(config), cfg.data_args(config), cfg.preference_args(config), cfg.loop_settings(config),
+        cfg.runtime_args(config), sink))
 
 
 def sft(config: cfg.ExperimentConfig) -> MetricsFile:
     """SFT in this process on data.sft_train; output under output_dir."""
-    output_dir = Path(str(config.output_dir))
-    sink = MetricsFile(output_dir, config, append=config.train.resume_from is not None)
-    run_sft(cfg.model_args(config), cfg.data_args(config, sft=True), cfg.loop_settings(config),
-            cfg.runtime_args(config), sink)
-    print(f"done: {output_dir}/metrics.jsonl  {_summary(sink.last)}")
-    return sink
+    return _run_in_process(config, lambda sink: run_sft(
+        cfg.model_args(config), cfg.data_args(config, sft=True), cfg.loop_settings(config),
+        cfg.runtime_args(config), sink))

@@ -197,8 +197,8 @@ def build_tuner(config: cfg.ExperimentConfig, paths: SweepPaths, resume: bool, t
     )
 
 
-def summarize(results, config: cfg.ExperimentConfig, cache_key: str | None, searcher) -> dict[str, Any]:
-    """Best trial, every trial's final metrics and the searcher's decision log, as plain data."""
+def summarize(results, config: cfg.ExperimentConfig, cache_key: str | None, root: str) -> dict[str, Any]:
+    """Best trial, every trial's final metrics and the searcher's decision log (read from `root`), as plain data."""
     trials = []
     for result in results:
         metrics = result.metrics or {}
@@ -213,7 +213,7 @@ def summarize(results, config: cfg.ExperimentConfig, cache_key: str | None, sear
     best = sorted(scored, key=lambda t: t["metric"], reverse=reverse)[0] if scored else None
     return {"name": config.name, "metric": config.sweep.metric, "mode": config.sweep.mode, "best": best,
             "trials": trials, "reference_cache_key": cache_key,
-            "decision_log": searcher.decisions() if searcher is not None and hasattr(searcher, "decisions") else []}
+            "decision_log": read_decision_log(root), "storage": root}
 
 
 def read_decision_log(root: str) -> list[dict[str, Any]]:
@@ -258,9 +258,7 @@ def run_sweep(config: cfg.ExperimentConfig, *, address: str | None = None, resum
             tracking_info = open_sweep_run(config, tracking_uri, cache_key, resume)
         tuner = build_tuner(config, paths, resume, tracking_info)
         results = tuner.fit()
-        summary = summarize(results, config, cache_key, None)
-        summary["decision_log"] = read_decision_log(paths.root)
-        summary["storage"] = paths.root
+        summary = summarize(results, config, cache_key, paths.root)
         if tracking_info:
             close_sweep_run(tracking_info, summary, error=None)
             summary["mlflow"] = {"uri": tracking_uri, "parent_run_id": tracking_info["parent_run_id"]}

@@ -156,11 +156,16 @@ def test_parent_and_child_runs_hold_config_tags_and_artifacts_and_are_reused(ser
     assert SECRET_PASSWORD not in everything_logged(client, parent)
 
 
+def parent_and_trial_run(url: str, sweep: str, trial_id: str) -> tuple[str, str, str]:
+    """(experiment id, parent run id, trial run id) of a fresh sweep with one trial at beta 0.1."""
+    experiment_id, parent = tracking.start_parent_run(url, "tracking-test", sweep, {"dpo": {"beta": 0.1}})
+    return experiment_id, parent, tracking.find_or_create_trial_run(url, experiment_id, parent, trial_id, sweep, {"beta": 0.1})
+
+
 @pytest.mark.mlflow
 def test_tracker_returns_at_once_and_every_point_arrives_after_finish(server):
     url, client = server["url"], server["client"]
-    experiment_id, parent = tracking.start_parent_run(url, "tracking-test", "sweep-b", {"dpo": {"beta": 0.1}})
-    run_id = tracking.find_or_create_trial_run(url, experiment_id, parent, "t1", "sweep-b", {"beta": 0.1})
+    experiment_id, parent, run_id = parent_and_trial_run(url, "sweep-b", "t1")
     tracker = TrialTracker(url, run_id, flush_every_s=0.2)
     started = time.monotonic()
     for step in range(1, 301):
@@ -208,8 +213,7 @@ def test_many_trials_log_concurrently_without_losing_points(server):
 @pytest.mark.mlflow
 def test_server_outage_is_buffered_and_losses_are_counted(server):
     url, client, embedded = server["url"], server["client"], server["server"]
-    experiment_id, parent = tracking.start_parent_run(url, "tracking-test", "sweep-d", {"dpo": {"beta": 0.1}})
-    roomy_run = tracking.find_or_create_trial_run(url, experiment_id, parent, "roomy", "sweep-d", {"beta": 0.1})
+    experiment_id, parent, roomy_run = parent_and_trial_run(url, "sweep-d", "roomy")
     tight_run = tracking.find_or_create_trial_run(url, experiment_id, parent, "tight", "sweep-d", {"beta": 0.2})
     roomy = TrialTracker(url, roomy_run, flush_every_s=0.2, max_backoff_s=1.0)
     tight = TrialTracker(url, tight_run, flush_every_s=0.2, max_backoff_s=1.0, max_buffer=50)
@@ -236,8 +240,7 @@ def test_server_outage_is_buffered_and_losses_are_counted(server):
 @pytest.mark.mlflow
 def test_failed_trial_ends_failed_with_its_error_and_stale_runs_are_closed_then_resumed(server):
     url, client = server["url"], server["client"]
-    experiment_id, parent = tracking.start_parent_run(url, "tracking-test", "sweep-e", {"dpo": {"beta": 0.1}})
-    failed = tracking.find_or_create_trial_run(url, experiment_id, parent, "bad", "sweep-e", {"beta": 0.1})
+    experiment_id, parent, failed = parent_and_trial_run(url, "sweep-e", "bad")
     tracker = TrialTracker(url, failed, flush_every_s=0.2)
     tracker.log_metrics({"train/loss": 0.69}, step=1)
     tracker.finish("FAILED", error="RuntimeError: loss is NaN at step 2")
