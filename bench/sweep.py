@@ -74,10 +74,19 @@ def main() -> None:
         "reference_seconds_shared_cache": reference_seconds,
         "reference_seconds_per_trial_recompute": reference_seconds * len(trials),
         "best": summary["best"],
+        "per_trial": [{k: t.get(k) for k in ("trial_id", "trial_seconds", "step_seconds", "eval_seconds")}
+                      | {"beta": t["config"].get("beta")} for t in trials],
     }
     print(f"sweep {config.name}: {len(trials)} trials, betas {figures['betas_tried']}, {slots} trial slot(s) on {cpus} CPUs")
     print(f"  wall {wall:.1f} s; in optimizer steps {step_seconds:.1f} s, in evaluation {eval_seconds:.1f} s")
     print(f"  Ray overhead (wall not spent in steps or eval): {overhead:.1%}")
+    for trial in trials:
+        busy = (trial.get("step_seconds") or 0.0) + (trial.get("eval_seconds") or 0.0)
+        if trial.get("trial_seconds"):
+            print(f"    trial {trial['trial_id']} (beta {trial['config'].get('beta')}): {trial['trial_seconds']:.1f} s from "
+                  f"trial start to last report, {busy:.1f} s in steps and eval, {trial['trial_seconds'] - busy:.1f} s start-up and reporting")
+    before_trials = wall - sum(t.get("trial_seconds") or 0.0 for t in trials)
+    print(f"  outside trials (server and Ray start, reference pass, trial launch and teardown): {before_trials:.1f} s")
     print(f"  reference pass: {reference_seconds:.1f} s once with the shared cache vs "
           f"{reference_seconds * len(trials):.1f} s recomputed per trial ({len(trials)}x)")
     out = Path(args.out or f"bench/results/sweep-{figures['date']}.json")

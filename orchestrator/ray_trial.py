@@ -133,12 +133,18 @@ def run_trial(trial_config: dict[str, Any], *, experiment: dict[str, Any], trial
         tracking.end_run(tracking_info["uri"], run_id, "FINISHED")
 
 
-def worker_environment() -> dict[str, str]:
-    """Environment every Ray worker gets (runtime_env): quiet tokenizers, no hub calls when offline."""
+def worker_environment(local_cluster: bool = False) -> dict[str, str]:
+    """Environment every Ray worker gets (runtime_env): quiet tokenizers, no hub calls when offline.
+
+    local_cluster: the single-machine Ray that `dpo sweep` starts itself, where no node is ever drained,
+    so Ray Train's preemption watcher (one more actor process per trial) has nothing to watch.
+    """
     # Train V2 workers hand each report to the controller, which collects it at every health check
     # (default every 2 s): a report blocks until then. Checking often keeps reports from stalling steps.
     env = {"TOKENIZERS_PARALLELISM": "false",
            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")}
+    if local_cluster:
+        env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "DPO_DEMO_CACHE", "HF_HOME"):
         if name in os.environ:
             env[name] = os.environ[name]

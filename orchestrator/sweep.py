@@ -15,9 +15,10 @@ import json
 import logging
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from orchestrator import config as cfg
 
@@ -50,7 +51,7 @@ def start_ray(address: str | None, config: cfg.ExperimentConfig) -> None:
 
     from orchestrator.ray_trial import worker_environment
 
-    runtime_env = {"env_vars": worker_environment()}
+    runtime_env = {"env_vars": worker_environment(local_cluster=not address)}
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
@@ -71,6 +72,13 @@ def bind_local_ray_to_loopback() -> None:
 
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def local_resources() -> dict[str, float]:
+    """What the local Ray of start_ray offers: every CPU core of this machine and every GPU torch sees."""
+    import torch
+
+    return {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
 
 
 def check_cluster_fits(config: cfg.ExperimentConfig, cluster: dict[str, float]) -> None:
@@ -192,6 +200,7 @@ def build_tuner(config: cfg.ExperimentConfig, paths: SweepPaths, resume: bool, t
             metric=config.sweep.metric, mode=config.sweep.mode, search_alg=search_alg, scheduler=scheduler,
             num_samples=num_samples, max_concurrent_trials=config.sweep.max_concurrent_trials,
             trial_dirname_creator=lambda trial: trial.trial_id,
+            reuse_actors=True,  # the next trial's driver runs in the finished one's process: no new Python start-up
         ),
         run_config=tune.RunConfig(name=name, storage_path=storage_root, failure_config=tune.FailureConfig(max_failures=0)),
     )
@@ -207,6 +216,7 @@ def summarize(results, config: cfg.ExperimentConfig, cache_key: str | None, root
             "metric": metrics.get(config.sweep.metric), "step": metrics.get("step"),
             "error": str(result.error) if result.error else None, "path": result.path,
             "step_seconds": metrics.get("perf/step_seconds_total"), "eval_seconds": metrics.get("perf/eval_seconds_total"),
+            "trial_seconds": metrics.get("time_total_s"),  # Tune: from the trial's start to its last report
         })
     scored = [t for t in trials if isinstance(t["metric"], (int, float)) and math.isfinite(t["metric"]) and not t["error"]]
     reverse = config.sweep.mode == "max"
@@ -231,6 +241,26 @@ def read_decision_log(root: str) -> list[dict[str, Any]]:
     return []
 
 
+def start_tracking(config: cfg.ExperimentConfig) -> Callable[[], str | None]:
+    """Resolve the tracking URI; returns a call that gives it (None when tracking is off) once it is usable.
+
+    A server the user named (tracking.uri, MLFLOW_TRACKING_URI) is checked now, so an unreachable one fails
+    before any Ray work. The embedded server boots in a background thread (several seconds of imports)
+    while Ray starts and the reference log-probs are computed; the returned call waits for it.
+    """
+    if not config.tracking.enabled:
+        return lambda: None
+    from orchestrator.mlflow_server import prepare_tracking_uri, resolve_tracking_uri
+
+    if not resolve_tracking_uri(config.tracking.uri, config.storage_path)[1]:
+        uri = prepare_tracking_uri(config.tracking.uri, config.storage_path)
+        return lambda: uri
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedded-mlflow")
+    booting = pool.submit(prepare_tracking_uri, config.tracking.uri, config.storage_path)
+    pool.shutdown(wait=False)  # the thread ends when the server is up (or failed); result() waits for it
+    return booting.result
+
+
 def run_sweep(config: cfg.ExperimentConfig, *, address: str | None = None, resume: bool = False) -> dict[str, Any]:
     """The whole `dpo sweep`: validation, Ray, shared reference cache, Tuner, summary."""
     import ray
@@ -238,22 +268,22 @@ def run_sweep(config: cfg.ExperimentConfig, *, address: str | None = None, resum
     from trainables.entrypoints import load_preference_data
 
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # eval metrics arrive every eval_every steps
-    tracking_uri = None
-    if config.tracking.enabled:  # an unreachable server fails here, before any Ray work
-        from orchestrator.mlflow_server import prepare_tracking_uri
-
-        tracking_uri = prepare_tracking_uri(config.tracking.uri, config.storage_path)
-    data = load_preference_data(cfg.model_args(config), cfg.data_args(config))  # bad data fails here, before Ray
+    # Bad data and bad config fail first: before a server or Ray starts and before anything is written.
+    data = load_preference_data(cfg.model_args(config), cfg.data_args(config))
     logger.info("data ok: %d training pairs, %d held-out pairs", len(data.train), len(data.eval))
     paths = sweep_paths(config)
     if resume and "://" not in paths.root and not Path(paths.root).is_dir():
         raise cfg.ConfigError(f"--resume: no sweep named {config.name!r} under {config.storage_path} ({paths.root})")
     started_here = not ray.is_initialized()
+    if started_here and not address:
+        check_cluster_fits(config, local_resources())  # a local Ray's size is known before it starts
+    tracking_uri_when_ready = start_tracking(config)  # a given server that is unreachable fails here, before Ray
     if started_here:
         start_ray(address, config)
     tracking_info = None
     try:
         cache_key, _ = precompute_reference_once(config, paths.reference_cache)
+        tracking_uri = tracking_uri_when_ready()
         if tracking_uri:
             tracking_info = open_sweep_run(config, tracking_uri, cache_key, resume)
         tuner = build_tuner(config, paths, resume, tracking_info)
@@ -286,4 +316,6 @@ def print_summary(summary: dict[str, Any]) -> None:
     print(f"best trial {best['trial_id']}: {summary['metric']}={best['metric']:.4f} {values}")
     print(f"results: {summary['storage']}/{SUMMARY_FILE}")
     if summary.get("mlflow"):
-        print(f"MLflow: {summary['mlflow']['uri']} (parent run {summary['mlflow']['parent_run_id']})")
+        from orchestrator.tracking import redact
+
+        print(f"MLflow: {redact(summary['mlflow']['uri'])} (parent run {summary['mlflow']['parent_run_id']})")

@@ -101,11 +101,20 @@ def global_batch_indices(step: int, dataset_size: int, batch_size: int, seed: in
 
 
 def build_optimizer(model: torch.nn.Module, learning_rate: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW; biases and norm weights (1-D parameters) get no weight decay."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    """AdamW; biases and norm weights (1-D parameters) get no weight decay.
+
+    The fused kernel (one pass over all parameters; CPU and CUDA) when every trainable parameter is a
+    floating-point tensor on one CPU or CUDA device; torch's default multi-tensor version otherwise (e.g.
+    parameters spread over devices, or FSDP's DTensors on older torch). Both implement the same update.
+    """
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.999), eps=1e-8)
+    devices = {p.device for p in trainable}
+    fused = (len(devices) == 1 and next(iter(devices)).type in ("cpu", "cuda")
+             and all(p.is_floating_point() and type(p.data) is torch.Tensor for p in trainable))
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.999), eps=1e-8, fused=fused or None)
 
 
 def learning_rate_factor(step: int, warmup_steps: int, max_steps: int, schedule: str) -> float:
