@@ -3,9 +3,9 @@
 The Tune-over-Train pattern of Ray's train_tune_interop example: `run_trial` is the Tune trainable; it
 builds a TorchTrainer named after the Tune trial id (no timestamps, so `dpo sweep --resume` finds the
 same run and its checkpoints) with TuneReportCallback, and each of its workers runs `train_worker`,
-which calls the engine (trainables.entrypoints.run_dpo) with plain arguments, Ray's prepare_model
-(DDP or FSDP) and a report that forwards metrics and checkpoints to Ray. This is the only module that
-touches ray.train. Exercised by `python -m pytest tests/test_sweep.py -m ray -q`.
+which calls the engine (trainables.entrypoints.run_dpo) with plain arguments, Ray's prepare_model (DDP)
+or trainables.sharding (FSDP) and a report that forwards metrics and checkpoints to Ray. This is the only
+module that touches ray.train. Exercised by `python -m pytest tests/test_sweep.py -m ray -q`.
 """
 
 from __future__ import annotations
@@ -65,7 +65,13 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         ray.train.report(metrics, checkpoint=checkpoint)
 
     def prepare_model(model: torch.nn.Module) -> torch.nn.Module:
-        return ray.train.torch.prepare_model(model, parallel_strategy=resources.strategy)
+        if resources.strategy == "fsdp" and context.get_world_size() > 1:  # CPU (gloo) or CUDA (NCCL)
+            from trainables.modeling import resolve_autocast_dtype
+            from trainables.sharding import shard_model
+
+            compute_dtype = resolve_autocast_dtype(experiment.train.precision, device)
+            return shard_model(model, device=device, compute_dtype=compute_dtype)
+        return ray.train.torch.prepare_model(model, parallel_strategy="ddp")  # DDP; one worker: just the device
 
     def run(resume_from: str | None) -> None:
         runtime = cfg.runtime_args(experiment, show_progress=False)

@@ -7,7 +7,9 @@ Layout of `<output_dir>/checkpoints/step-000120/`:
     manifest.json        sha256 of every file above, written last
 A checkpoint is built in a temporary sibling folder and renamed into place, so a crash while writing
 leaves nothing that `latest_checkpoint` would pick; a folder whose manifest is missing or whose hashes
-do not match is ignored. Tested by `python -m pytest tests/test_engine.py -q`.
+do not match is ignored, and `load_training_state` refuses one (CheckpointError) instead of resuming from
+it. Staging folders left by a crashed process are removed by the next save. Tested by
+`python -m pytest tests/test_engine.py tests/test_reliability.py -q`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -29,6 +32,11 @@ logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 STATE_FILE = "training_state.pt"
+STAGING_PREFIX = ".staging-"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed from: incomplete, corrupt, or holding more than plain data."""
 
 
 def _sha256(path: Path) -> str:
@@ -64,18 +72,26 @@ def save_checkpoint(
     pairs_consumed: int,
     extra: dict[str, Any] | None = None,
     keep_last: int | None = None,
+    model_state: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write checkpoint `step` atomically and prune older ones beyond `keep_last`."""
+    """Write checkpoint `step` atomically and prune older ones beyond `keep_last`.
+
+    model_state / optimizer_state: full states gathered from a sharded (FSDP) model and optimizer
+    (trainables/sharding.py), written instead of model.state_dict() / optimizer.state_dict(), so the
+    checkpoint has the same layout as one of a single process.
+    """
     checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    remove_abandoned_staging(checkpoints_dir)
     final = checkpoints_dir / f"step-{step:06d}"
-    staging = checkpoints_dir / f".staging-step-{step:06d}-{os.getpid()}"
+    staging = checkpoints_dir / f"{STAGING_PREFIX}step-{step:06d}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
-    save_model_and_tokenizer(model, tokenizer, staging / "model")
+    save_model_and_tokenizer(model, tokenizer, staging / "model", state_dict=model_state)
     torch.save(
         {
             "step": step,
             "pairs_consumed": pairs_consumed,
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer_state if optimizer_state is not None else optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "rng": rng_state(),
             "extra": extra or {},
@@ -94,20 +110,51 @@ def save_checkpoint(
     return final
 
 
-def is_complete(checkpoint: Path, verify_hashes: bool = True) -> bool:
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_abandoned_staging(checkpoints_dir: Path) -> list[Path]:
+    """Delete staging folders of processes that no longer run (a crash mid-save); returns them."""
+    removed = []
+    for staging in checkpoints_dir.glob(f"{STAGING_PREFIX}step-*-*"):
+        pid = staging.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(staging, ignore_errors=True)
+            removed.append(staging)
+            logger.info("removed %s, left by a checkpoint save that never finished (process %s)", staging, pid)
+    return removed
+
+
+def checkpoint_problem(checkpoint: Path, verify_hashes: bool = True) -> str | None:
+    """Why `checkpoint` cannot be used (no manifest, unreadable manifest, missing file, hash mismatch), or None."""
     manifest_path = checkpoint / MANIFEST
     if not manifest_path.is_file():
-        return False
+        return f"no {MANIFEST} (the save never finished, or the folder was not written by this trainer)"
     try:
         manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError:
-        return False
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return f"{MANIFEST} is not valid JSON"
     for relative, expected in manifest.get("files", {}).items():
         file = checkpoint / relative
-        if not file.is_file() or (verify_hashes and _sha256(file) != expected):
-            logger.warning("checkpoint %s is incomplete or corrupt at %s; ignoring it", checkpoint, relative)
-            return False
-    return True
+        if not file.is_file():
+            return f"{relative} is missing"
+        if verify_hashes and _sha256(file) != expected:
+            return f"{relative} does not match its sha256 in {MANIFEST} (truncated or altered)"
+    return None
+
+
+def is_complete(checkpoint: Path, verify_hashes: bool = True) -> bool:
+    problem = checkpoint_problem(checkpoint, verify_hashes)
+    if problem:
+        logger.warning("checkpoint %s is incomplete or corrupt: %s; ignoring it", checkpoint, problem)
+    return problem is None
 
 
 def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
@@ -126,5 +173,20 @@ def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
 
 
 def load_training_state(checkpoint: Path) -> dict[str, Any]:
-    """Safe load (weights_only): tensors, numbers, strings, lists and dicts only."""
-    return torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
+    """The optimizer/scheduler/RNG state of a verified checkpoint; raises CheckpointError otherwise.
+
+    The manifest's hashes are checked first (a torn or altered checkpoint is refused, never resumed from),
+    then the file is read with torch.load(weights_only=True): tensors, numbers, strings, lists and dicts
+    only, so a tampered file cannot run code while it is unpickled.
+    """
+    checkpoint = Path(checkpoint)
+    problem = checkpoint_problem(checkpoint)
+    if problem:
+        raise CheckpointError(f"cannot resume from {checkpoint}: {problem}. Resume from an earlier checkpoint "
+                              "(train.resume_from: latest picks the newest complete one) or start afresh.")
+    try:
+        return torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"refusing to load {checkpoint / STATE_FILE}: it holds objects other than tensors and plain values, "
+            f"which only full pickle could rebuild (and full pickle can run code): {error}") from None

@@ -20,6 +20,7 @@ from trainables.logprobs import forward_logps, split_chosen_rejected
 from trainables.loop import all_reduce_sums, rank_and_world
 from trainables.losses import PreferenceLossFn, exact_token_kl, k3_token_kl
 from trainables.reference_cache import ReferenceLogps
+from trainables.sharding import lockstep_padding
 from trainables.tokenization import TokenizedPair, collate_pairs
 
 
@@ -178,6 +179,8 @@ class DPOObjective:
             _, _, sums = self._sums(model, self.eval_pairs, mine[start : start + self.eval_batch_size], "eval")
             for key, value in sums.items():
                 totals[key] = totals.get(key, 0.0) + value
+        for _ in range(lockstep_padding(model, len(self.eval_pairs), len(mine), self.eval_batch_size)):
+            self._sums(model, self.eval_pairs, [0], "eval")  # FSDP: keep in step with the other ranks' forwards
         if not totals:
             totals = {k: 0.0 for k in ("preference_loss", "correct", "margin", "reward_chosen", "reward_rejected",
                                        "logp_chosen", "logp_rejected", "kl", "answer_tokens", "pairs", "tokens")}

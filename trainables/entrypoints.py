@@ -2,8 +2,8 @@
 
 `run_dpo` / `run_sft` load the tokenizer and data, tokenise, get the reference log-probs (precomputed
 cache, live model or none), load the policy (from a checkpoint when resuming), and run the shared loop.
-The same functions serve `dpo train` in one process and every Ray Train worker of a sweep (which passes
-`prepare_model` = ray.train.torch.prepare_model and a report that forwards to Ray).
+The same functions serve `dpo train` in one process and every Ray Train worker of a sweep (which passes a
+`prepare_model` that wraps the policy in DDP or shards it with FSDP, and a report that forwards to Ray).
 Run through the CLI: `dpo train configs/quickstart.yaml`; tested by `python -m pytest tests/test_engine.py -q`.
 """
 

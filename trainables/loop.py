@@ -5,8 +5,9 @@ loop owns AdamW with a warmup + decay schedule, gradient accumulation, gradient 
 deterministic data order (a seeded permutation per epoch, so the data position is just the step),
 metric windows, evaluation every `eval_every` steps and at the end, atomic checkpoints, resume, and
 the stop on a non-finite loss. It never imports Ray: progress leaves through `report(metrics,
-checkpoint_dir)`. Under torch.distributed each rank takes a strided share of every global batch and
-metric sums are all-reduced, so W workers give the losses of 1 worker with the same global batch.
+checkpoint_dir)`. Under torch.distributed (DDP, or FSDP via trainables/sharding.py) each rank takes a
+strided share of every global batch and metric sums are all-reduced, so W workers give the losses of 1
+worker with the same global batch.
 Tested by `python -m pytest tests/test_engine.py -q`.
 """
 
@@ -24,6 +25,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from trainables.checkpointing import restore_rng_state, save_checkpoint
+from trainables.sharding import clip_gradients, gather_full_state, load_optimizer_state
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +153,7 @@ def run_training_loop(
     )
     start_step = 0
     if resume_state is not None:
-        optimizer.load_state_dict(resume_state["optimizer"])
+        load_optimizer_state(model, optimizer, resume_state["optimizer"])  # full state; sharded under FSDP
         scheduler.load_state_dict(resume_state["scheduler"])
         restore_rng_state(resume_state["rng"])
         start_step = int(resume_state["step"])
@@ -181,12 +183,10 @@ def run_training_loop(
                     f"non-finite loss ({loss.item()}) at step {step + 1}; stopping without a checkpoint. "
                     "Lower train.learning_rate or dpo.beta, or check the data for degenerate pairs."
                 )
-            (loss * world).backward()  # DDP averages gradients over ranks; undo that to keep the global mean
+            (loss * world).backward()  # DDP and FSDP average gradients over ranks; undo that: the global mean
             for key, value in sums.items():
                 step_sums[key] = step_sums.get(key, 0.0) + value
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            model.parameters(), settings.max_grad_norm if settings.max_grad_norm else float("inf")
-        )
+        grad_norm = clip_gradients(model, settings.max_grad_norm)  # the global norm, also under FSDP
         if not torch.isfinite(grad_norm):
             raise NonFiniteLossError(f"non-finite gradient norm at step {step + 1}; stopping without a checkpoint.")
         step_sums["grad_norm"] = float(grad_norm) / world  # identical on every rank; summed back to one value
@@ -219,10 +219,13 @@ def run_training_loop(
         checkpoint_dir = None
         checkpoint_step = done % settings.checkpoint_every == 0 or done == settings.max_steps
         if checkpoint_step:
+            # FSDP: every rank takes part in gathering full tensors to rank 0; (None, None) otherwise.
+            model_state, optimizer_state = gather_full_state(model, optimizer)
             if rank == 0:
                 checkpoint_dir = str(
                     save_checkpoint(
                         checkpoints_dir, done, model=model, tokenizer=tokenizer, optimizer=optimizer,
+                        model_state=model_state, optimizer_state=optimizer_state,
                         scheduler=scheduler, pairs_consumed=done * settings.batch_size,
                         extra=checkpoint_extra, keep_last=settings.keep_checkpoints,
                     )

@@ -139,10 +139,14 @@ def parameter_count(model: torch.nn.Module) -> int:
     return sum(parameter.numel() for parameter in model.parameters())
 
 
-def save_model_and_tokenizer(model, tokenizer, directory: Path) -> None:
-    """save_pretrained both (safetensors), unwrapping DDP if needed."""
+def save_model_and_tokenizer(model, tokenizer, directory: Path, state_dict: dict | None = None) -> None:
+    """save_pretrained both (safetensors), unwrapping DDP if needed.
+
+    state_dict: the weights to write instead of the model's own (the full state gathered from an FSDP model).
+    """
     unwrapped = getattr(model, "module", model)
-    unwrapped.save_pretrained(directory, safe_serialization=True)
+    extra = {} if state_dict is None else {"state_dict": state_dict}
+    unwrapped.save_pretrained(directory, safe_serialization=True, **extra)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
 

@@ -14,6 +14,7 @@ import torch
 
 from trainables.logprobs import forward_logps
 from trainables.loop import all_reduce_sums, rank_and_world
+from trainables.sharding import lockstep_padding
 from trainables.tokenization import TokenizedExample, collate_examples
 
 
@@ -71,4 +72,6 @@ class SFTObjective:
             _, sums = self._sums(model, self.eval_examples, mine[start : start + self.eval_batch_size])
             for key, value in sums.items():
                 totals[key] += value
+        for _ in range(lockstep_padding(model, len(self.eval_examples), len(mine), self.eval_batch_size)):
+            self._sums(model, self.eval_examples, [0])  # FSDP: keep in step with the other ranks' forwards
         return self.summarize(all_reduce_sums(totals, self.device), "eval")

@@ -1,0 +1,217 @@
+"""FSDP (`resources.strategy: fsdp`, trainables/sharding.py) on CPU with gloo: equivalence, checkpoints, resume.
+
+Two FSDP ranks with the global batch of one process must give that process's losses (CPU float32, 1e-5),
+with gradient accumulation, active gradient clipping and held-out evaluation split unevenly over the
+ranks (7 pairs, batches of 3: rank 0 runs two eval forwards, rank 1 one, so the lockstep padding is
+needed or the run hangs). FSDP checkpoints are single-process checkpoints: the saved weights load with
+from_pretrained and equal the weights gathered from the shards, the optimizer state matches one
+process's, and resuming under FSDP, from an FSDP or a single-process checkpoint, continues the
+uninterrupted losses. One test runs the engine in 2 processes (torch.multiprocessing, gloo), one runs
+a trial's TorchTrainer on a local Ray with 2 workers (orchestrator/ray_trial.py's FSDP path).
+Run: `python -m pytest tests/test_fsdp.py -q --durations=5` (about 1.5 minutes on 2 busy CPU cores).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from orchestrator import config as cfg
+from tests.tiny_world import build_model_dir, pair_rows, write_jsonl
+
+TOLERANCE = 1e-5  # CPU float32: 2 FSDP ranks vs 1 process, same global batch
+MAX_GRAD_NORM = 0.05  # below every step's gradient norm here, so clipping is always active
+COMPARED = ["train/loss", "train/preference_loss", "train/kl", "train/grad_norm", "train/reward_margin",
+            "train/logp_chosen", "eval/loss", "eval/preference_accuracy", "eval/reward_margin"]
+
+
+def experiment_raw(root: Path) -> dict[str, Any]:
+    """4 steps of 8 pairs (2 micro-batches of 2 per rank), eval every 2 steps, a checkpoint every step."""
+    return {
+        "name": "fsdp", "output_dir": str(root / "outputs"), "storage_path": str(root / "runs"),
+        "model": {"path": str(root / "model")},
+        "data": {"train": str(root / "train.jsonl"), "eval": str(root / "eval.jsonl"), "max_length": 48},
+        "dpo": {"beta": 0.1, "kl_weight": 0.5},
+        "train": {"learning_rate": 5e-3, "batch_size": 8, "micro_batch_size": 2, "max_steps": 4, "warmup_steps": 0,
+                  "log_every": 1, "eval_every": 2, "checkpoint_every": 1, "eval_batch_size": 3,
+                  "max_grad_norm": MAX_GRAD_NORM, "keep_checkpoints": None, "device": "cpu", "precision": "fp32"},
+        "reference": {"cache_dir": str(root / "reference-cache")},
+        "resources": {"num_workers": 2, "cpus_per_worker": 1, "strategy": "fsdp"},
+        "tracking": {"enabled": False},
+    }
+
+
+def run_engine(raw: dict[str, Any], output_dir: Path, *, workers: int, resume_from: str | None = None,
+               prepare_model=None) -> list[dict[str, Any]]:
+    """run_dpo as a worker runs it; returns what it reported (rank 0's view)."""
+    from trainables.entrypoints import run_dpo
+
+    config = cfg.ExperimentConfig.model_validate(raw)
+    runtime = cfg.runtime_args(config, show_progress=False)
+    runtime = type(runtime)(**{**runtime.__dict__, "resume_from": resume_from})
+    reports: list[dict[str, Any]] = []
+    run_dpo(cfg.model_args(config), cfg.data_args(config), cfg.preference_args(config),
+            cfg.loop_settings(config, output_dir=str(output_dir), workers=workers, show_progress=False),
+            runtime, lambda metrics, checkpoint: reports.append({**metrics, "checkpoint": checkpoint}),
+            prepare_model=prepare_model)
+    return reports
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict[str, Any]:
+    """The tiny Llama, 32 training pairs, 7 held-out pairs, and one process's run of the experiment."""
+    root = tmp_path_factory.mktemp("fsdp-world")
+    build_model_dir(root / "model", "llama")
+    write_jsonl(root / "train.jsonl", pair_rows("explicit", 32, seed=1))
+    write_jsonl(root / "eval.jsonl", pair_rows("explicit", 7, seed=2))
+    raw = experiment_raw(root)
+    single = run_engine(raw, root / "single", workers=1)
+    assert [r["step"] for r in single] == [1, 2, 3, 4]
+    assert single[-1]["train/loss"] < single[0]["train/loss"] - 0.01  # the steps really trained
+    assert single[-1]["train/kl"] > 0  # so the KL term is compared too
+    assert all(r["train/grad_norm"] > MAX_GRAD_NORM for r in single)  # clipping acts on every step
+    return {"root": root, "raw": raw, "single": single, "single_checkpoints": root / "single" / "checkpoints"}
+
+
+def compared_keys(record: dict[str, Any]) -> set[str]:
+    """The compared metrics a record holds (Ray's metrics_dataframe gives NaN for keys of other steps)."""
+    return {k for k in COMPARED if k in record and not (isinstance(record[k], float) and math.isnan(record[k]))}
+
+
+def assert_same_metrics(got: list[dict[str, Any]], expected: list[dict[str, Any]], what: str) -> None:
+    expected_by_step = {r["step"]: r for r in expected}
+    assert got, f"{what}: nothing reported"
+    for record in got:
+        reference = expected_by_step[record["step"]]
+        assert compared_keys(record) == compared_keys(reference), f"{what}, step {record['step']}"
+        for key in compared_keys(reference):
+            assert math.isclose(record[key], reference[key], abs_tol=TOLERANCE), (
+                f"{what}, step {record['step']} {key}: {record[key]!r} vs one process {reference[key]!r}")
+
+
+def assert_checkpoints_match(fsdp: Path, single: Path) -> None:
+    """Same layout and (up to float32 reduction order) the same weights and optimizer state."""
+    from transformers import AutoModelForCausalLM
+
+    assert sorted(p.name for p in (fsdp / "model").iterdir()) == sorted(p.name for p in (single / "model").iterdir())
+    fsdp_weights = AutoModelForCausalLM.from_pretrained(fsdp / "model").state_dict()
+    single_weights = AutoModelForCausalLM.from_pretrained(single / "model").state_dict()
+    assert fsdp_weights.keys() == single_weights.keys()
+    for key, value in single_weights.items():
+        assert fsdp_weights[key].shape == value.shape, key  # full tensors, not shards
+        assert torch.allclose(fsdp_weights[key], value, atol=TOLERANCE, rtol=0), key
+    fsdp_state = torch.load(fsdp / "training_state.pt", weights_only=True)
+    single_state = torch.load(single / "training_state.pt", weights_only=True)
+    assert fsdp_state["step"] == single_state["step"] and fsdp_state["scheduler"] == single_state["scheduler"]
+    fsdp_optimizer, single_optimizer = fsdp_state["optimizer"], single_state["optimizer"]
+    strip = lambda groups: [{k: v for k, v in g.items() if k not in ("fused", "foreach")} for g in groups]
+    assert strip(fsdp_optimizer["param_groups"]) == strip(single_optimizer["param_groups"])
+    assert fsdp_optimizer["state"].keys() == single_optimizer["state"].keys()
+    for index, per_parameter in single_optimizer["state"].items():
+        for name, value in per_parameter.items():
+            assert fsdp_optimizer["state"][index][name].shape == value.shape, (index, name)
+            assert torch.allclose(fsdp_optimizer["state"][index][name].float(), value.float(), atol=1e-7, rtol=1e-4), (index, name)
+
+
+# ---- the engine on 2 gloo ranks (torch.multiprocessing) --------------------------------------------
+
+def _fsdp_worker(rank: int, world_size: int, init_file: str, raw: dict[str, Any], root: str, single_step2: str) -> None:
+    """One rank: an uninterrupted FSDP run, then two resumed ones; rank 0 writes what each reported."""
+    import torch.distributed as dist
+
+    from trainables.sharding import full_model_state, shard_model
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=120))  # a missed collective fails instead of hanging
+    try:
+        sharded: list[torch.nn.Module] = []
+
+        def prepare(model: torch.nn.Module) -> torch.nn.Module:
+            sharded.append(shard_model(model, device=torch.device("cpu")))
+            return sharded[-1]
+
+        out = Path(root)
+        results = {"straight": run_engine(raw, out / "straight", workers=world_size, prepare_model=prepare)}
+        gathered = full_model_state(sharded[-1])  # every rank takes part; rank 0 gets the full weights
+        if rank == 0:
+            from transformers import AutoModelForCausalLM
+
+            saved = AutoModelForCausalLM.from_pretrained(out / "straight" / "checkpoints" / "step-000004" / "model")
+            mismatched = [k for k, v in saved.state_dict().items() if not torch.equal(v, gathered[k])]
+            assert not mismatched and saved.state_dict().keys() == gathered.keys(), mismatched
+        step2 = str(out / "straight" / "checkpoints" / "step-000002")
+        results["resumed"] = run_engine(raw, out / "resumed", workers=world_size, resume_from=step2, prepare_model=prepare)
+        results["from_single"] = run_engine(raw, out / "from-single", workers=world_size, resume_from=single_step2,
+                                            prepare_model=prepare)
+        if rank == 0:
+            (out / "results.json").write_text(json.dumps(results))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.integration
+def test_fsdp_ranks_match_one_process_checkpoint_full_state_and_resume(world, tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_fsdp_worker, args=(2, str(tmp_path / "rendezvous"), world["raw"], str(tmp_path),
+                                 str(world["single_checkpoints"] / "step-000002")), nprocs=2, join=True)
+    results = json.loads((tmp_path / "results.json").read_text())
+
+    straight = results["straight"]
+    assert [r["step"] for r in straight] == [1, 2, 3, 4]
+    assert_same_metrics(straight, world["single"], "2 FSDP ranks")
+    for step in (2, 4):
+        assert_checkpoints_match(tmp_path / "straight" / "checkpoints" / f"step-{step:06d}",
+                                 world["single_checkpoints"] / f"step-{step:06d}")
+    for name in ("resumed", "from_single"):  # from an FSDP checkpoint, and from a single process's
+        assert [r["step"] for r in results[name]] == [3, 4], name
+        assert_same_metrics(results[name], straight, f"FSDP resumed ({name})")
+
+
+# ---- a trial's TorchTrainer on Ray ------------------------------------------------------------------
+
+@pytest.fixture
+def local_ray():
+    """Stops the Ray this test starts, even when the test fails."""
+    import ray
+
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.ray
+def test_a_trial_with_two_fsdp_workers_on_ray_gives_the_losses_of_one_process(world, tmp_path, local_ray):
+    """orchestrator.ray_trial.train_worker with strategy fsdp: Ray's gloo group, our sharding, Ray checkpoints."""
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from orchestrator.ray_trial import train_worker
+    from orchestrator.sweep import start_ray
+
+    config = cfg.ExperimentConfig.model_validate(world["raw"])
+    start_ray(None, config)  # 127.0.0.1, this machine's CPUs
+    trainer = TorchTrainer(  # what run_trial builds, without the Tune wrapper
+        train_worker,
+        train_loop_config={"experiment": config.model_dump()},
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(name="fsdp-workers", storage_path=str(tmp_path / "train-runs"),
+                             checkpoint_config=CheckpointConfig(num_to_keep=None)),
+    )
+    result = trainer.fit()
+    assert result.error is None, result.error
+    records = result.metrics_dataframe.sort_values("step").to_dict("records")
+    assert [row["step"] for row in records] == [1, 2, 3, 4]
+    assert_same_metrics(records, world["single"], "Ray trial, 2 FSDP workers")
+    with result.checkpoint.as_directory() as final:
+        assert_checkpoints_match(Path(final), world["single_checkpoints"] / "step-000004")
+        groups = torch.load(Path(final) / "training_state.pt", weights_only=True)["optimizer"]["param_groups"]
+    # The workers really sharded (Ray's own prepare_model would have given DDP): their parameters were
+    # DTensors, for which build_optimizer leaves AdamW's fused kernel off.
+    assert not any(group["fused"] for group in groups), groups

@@ -1,0 +1,177 @@
+"""FSDP for `resources.strategy: fsdp`: shard a causal LM over the workers, clip, gather and restore full state.
+
+torch's FSDP2 (`torch.distributed.fsdp.fully_shard`) is used, not FSDP1 (`FullyShardedDataParallel`):
+in this torch both run on CPU with gloo and on CUDA with NCCL, but FSDP2 keeps the model's own modules,
+parameter names and optimizer layout (each parameter becomes a DTensor sharded on dim 0, which is what
+FSDP1's use_orig_params=True emulates), clips with torch's own clip_grad_norm_, and needs none of FSDP1's
+state_dict_type / optim_state_dict APIs, which this torch marks deprecated; FSDP1's sync_module_states
+also refuses CPU modules.
+
+Sharding units follow Hugging Face's `_no_split_modules` (the decoder-layer classes, the unit of
+transformer_auto_wrap_policy): each decoder layer is one unit (its parameters are all-gathered just
+before its forward and backward and freed after), and the root unit holds the rest (embeddings, final
+norm, LM head). With a bf16 runtime on CUDA, parameters are all-gathered and computed in bf16 and
+gradients reduced in fp32.
+
+Checkpoints stay those of a single process (trainables/checkpointing.py): every rank takes part in
+gathering full tensors, rank 0 receives them on CPU, and the optimizer state keeps the index-keyed
+layout of `optimizer.state_dict()`, so FSDP and DDP checkpoints are interchangeable; resuming loads the
+full state into the sharded model (weights before sharding, as for DDP) and optimizer (here).
+Everything also accepts unsharded (plain or DDP) models and then does what the loop did before.
+Tested on CPU with gloo by `python -m pytest tests/test_fsdp.py -q`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+logger = logging.getLogger(__name__)
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """True for a model wrapped by `shard_model` (its forward runs collectives on every rank)."""
+    return isinstance(model, FSDPModule)
+
+
+def decoder_layer_classes(model: torch.nn.Module) -> tuple[type[torch.nn.Module], ...]:
+    """The module classes named by Hugging Face's `_no_split_modules` (found also inside a PEFT wrapper)."""
+    names: set[str] = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or ())
+    return tuple(sorted({type(m) for m in model.modules() if type(m).__name__ in names}, key=lambda c: c.__name__))
+
+
+def shard_model(model: torch.nn.Module, *, device: torch.device, compute_dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Shard `model` over all ranks of the default process group (gloo on CPU, NCCL on CUDA).
+
+    device: this worker's device; the parameters move there shard by shard (one layer at a time).
+    compute_dtype: the runtime's autocast dtype; bf16 on CUDA turns on FSDP mixed precision (bf16
+    all-gather and compute, fp32 gradient reduction); anything else keeps the parameters' dtype.
+    Returns the same module object, now an FSDPModule.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if not dist.is_initialized():
+        raise RuntimeError("resources.strategy=fsdp needs torch.distributed to be initialised (a Ray Train worker "
+                           "or torch.distributed.init_process_group) before the model is sharded")
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    mixed = compute_dtype == torch.bfloat16 and device.type == "cuda"
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed else MixedPrecisionPolicy()
+    layer_classes = decoder_layer_classes(model)
+    if not layer_classes:
+        logger.warning("%s names no _no_split_modules: sharding it as one unit (its full weights are gathered for "
+                       "every forward)", type(model).__name__)
+    units = [m for m in model.modules() if isinstance(m, layer_classes) and m is not model] if layer_classes else []
+    for unit in reversed(units):  # inner units before the modules that contain them
+        fully_shard(unit, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    if dist.get_rank() == 0:
+        logger.info("FSDP: %d %s units + root over %d ranks (%s%s)", len(units),
+                    "/".join(c.__name__ for c in layer_classes) or "layer", dist.get_world_size(), device.type,
+                    ", bf16 mixed precision" if mixed else "")
+    return model
+
+
+def clip_gradients(model: torch.nn.Module, max_grad_norm: float | None) -> torch.Tensor:
+    """Clip the global gradient norm to `max_grad_norm` (None: no clipping); returns the norm before clipping.
+
+    Plain and DDP models hold full (all-reduced) gradients; under FSDP each rank holds a DTensor shard of
+    every gradient, clip_grad_norm_ reduces the shard norms over ranks, and the norm comes back as a plain
+    tensor, identical on every rank.
+    """
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm else math.inf)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+def lockstep_padding(model: torch.nn.Module, total: int, mine: int, batch_size: int) -> int:
+    """How many extra (discarded) forwards this rank must run so that every rank runs as many as rank 0.
+
+    Evaluation splits `total` items over the ranks (rank r takes items r, r+W, ...) into batches of
+    `batch_size`; under FSDP each forward all-gathers parameters, so a rank with fewer batches would
+    leave the others waiting forever. Zero for an unsharded model.
+    """
+    if not is_sharded(model):
+        return 0
+    most = math.ceil(math.ceil(total / dist.get_world_size()) / batch_size)
+    return most - math.ceil(mine / batch_size)
+
+
+def _gathered(value: Any, keep: bool) -> Any:
+    """A DTensor as one full CPU tensor on the keeping rank (every rank must call); other values unchanged."""
+    if not isinstance(value, DTensor):
+        return value.detach().cpu() if keep and torch.is_tensor(value) else value
+    full = value.full_tensor()
+    return full.detach().cpu() if keep else None
+
+
+def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The sharded model's full state dict (Hugging Face key names) on rank 0, in CPU memory; {} elsewhere.
+
+    A collective: every rank must call it, tensor by tensor, so at most one full tensor is on the device.
+    """
+    keep = dist.get_rank() == 0
+    state = {}
+    for key, value in model.state_dict().items():
+        gathered = _gathered(value, keep)
+        if keep:
+            state[key] = gathered
+    return state
+
+
+def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The sharded optimizer's full state on rank 0, index-keyed as `optimizer.state_dict()` of one process.
+
+    A collective like full_model_state; other ranks get {}.
+    """
+    keep = dist.get_rank() == 0
+    local = optimizer.state_dict()
+    state: dict[int, dict[str, Any]] = {}
+    for index in sorted(local["state"]):
+        per_parameter = {name: _gathered(value, keep) for name, value in sorted(local["state"][index].items())}
+        if keep:
+            state[index] = per_parameter
+    return {"state": state, "param_groups": local["param_groups"]} if keep else {}
+
+
+def gather_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict | None, dict | None]:
+    """(model state, optimizer state) to checkpoint: full, on rank 0, for a sharded model (every rank must
+    call); (None, None) for a plain or DDP model, whose own state_dict() is already full."""
+    if not is_sharded(model):
+        return None, None
+    return full_model_state(model), full_optimizer_state(optimizer)
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load a full, index-keyed optimizer state (from any checkpoint) into `optimizer`.
+
+    For a sharded model every rank passes the same full state (each read the checkpoint) and keeps the
+    shard of each per-parameter tensor that matches its parameter's shard; no communication.
+    """
+    if not is_sharded(model):
+        optimizer.load_state_dict(state)
+        return
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    saved_count = sum(len(group["params"]) for group in state["param_groups"])
+    if saved_count != len(parameters):
+        raise ValueError(f"the checkpoint's optimizer state covers {saved_count} parameters, this model's optimizer "
+                         f"{len(parameters)}: it was saved for another model or LoRA setting")
+    sharded: dict[int, dict[str, Any]] = {}
+    for index, per_parameter in state["state"].items():
+        parameter = parameters[int(index)]
+        sharded[index] = {}
+        for name, value in per_parameter.items():
+            if isinstance(parameter, DTensor) and torch.is_tensor(value) and value.shape == parameter.shape:
+                value = distribute_tensor(value.to(parameter.to_local().device), parameter.device_mesh,
+                                          parameter.placements, src_data_rank=None)  # local data: no scatter
+            sharded[index][name] = value
+    optimizer.load_state_dict({"state": sharded, "param_groups": state["param_groups"]})
