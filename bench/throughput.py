@@ -63,6 +63,9 @@ class Inputs:  # what every method shares
     device: torch.device
     autocast_dtype: torch.dtype | None  # None = full fp32
 
+    def load_model(self, policy: bool = True) -> torch.nn.Module:  # policy=False: a live reference; see bench/gpu.py
+        return load_causal_lm(self.model_dir)  # a fresh fp32 copy, sdpa, dropout off
+
 
 @dataclass
 class Measurement:
@@ -96,11 +99,9 @@ class StepClock:
         """Steps [warmup, warmup + steps) lie between marks[warmup] and marks[warmup + steps]."""
         if len(self.marks) <= warmup + steps or len(self.tokens) < warmup + steps:
             raise RuntimeError(f"{method}: only {len(self.marks)} step marks recorded, expected {warmup + steps + 1}")
-        return Measurement(
-            method=method, repeat=repeat, seconds=self.marks[warmup + steps] - self.marks[warmup], steps=steps,
-            pairs=steps * batch_size, tokens=sum(self.tokens[warmup : warmup + steps]),
-            torch_threads=torch.get_num_threads(), **extra,
-        )
+        return Measurement(method=method, repeat=repeat, seconds=self.marks[warmup + steps] - self.marks[warmup],
+                           steps=steps, pairs=steps * batch_size, tokens=sum(self.tokens[warmup : warmup + steps]),
+                           torch_threads=torch.get_num_threads(), **extra)
 
 
 class TimedDPOObjective(DPOObjective):
@@ -133,9 +134,9 @@ def run_engine(inputs: Inputs, args: argparse.Namespace, repeat: int, reference_
             precompute_seconds = time.perf_counter() - started
             reference = CachedReference(train_values, None)
         else:
-            reference = LiveReference(load_causal_lm(inputs.model_dir).to(inputs.device), False, inputs.autocast_dtype)
+            reference = LiveReference(inputs.load_model(policy=False).to(inputs.device), False, inputs.autocast_dtype)
         torch.manual_seed(repeat)
-        model = load_causal_lm(inputs.model_dir).to(inputs.device)
+        model = inputs.load_model().to(inputs.device)
         objective = TimedDPOObjective(
             clock, train_pairs=inputs.tokenized, eval_pairs=[], reference=reference,
             loss_fn=preference_loss_by_name("sigmoid"), beta=args.beta, kl_weight=0.0, exact_kl=False,
@@ -177,8 +178,7 @@ def run_trl(inputs: Inputs, args: argparse.Namespace, repeat: int, reference_mod
             clock.tokens.append(int(inputs["attention_mask"].sum()))  # real tokens: pads have mask 0
             return super().training_step(model, inputs, *rest, **kwargs)
 
-    dataset = Dataset.from_list([{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}
-                                 for p in inputs.pairs])
+    dataset = Dataset.from_list([asdict(p) for p in inputs.pairs])  # prompt, chosen, rejected
     with tempfile.TemporaryDirectory() as scratch:
         config = DPOConfig(
             output_dir=scratch, per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1,
@@ -190,7 +190,7 @@ def run_trl(inputs: Inputs, args: argparse.Namespace, repeat: int, reference_mod
             report_to="none", save_strategy="no", eval_strategy="no", dataloader_num_workers=0,
             disable_tqdm=True, seed=repeat,
         )
-        model = load_causal_lm(inputs.model_dir)  # fp32, sdpa, dropout off; TRL builds the live reference from its path
+        model = inputs.load_model()  # fp32, sdpa, dropout off; TRL builds the live reference from its path
         trainer = TimedDPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=inputs.tokenizer,
                                   callbacks=[StepEndClock()])
         trainer.remove_callback(PrinterCallback)  # no log dicts printed every 10 steps
@@ -237,7 +237,7 @@ def run_bound(inputs: Inputs, args: argparse.Namespace, repeat: int, layout: str
     """Plain next-token cross-entropy forward + backward + AdamW over the real tokens, batches built beforehand."""
     clock = StepClock(inputs.device)
     torch.manual_seed(repeat)
-    model = load_causal_lm(inputs.model_dir).to(inputs.device).train()
+    model = inputs.load_model().to(inputs.device).train()
     try:  # fused AdamW: CUDA, and CPU from torch 2.4
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0, fused=True)
     except RuntimeError:
