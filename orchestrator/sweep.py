@@ -56,6 +56,8 @@ def start_ray(address: str | None, config: cfg.ExperimentConfig) -> None:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
         bind_local_ray_to_loopback()
+        # torch.distributed's store (one per trial) would otherwise listen on every interface
+        runtime_env["worker_process_setup_hook"] = "orchestrator.loopback.bind_torch_to_loopback"
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=os.cpu_count(),
                  runtime_env=runtime_env, log_to_driver=True)
     check_cluster_fits(config, ray.cluster_resources())

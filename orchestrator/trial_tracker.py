@@ -2,10 +2,12 @@
 
 `TrialTracker.log_metrics` only appends to an in-memory buffer; a daemon thread sends the buffer as
 MLflow log-batch calls (up to 1000 points each) every `flush_every_s` seconds or as soon as a full batch
-is waiting. When the server is down the points stay buffered and are retried with backoff (the
-buffer is bounded by `max_buffer`; on overflow the oldest points are dropped and counted); once the
-server answers again a warning says how many points were lost and the metric `tracking/dropped_points`
-records it. `close()` flushes (bounded by a timeout); `finish()` also ends the run FINISHED or FAILED.
+is waiting. When the server is down the points stay buffered and are retried with backoff (at most
+`max_backoff_s` apart, so a server that comes back is found within seconds; the buffer is bounded by
+`max_buffer`; on overflow the oldest points are dropped and counted). The outage is logged when it starts
+and when it ends, and recorded in the run as the metric `tracking/outage_seconds` (one point per outage);
+lost points are logged and recorded as `tracking/dropped_points`. Log lines show the URI with any
+password redacted. `close()` flushes (bounded by a timeout); `finish()` also ends the run FINISHED or FAILED.
 Rank 0 of a Ray Train worker owns one tracker; trainables never import mlflow.
 Tests: `python -m pytest tests/test_tracking.py -m mlflow -q`.
 """
@@ -21,12 +23,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from orchestrator.tracking import TERMINAL_STATUSES, clean_key, client_for, tag_text
+from orchestrator.tracking import TERMINAL_STATUSES, clean_key, client_for, redact, tag_text
 
 logger = logging.getLogger(__name__)
 
 POINTS_PER_CALL = 1000  # mlflow.utils.validation.MAX_METRICS_PER_BATCH
 DROPPED_METRIC = "tracking/dropped_points"
+OUTAGE_METRIC = "tracking/outage_seconds"  # length of each server outage, logged when the server is back
 # MLflow error codes that no retry can fix: the batch is dropped (and counted) instead of blocking the queue.
 PERMANENT_ERRORS = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST", "INVALID_STATE",
                     "PERMISSION_DENIED", "UNAUTHENTICATED", "NOT_FOUND"}
@@ -44,8 +47,9 @@ class TrialTracker:
     """Buffered, background logging of step metrics and tags to one existing MLflow run."""
 
     def __init__(self, uri: str, run_id: str, *, flush_every_s: float = 2.0, max_buffer: int = 100_000,
-                 max_backoff_s: float = 30.0, request_timeout_s: float = 30.0, client=None) -> None:
+                 max_backoff_s: float = 5.0, request_timeout_s: float = 30.0, client=None) -> None:
         self.uri, self.run_id = uri, run_id
+        self._shown_uri = str(redact(uri))  # for log lines: never a password
         self.flush_every_s, self.max_buffer, self.max_backoff_s = flush_every_s, max_buffer, max_backoff_s
         self.request_timeout_s = request_timeout_s
         self._http = uri.startswith(("http://", "https://"))
@@ -57,6 +61,7 @@ class TrialTracker:
         self._closing = False
         self.delivered_points = 0
         self.dropped_points = 0
+        self.outages: list[float] = []  # seconds of each server outage this tracker lived through
         self._dropped_reported = 0
         self._last_step = 0
         self._failing_since: float | None = None
@@ -115,7 +120,7 @@ class TrialTracker:
             with self._condition:
                 lost = len(self._buffer) + len(self._inflight)
             logger.warning("MLflow run %s: %d metric points not delivered within %.0f s of closing (server %s down?)",
-                           self.run_id, lost, timeout_s, self.uri)
+                           self.run_id, lost, timeout_s, self._shown_uri)
             self.dropped_points += lost
             return False
         return True
@@ -133,7 +138,7 @@ class TrialTracker:
                 self._client.set_tag(self.run_id, "error", tag_text(error, "error"))
             self._client.set_terminated(self.run_id, status=status)
         except Exception as failure:  # noqa: BLE001 - ending the run must not crash a finished trial
-            logger.warning("could not end MLflow run %s as %s: %s", self.run_id, status, failure)
+            logger.warning("could not end MLflow run %s as %s: %s", self.run_id, status, redact(str(failure)))
             return False
         return True
 
@@ -200,7 +205,8 @@ class TrialTracker:
             except Exception as error:  # noqa: BLE001 - the trial must survive any tracking failure
                 code = getattr(error, "error_code", None)
                 if code in PERMANENT_ERRORS:
-                    logger.warning("MLflow run %s rejected %d points (%s): %s; dropped", self.run_id, len(points), code, error)
+                    logger.warning("MLflow run %s rejected %d points (%s): %s; dropped", self.run_id, len(points), code,
+                                   redact(str(error)))
                     with self._condition:
                         self.dropped_points += len(points)
                         self._inflight = []
@@ -210,16 +216,25 @@ class TrialTracker:
                 failures += 1
                 if self._failing_since is None:
                     self._failing_since = time.monotonic()
-                    logger.warning("MLflow server %s unreachable (%s); buffering metrics of run %s", self.uri, error, self.run_id)
+                    logger.warning("MLflow server %s unreachable (%s); buffering metrics of run %s from step %d",
+                                   self._shown_uri, redact(str(error)), self.run_id, self._last_step)
                 time.sleep(min(self.max_backoff_s, 0.5 * 2 ** min(failures, 8)))
                 continue
             with self._condition:
                 self.delivered_points += len(points)
                 self._inflight = []
             if self._failing_since is not None:
-                logger.warning("MLflow server %s is back after %.1f s; run %s delivering buffered metrics",
-                               self.uri, time.monotonic() - self._failing_since, self.run_id)
+                self._record_outage(time.monotonic() - self._failing_since)
                 self._failing_since, failures = None, 0
+
+    def _record_outage(self, seconds: float) -> None:
+        """The server answers again: log the gap and queue it as a `tracking/outage_seconds` point."""
+        self.outages.append(seconds)
+        with self._condition:
+            pending = len(self._buffer)
+            self._buffer.append(_Point(OUTAGE_METRIC, seconds, self._last_step, int(time.time() * 1000)))
+        logger.warning("MLflow server %s is back after %.1f s unreachable; run %s delivering %d buffered metric points "
+                       "(%d dropped so far)", self._shown_uri, seconds, self.run_id, pending, self.dropped_points)
 
     def _report_final_drops(self) -> None:
         """At close: record tracking/dropped_points (0 when nothing was lost) so every run shows it."""
@@ -229,4 +244,4 @@ class TrialTracker:
             self._post_batch([Metric(DROPPED_METRIC, float(self.dropped_points), int(time.time() * 1000), self._last_step)], [])
             self._dropped_reported = self.dropped_points
         except Exception as error:  # noqa: BLE001
-            logger.warning("could not log %s to run %s: %s", DROPPED_METRIC, self.run_id, error)
+            logger.warning("could not log %s to run %s: %s", DROPPED_METRIC, self.run_id, redact(str(error)))

@@ -1,4 +1,6 @@
-"""`dpo sweep` on a real local Ray: DDP equivalence, a two-node cluster, the incremental beta climb, --resume.
+"""`dpo sweep` on a real local Ray: DDP equivalence, a two-node cluster, the incremental beta climb.
+
+Killed drivers, killed workers and failing trials (with --resume) are in tests/test_reliability_ray.py.
 
 Every Ray test starts its own Ray (or local cluster) and stops it, and writes only under pytest's tmp
 folders (Tune storage, reference cache, demo assets). Models are the tiny ones of tests/tiny_world.py,
@@ -9,19 +11,14 @@ only the Ray-free check: `python -m pytest tests/test_sweep.py -m "not ray" -q`.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from orchestrator import config as cfg
-from orchestrator.sweep import SUMMARY_FILE, check_cluster_fits, run_sweep, start_ray
+from orchestrator.sweep import check_cluster_fits, run_sweep, start_ray
 from tests.tiny_world import build_model_dir, pair_rows, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -234,131 +231,3 @@ def check_mlflow_runs(summary: dict[str, Any]) -> None:
         curve = client.get_metric_history(child.info.run_id, "train/loss")
         assert len(curve) >= 8 and "eval/preference_accuracy" in child.data.metrics
 
-
-# ---- interrupt and --resume -----------------------------------------------------------------------
-
-def experiment_trial_states(root: Path) -> dict[str, str]:
-    """trial_id -> status from Tune's newest experiment_state file (newest by name, as Tune restores)."""
-    for path in sorted(root.glob("experiment_state-*.json"), reverse=True):
-        try:
-            trial_data = json.loads(path.read_text())["trial_data"]
-            trials = [json.loads(entry[0]) for entry in trial_data]
-            return {trial["trial_id"]: trial["status"] for trial in trials}
-        except (json.JSONDecodeError, KeyError, IndexError, TypeError):
-            continue  # being written
-    return {}
-
-
-def searcher_rounds(root: Path) -> int:
-    """How many rounds the saved incremental searcher state has closed."""
-    for path in sorted(root.glob("searcher-state-*.json"), reverse=True):
-        try:
-            return len(json.loads(path.read_text()).get("decision_log", []))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            continue
-    return 0
-
-
-def kill_process_tree(pid: int) -> None:
-    """SIGKILL a process and every descendant: the driver and the local Ray it started (GCS, raylet, workers)."""
-    import psutil
-
-    try:
-        parent = psutil.Process(pid)
-    except psutil.NoSuchProcess:
-        return
-    processes = [parent] + parent.children(recursive=True)
-    for process in processes:
-        try:
-            process.kill()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(processes, timeout=30)
-    assert not alive, f"processes survived SIGKILL: {alive}"
-
-
-def run_cli(arguments: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "orchestrator", *arguments], cwd=log.parent, env=env,
-                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def log_tail(log: Path) -> str:
-    return log.read_text(errors="replace")[-4000:]
-
-
-@pytest.mark.ray
-def test_an_interrupted_sweep_finishes_with_resume_without_rerunning_finished_trials(world, tmp_path):
-    raw = tiny_raw(world, tmp_path, name="resumable",
-                   sweep={"strategy": "incremental_beta", "start_beta": 0.1, "max_beta": 0.2, "patience": 2,
-                          "max_concurrent_trials": 1})
-    config_file = tmp_path / "resumable.yaml"
-    config_file.write_text(json.dumps(raw))  # JSON is YAML
-    root = Path(raw["storage_path"]) / raw["name"]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}  # the repo's code, run from tmp_path
-
-    first = run_cli(["sweep", str(config_file)], tmp_path / "first.log", env)
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and first.poll() is None:
-            if "TERMINATED" in experiment_trial_states(root).values() and searcher_rounds(root) >= 1:
-                break
-            time.sleep(0.5)
-        assert first.poll() is None, f"the sweep ended before it could be interrupted:\n{log_tail(tmp_path / 'first.log')}"
-        assert time.monotonic() < deadline, f"no trial finished in time:\n{log_tail(tmp_path / 'first.log')}"
-    finally:
-        kill_process_tree(first.pid)
-    first.wait(timeout=30)
-
-    finished = [trial_id for trial_id, status in experiment_trial_states(root).items() if status == "TERMINATED"]
-    assert len(finished) == 1
-    [done] = finished
-    results_before = (root / done / "result.json").read_text()
-    checkpoints_before = sorted(path.name for path in Path(f"{root}-trials", done).glob("checkpoint_*"))
-    assert checkpoints_before, "the finished trial left no checkpoint"
-
-    second = run_cli(["sweep", str(config_file), "--resume"], tmp_path / "resume.log", env)
-    try:
-        exit_code = second.wait(timeout=240)
-    finally:
-        kill_process_tree(second.pid)
-    assert exit_code == 0, log_tail(tmp_path / "resume.log")
-
-    states = experiment_trial_states(root)
-    assert len(states) == 2 and set(states.values()) == {"TERMINATED"}, states
-    assert (root / done / "result.json").read_text() == results_before  # not one more result: not rerun
-    assert sorted(path.name for path in Path(f"{root}-trials", done).glob("checkpoint_*")) == checkpoints_before
-    summary = json.loads((root / SUMMARY_FILE).read_text())
-    assert sorted(trial["trial_id"] for trial in summary["trials"]) == sorted(states)
-    assert all(trial["error"] is None for trial in summary["trials"])
-    assert [entry["beta"] for entry in summary["decision_log"]] == pytest.approx([0.1, 0.2])
-    assert summary["decision_log"][-1]["action"] == "stop"
-
-
-@pytest.mark.ray
-@pytest.mark.mlflow
-def test_a_failing_trial_ends_failed_in_mlflow_and_the_sweep_goes_on(world, tmp_path, local_ray):
-    """learning_rate 1e8 makes AdamW blow the weights up: a non-finite loss at step 2, on every attempt."""
-    from mlflow.tracking import MlflowClient
-
-    from orchestrator.mlflow_server import EmbeddedServer, embedded_root
-
-    config = tiny_config(world, tmp_path, name="faulty", tracking={"enabled": True},
-                         sweep={"strategy": "grid", "learning_rate": [5e-3, 1e8]}, failure={"max_failures": 0},
-                         train={"max_grad_norm": None})
-    try:
-        summary = run_sweep(config)
-        client = MlflowClient(tracking_uri=summary["mlflow"]["uri"])
-        parent = client.get_run(summary["mlflow"]["parent_run_id"])
-        children = {run.data.tags["trial_id"]: run for run in client.search_runs(
-            [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")}
-    finally:
-        EmbeddedServer(embedded_root(config.storage_path)).stop()
-
-    by_lr = {t["config"]["learning_rate"]: t for t in summary["trials"]}
-    assert by_lr[5e-3]["error"] is None and by_lr[5e-3]["step"] == config.train.max_steps
-    assert by_lr[1e8]["error"] and "non-finite" in by_lr[1e8]["error"]
-    assert summary["best"]["trial_id"] == by_lr[5e-3]["trial_id"]
-    assert parent.info.status == "FINISHED"
-    assert children[by_lr[5e-3]["trial_id"]].info.status == "FINISHED"
-    failed = children[by_lr[1e8]["trial_id"]]
-    assert failed.info.status == "FAILED" and "non-finite" in failed.data.tags["error"]
