@@ -1,0 +1,221 @@
+"""`dpo analyze`, `dpo export` and `dpo quickstart`: from a config (or a sweep name) to the chosen beta,
+the report and the exported model.
+
+    dpo analyze CONFIG|NAME [--set k=v ...] [rule options] [--report-dir DIR] [--no-log]
+    dpo export  CONFIG|NAME --out DIR [--trial ID] [--register MODEL_NAME] [--adapter] [--prompt TEXT] [rule options]
+    dpo quickstart CONFIG [--set k=v ...] [--out DIR] [rule options]     sweep -> analyze -> export
+
+CONFIG is a YAML experiment config: the sweep is its `name`, the runs are read from the tracking URI it
+resolves to (tracking.uri, MLFLOW_TRACKING_URI or the embedded server of its storage_path), exactly as
+`dpo sweep` wrote them. NAME is a bare sweep name, read with `--tracking-uri` or from the embedded server of
+`--storage-path` (default ./runs). Rule options: --metric, --kl-metric, --kl-budget, --benchmark-tolerance,
+--tie-tolerance, --stage (analysis/selection.py). Wired into orchestrator/cli.py; tested by
+`python -m pytest tests/test_analysis.py tests/test_export.py -q` (quickstart: by hand, it runs a sweep).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+COMMANDS = ("analyze", "export", "quickstart")
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+@dataclass
+class Source:
+    """Where a sweep's runs are: tracking URI, sweep name, experiment, storage path (and the config, if any)."""
+
+    uri: str
+    name: str
+    experiment: str
+    storage_path: str
+    config: Any | None  # orchestrator.config.ExperimentConfig when a config file was given
+
+    def default_report_dir(self) -> Path:
+        if "://" in self.storage_path:
+            return Path(f"{self.name}-analysis").resolve()
+        return Path(self.storage_path).expanduser().resolve() / self.name / "analysis"
+
+
+def _add_source_arguments(parser: argparse.ArgumentParser, *, name_allowed: bool) -> None:
+    if name_allowed:
+        parser.add_argument("target", help="a YAML experiment config (the sweep is its name) or a bare sweep name")
+    else:
+        parser.add_argument("target", metavar="config", help="YAML experiment config, e.g. configs/quickstart.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key (with a config file), e.g. --set storage_path=/mnt/runs")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: the config's, else "
+                        "MLFLOW_TRACKING_URI, else the embedded server of the storage path)")
+    parser.add_argument("--storage-path", default=None, help="the sweep's storage_path (default: the config's, or ./runs)")
+    parser.add_argument("--experiment", default=None, help="MLflow experiment (default: tracking.experiment or the sweep name)")
+    rule = parser.add_argument_group("selection rule (README 'Choosing beta and exporting the model')")
+    rule.add_argument("--metric", default="auto", help="score to maximise (default auto: eval/win_rate when logged, "
+                      "else eval/preference_accuracy)")
+    rule.add_argument("--kl-metric", default="eval/kl", help="KL curve the budget applies to (default eval/kl)")
+    rule.add_argument("--kl-budget", default="none", help="largest KL a trial may reach, or none (default none)")
+    rule.add_argument("--benchmark-tolerance", type=float, default=0.05,
+                      help="largest bench/* regression, as a fraction of the starting score (default 0.05)")
+    rule.add_argument("--tie-tolerance", type=float, default=0.01,
+                      help="scores this close to the best are tied and go to the smaller beta (default 0.01)")
+    rule.add_argument("--stage", default="dpo", help="only runs of this dpo.stage tag, or any (default dpo)")
+    rule.add_argument("--arm", default=None, help="a study's arm only, e.g. sft_then_dpo (default: every trial)")
+
+
+def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--adapter", action="store_true", help="LoRA trials: also write the unmerged adapter to DIR/adapter")
+    parser.add_argument("--register", metavar="MODEL_NAME", default=None, help="also register it in the MLflow Model Registry")
+    parser.add_argument("--prompt", default=None, help="prompt of the generation check (default: the first held-out "
+                        "prompt of the config's data, else 'Hello')")
+
+
+def add_commands(commands: Any) -> None:
+    """Add the analyze, export and quickstart subparsers to `dpo`'s subcommands."""
+    analyze = commands.add_parser("analyze", help="pick beta from a sweep's MLflow runs and write the report")
+    _add_source_arguments(analyze, name_allowed=True)
+    analyze.add_argument("--report-dir", default=None, help="where the report goes (default <storage_path>/<name>/analysis)")
+    analyze.add_argument("--no-log", action="store_true", help="do not upload the report to the sweep's parent run")
+    export = commands.add_parser("export", help="write a trial's best checkpoint as a Hugging Face model directory")
+    _add_source_arguments(export, name_allowed=True)
+    export.add_argument("--out", required=True, help="the directory to write (new, empty or an earlier export)")
+    export.add_argument("--trial", default=None, help="trial id to export (default: the one the rule chooses)")
+    _add_export_arguments(export)
+    quickstart = commands.add_parser("quickstart", help="the whole journey: sweep, MLflow, analysis, export")
+    _add_source_arguments(quickstart, name_allowed=False)
+    quickstart.add_argument("--out", default=None, help="export directory (default <output_dir>/model)")
+    quickstart.add_argument("--address", default=None, help="Ray cluster to join (default: a local Ray on 127.0.0.1)")
+    _add_export_arguments(quickstart)
+
+
+def selection_rule(args: argparse.Namespace):
+    from analysis.selection import SelectionRule
+    from orchestrator.config import ConfigError
+
+    budget = None if str(args.kl_budget).lower() in ("none", "null", "off", "") else args.kl_budget
+    try:
+        return SelectionRule(metric=args.metric, kl_metric=args.kl_metric,
+                             kl_budget=None if budget is None else float(budget),
+                             benchmark_tolerance=args.benchmark_tolerance, tie_tolerance=args.tie_tolerance,
+                             stage=None if args.stage == "any" else args.stage, arm=args.arm)
+    except ValueError as error:
+        raise ConfigError(f"selection rule: {error}") from None
+
+
+def resolve_source(args: argparse.Namespace, *, require_records: bool = True) -> Source:
+    """The tracking URI (embedded server started or reused), sweep name and storage of a config or a bare name.
+
+    require_records: the embedded server's database must exist already (a sweep ran with this storage path).
+    """
+    from orchestrator.config import ConfigError, load_config
+    from orchestrator.mlflow_server import prepare_tracking_uri, resolve_tracking_uri
+
+    target = str(args.target)
+    config = None
+    if target.endswith(CONFIG_SUFFIXES) or Path(target).is_file():
+        config = load_config(target, args.overrides)
+        name, storage = config.name, args.storage_path or config.storage_path
+        uri_setting = args.tracking_uri or config.tracking.uri
+        experiment = args.experiment or config.tracking.experiment or config.name
+    else:
+        if args.overrides:
+            raise ConfigError(f"--set needs a config file; {target!r} is taken as a sweep name")
+        name, storage, uri_setting = target, args.storage_path or "./runs", args.tracking_uri
+        experiment = args.experiment or target
+    uri, embedded = resolve_tracking_uri(uri_setting, storage)
+    if require_records and embedded and not (Path(uri) / "mlflow.db").is_file():
+        raise FileNotFoundError(f"no MLflow records for sweep {name!r}: {uri}/mlflow.db does not exist. Pass the "
+                                "sweep's storage path (--storage-path or storage_path in the config) or --tracking-uri")
+    return Source(uri=prepare_tracking_uri(uri_setting, storage), name=name, experiment=experiment,
+                  storage_path=storage, config=config)
+
+
+def first_held_out_prompt(config: Any | None, default: str) -> str:
+    """The first prompt of the config's held-out pairs (a realistic generation check), else `default`."""
+    if config is None or not config.data.eval:
+        return default
+    try:
+        from trainables.data import load_preference_pairs
+
+        pairs = load_preference_pairs(config.data.eval, split=config.data.eval_split, layout=config.data.layout,
+                                      columns=dict(config.data.columns) or None)
+        return pairs[0].prompt if pairs else default
+    except Exception:  # noqa: BLE001 - any data problem only costs the nicer prompt
+        return default
+
+
+def run_analyze(source: Source, args: argparse.Namespace):
+    from analysis.report import analyze
+
+    report_dir = Path(args.report_dir) if getattr(args, "report_dir", None) else source.default_report_dir()
+    return analyze(source.uri, source.name, report_dir=report_dir, experiment=source.experiment,
+                   rule=selection_rule(args), log_to_mlflow=not getattr(args, "no_log", False))
+
+
+def run_export(source: Source, args: argparse.Namespace, out: str, sweep=None):
+    from analysis.runs import load_sweep
+    from orchestrator.export import DEFAULT_PROMPT, export_trial
+
+    sweep = sweep or load_sweep(source.uri, source.name, source.experiment)
+    prompt = args.prompt or first_held_out_prompt(source.config, DEFAULT_PROMPT)
+    return export_trial(sweep, out, trial_id=getattr(args, "trial", None), rule=selection_rule(args),
+                        include_adapter=args.adapter, register=args.register, prompt=prompt,
+                        storage_path=source.storage_path)
+
+
+def print_export(result) -> None:
+    print(f"exported trial {result.trial_id} (checkpoint step {result.checkpoint.step}: {result.checkpoint.reason}"
+          f"{', LoRA merged' if result.lora else ''}) to {result.directory}")
+    print(f"verified: AutoModelForCausalLM loads it and generates {result.generated!r} "
+          f"from the prompt {result.lineage.get('verification_prompt', '')!r}")
+    if result.registered_version:
+        print(f"registered in the MLflow Model Registry as {result.registered_version}")
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Dispatch analyze / export / quickstart; clear errors exit with status 2, no eligible trial with 1."""
+    from analysis.runs import SweepNotFoundError
+    from orchestrator.export import ExportError
+
+    try:
+        source = resolve_source(args, require_records=args.command != "quickstart")
+        if args.command == "analyze":
+            analysis = run_analyze(source, args)
+            print("\n".join(analysis.lines()))
+            return 0 if analysis.selection.chosen else 1
+        if args.command == "export":
+            print_export(run_export(source, args, args.out))
+            return 0
+        return run_quickstart(source, args)
+    except (SweepNotFoundError, ExportError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def run_quickstart(source: Source, args: argparse.Namespace) -> int:
+    """sweep -> analyze -> export, then the four facts: chosen beta, report, exported directory, MLflow URL."""
+    from orchestrator.sweep import print_summary, run_sweep
+
+    from orchestrator.config import ConfigError
+
+    config = source.config
+    if not config.tracking.enabled:
+        raise ConfigError("tracking.enabled: quickstart reads the sweep back from MLflow; set it to true")
+    print_summary(run_sweep(config, address=args.address))
+    analysis = run_analyze(source, args)
+    print("\n".join(analysis.lines()))
+    if analysis.selection.chosen is None:
+        return 1
+    out = args.out or str(Path(str(config.output_dir)) / "model")
+    exported = run_export(source, args, out, sweep=analysis.sweep)
+    print_export(exported)
+    chosen = analysis.selection.chosen
+    print("")
+    print(f"chosen beta:    {chosen['beta']:g} (kl_weight {chosen['kl_weight']:g}, learning_rate "
+          f"{chosen['learning_rate']:g}, trial {chosen['trial_id']})")
+    print(f"report:         {analysis.report.html}")
+    print(f"exported model: {exported.directory}")
+    print(f"MLflow:         {analysis.run_url()}")
+    return 0
