@@ -6,6 +6,10 @@
     dpo check CONFIG [--set key=value ...]             validate config and data, train nothing
     dpo sweep CONFIG [--set ...] [--address ADDR] [--resume]   Ray Tune sweep of Ray Train trials
     dpo ui [CONFIG] [--stop]                           start (or reuse) the MLflow UI and print its URL
+    dpo study CONFIG [--set ...] [--address ADDR] [--resume]   SFT-then-DPO vs DPO-only with benchmark deltas
+    dpo analyze CONFIG|NAME [--kl-budget X ...]        pick beta from the sweep's MLflow runs, write the report
+    dpo export CONFIG|NAME --out DIR [--trial ID] [--register MODEL_NAME]   best checkpoint -> HF model directory
+    dpo quickstart CONFIG [--out DIR]                  sweep -> analyze -> export in one command
 
 Bad config or bad data exits with status 2 and a message naming the key, file, rows and reason;
 nothing is trained and nothing is written. Run `dpo --help` or `python -m orchestrator --help`.
@@ -46,10 +50,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Ray cluster to join: auto or ray://host:10001 (default: start a local Ray on 127.0.0.1)")
     sweep.add_argument("--resume", action="store_true",
                        help="continue the sweep of this config's name from its storage (finished trials are not rerun)")
+    study = commands.add_parser("study", help="SFT-then-DPO versus DPO-only on Ray, each model benchmarked (resumable)")
+    _add_config_arguments(study)
+    study.add_argument("--address", default=None,
+                       help="Ray cluster to join: auto or ray://host:10001 (default: start a local Ray on 127.0.0.1)")
+    study.add_argument("--resume", action="store_true",
+                       help="require an earlier run of this study; finished stages are skipped either way")
     ui = commands.add_parser("ui", help="start or reuse the MLflow server of a config's storage_path and print its URL")
     ui.add_argument("config", nargs="?", default=None, help="config whose tracking.uri / storage_path to use (default ./runs)")
     ui.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override")
     ui.add_argument("--stop", action="store_true", help="stop the embedded server instead")
+    from orchestrator.journey import add_commands as add_journey_commands
+
+    add_journey_commands(commands)  # analyze, export, quickstart
     return parser
 
 
@@ -92,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "ui":
             return _ui(args)
+        if args.command in ("analyze", "export", "quickstart"):
+            from orchestrator.journey import run_command
+
+            return run_command(args)
         config = load_config(args.config, args.overrides)
         if args.command == "check":
             _check(config)
@@ -103,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
             from orchestrator.sweep import print_summary, run_sweep
 
             print_summary(run_sweep(config, address=args.address, resume=args.resume))
+        elif args.command == "study":
+            from orchestrator.study import print_results, run_study
+
+            print_results(run_study(config, address=args.address, resume=args.resume))
         elif args.command == "sft":
             from orchestrator.local_run import sft
 

@@ -9,6 +9,7 @@ Check a config without training: `python -m orchestrator.config configs/quicksta
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from orchestrator.study_config import BenchmarkEntry, StudySection, check_study
 from trainables.loop import LoopSettings
 from trainables.settings import DataArgs, ModelArgs, PreferenceArgs, RuntimeArgs
 
@@ -26,7 +28,7 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)  # .inf / .nan are errors
 
 
 class LoraSection(Section):
@@ -128,6 +130,24 @@ class SweepSection(Section):
     patience: int = Field(2, gt=0, description="Stop after this many rounds in a row without improvement")
     max_rounds: int = Field(10, gt=0, description="Hard limit on incremental rounds")
 
+    @field_validator("beta", "kl_weight", "learning_rate")
+    @classmethod
+    def _searched_values(cls, value: SearchValues, info) -> SearchValues:
+        """Every value a trial could get is > 0 (kl_weight: >= 0), checked here rather than inside a trial."""
+        if value is None:
+            return value
+        numbers = value if isinstance(value, list) else [value]
+        if isinstance(value, dict):
+            if not {"min", "max"} <= set(value) or set(value) - {"min", "max", "log"}:
+                raise ValueError(f"a range needs exactly the keys min and max (and optional log), got {sorted(value)}")
+            numbers = [value["min"], value["max"]]
+        zero_ok = info.field_name == "kl_weight"
+        for number in numbers:
+            if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number) or (
+                    number < 0 if zero_ok else number <= 0):
+                raise ValueError(f"{number!r} is not a finite number {'>= 0' if zero_ok else '> 0'}")
+        return value
+
 
 class ResourcesSection(Section):
     num_workers: int = Field(1, gt=0, description="Ray Train workers per trial (data-parallel ranks)")
@@ -160,6 +180,8 @@ class ExperimentConfig(Section):
     failure: FailureSection = Field(default_factory=FailureSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
     storage_path: str = Field("./runs", description="Sweep storage: local folder, shared filesystem or s3:// URI")
+    study: StudySection = Field(default_factory=StudySection, description="`dpo study`: SFT-then-DPO vs DPO-only (orchestrator/study_config.py)")
+    benchmarks: list[BenchmarkEntry] = Field(default_factory=list, description="Downstream benchmark suite of `dpo study` (bench/<name> metrics)")
 
     @field_validator("name")
     @classmethod
@@ -180,6 +202,11 @@ class ExperimentConfig(Section):
             raise ValueError("dpo.kl_weight: must be 0 with reference.mode: none (there is no reference to stay close to)")
         if self.output_dir is None:
             self.output_dir = f"outputs/{self.name}"
+        return self
+
+    @model_validator(mode="after")
+    def _study(self) -> "ExperimentConfig":
+        check_study(self)  # per-arm overrides validate against the sections they override
         return self
 
 

@@ -40,9 +40,11 @@ def trial_experiment(experiment: dict[str, Any], trial_config: dict[str, Any], r
 
 
 def train_worker(loop_config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker: the engine's DPO loop with Ray's model preparation and reporting."""
-    from trainables.entrypoints import run_dpo
+    """Runs on every Ray Train worker: the engine's DPO loop (or, with `"stage": "sft"`, its SFT loop)
+    with Ray's model preparation and reporting."""
+    from trainables.entrypoints import run_dpo, run_sft
 
+    stage = loop_config.get("stage", "dpo")
     experiment = cfg.ExperimentConfig.model_validate(loop_config["experiment"])
     resources = experiment.resources
     if not resources.use_gpu:
@@ -76,9 +78,13 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     def run(resume_from: str | None) -> None:
         runtime = cfg.runtime_args(experiment, show_progress=False)
         runtime = type(runtime)(**{**runtime.__dict__, "device": str(device), "resume_from": resume_from})
-        run_dpo(cfg.model_args(experiment), cfg.data_args(experiment), cfg.preference_args(experiment),
-                cfg.loop_settings(experiment, output_dir=str(local_dir), workers=context.get_world_size(), show_progress=False),
-                runtime, report, prepare_model=prepare_model)
+        loop = cfg.loop_settings(experiment, output_dir=str(local_dir), workers=context.get_world_size(), show_progress=False)
+        if stage == "sft":
+            run_sft(cfg.model_args(experiment), cfg.data_args(experiment, sft=True), loop, runtime, report,
+                    prepare_model=prepare_model)
+        else:
+            run_dpo(cfg.model_args(experiment), cfg.data_args(experiment), cfg.preference_args(experiment), loop,
+                    runtime, report, prepare_model=prepare_model)
 
     try:
         restored = ray.train.get_checkpoint()
