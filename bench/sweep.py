@@ -10,7 +10,10 @@ It runs the sweep in a fresh storage folder and reports:
   how many trials fit the machine at once; it counts start-up of Ray, trial actors, Train workers,
   model and data loading, checkpoint upload and the reference pass as overhead;
 - the reference pass: its cold cost (measured once more, outside the sweep) and the compute that
-  per-trial recomputation would have spent, K x cold cost, against 1 x cold cost with the shared cache.
+  per-trial recomputation would have spent, K x cold cost, against 1 x cold cost with the shared cache;
+- Ray Train's floor: the wall time of a TorchTrainer.fit() whose workers run an empty loop, on a local
+  Ray started as `dpo sweep` starts it, with the trial's resources (the per-trial cost no engine change
+  can remove).
 Writes the figures as JSON to --out. A benchmark, never a test.
 """
 
@@ -44,6 +47,35 @@ def cold_reference_seconds(config: cfg.ExperimentConfig) -> float:
         return time.perf_counter() - started
 
 
+def empty_train_loop(_: dict) -> None:
+    """What a Train worker runs to time Ray Train's own start-up and teardown: nothing."""
+
+
+def ray_train_floor_seconds(config: cfg.ExperimentConfig, storage: str, fits: int = 3) -> list[float]:
+    """Wall seconds of `fits` TorchTrainer.fit() calls of an empty loop, the trial's scaling, local Ray."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from orchestrator.sweep import start_ray
+
+    resources = config.resources
+    per_worker = {"CPU": resources.cpus_per_worker} | ({"GPU": resources.gpus_per_worker} if resources.use_gpu else {})
+    start_ray(None, config)
+    try:
+        seconds = []
+        for index in range(fits):
+            trainer = TorchTrainer(empty_train_loop, scaling_config=ScalingConfig(
+                num_workers=resources.num_workers, use_gpu=resources.use_gpu, resources_per_worker=per_worker),
+                run_config=RunConfig(name=f"floor-{index}", storage_path=f"{storage}/floor"))
+            started = time.perf_counter()
+            trainer.fit()
+            seconds.append(time.perf_counter() - started)
+        return seconds
+    finally:
+        ray.shutdown()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/quickstart.yaml", help="sweep config (default: the quickstart)")
@@ -64,7 +96,12 @@ def main() -> None:
     step_seconds = sum(t.get("step_seconds") or 0.0 for t in trials)
     eval_seconds = sum(t.get("eval_seconds") or 0.0 for t in trials)
     overhead = 1.0 - (step_seconds + eval_seconds) / (wall * slots)
+    if config.tracking.enabled and not config.tracking.uri and not os.environ.get("MLFLOW_TRACKING_URI"):
+        from orchestrator.mlflow_server import EmbeddedServer
+
+        EmbeddedServer(Path(storage) / "mlflow").stop()  # the sweep's embedded server; this folder is temporary
     reference_seconds = cold_reference_seconds(config)
+    floor = ray_train_floor_seconds(config, storage)
     figures = {
         "date": datetime.date.today().isoformat(), "cpus": cpus, "config": args.config, "overrides": args.overrides,
         "trials": len(trials), "betas_tried": sorted({t["config"].get("beta") for t in trials}),
@@ -73,6 +110,7 @@ def main() -> None:
         "reference_cold_seconds": reference_seconds,
         "reference_seconds_shared_cache": reference_seconds,
         "reference_seconds_per_trial_recompute": reference_seconds * len(trials),
+        "ray_train_floor_seconds": floor,
         "best": summary["best"],
         "per_trial": [{k: t.get(k) for k in ("trial_id", "trial_seconds", "step_seconds", "eval_seconds")}
                       | {"beta": t["config"].get("beta")} for t in trials],
@@ -87,6 +125,8 @@ def main() -> None:
                   f"trial start to last report, {busy:.1f} s in steps and eval, {trial['trial_seconds'] - busy:.1f} s start-up and reporting")
     before_trials = wall - sum(t.get("trial_seconds") or 0.0 for t in trials)
     print(f"  outside trials (server and Ray start, reference pass, trial launch and teardown): {before_trials:.1f} s")
+    print(f"  Ray Train floor (TorchTrainer.fit of an empty loop, same resources): "
+          f"{', '.join(f'{value:.1f}' for value in floor)} s; median {sorted(floor)[len(floor) // 2]:.1f} s per trial")
     print(f"  reference pass: {reference_seconds:.1f} s once with the shared cache vs "
           f"{reference_seconds * len(trials):.1f} s recomputed per trial ({len(trials)}x)")
     out = Path(args.out or f"bench/results/sweep-{figures['date']}.json")

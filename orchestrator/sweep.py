@@ -97,25 +97,36 @@ def check_cluster_fits(config: cfg.ExperimentConfig, cluster: dict[str, float]) 
         raise cfg.ConfigError("the trial does not fit the cluster:\n  " + "\n  ".join(problems))
 
 
-def precompute_reference_once(config: cfg.ExperimentConfig, cache_dir: str) -> tuple[str | None, bool]:
-    """Reference log-probs for the whole sweep, as one Ray task; returns (cache key, reused)."""
+def precompute_reference_once(config: cfg.ExperimentConfig, cache_dir: str, data=None) -> tuple[str | None, bool]:
+    """Reference log-probs for the whole sweep, as one Ray task; returns (cache key, reused).
+
+    data: the PreferenceData the driver already loaded and validated; the task gets it through the object
+    store instead of reading and tokenising the files again. The task has a trial worker's CPUs (and
+    their torch threads), plus one GPU when trials use GPUs.
+    """
     if config.reference.mode != "precomputed":
         return None, False
     import ray
 
-    def compute(experiment: dict[str, Any]) -> tuple[str, bool]:
+    cpus = config.resources.cpus_per_worker
+
+    def compute(experiment: dict[str, Any], loaded) -> tuple[str, bool]:
+        import torch
+
         from trainables.entrypoints import load_preference_data, precompute_reference
 
         exp = cfg.ExperimentConfig.model_validate(experiment)
-        preference = cfg.preference_args(exp)
-        data = load_preference_data(cfg.model_args(exp), cfg.data_args(exp))
-        _, _, key, reused = precompute_reference(cfg.model_args(exp), preference, data, cfg.runtime_args(exp, show_progress=False))
+        if not exp.resources.use_gpu:
+            torch.set_num_threads(max(1, int(cpus)))  # Ray pins the task to these CPUs
+        data = loaded if loaded is not None else load_preference_data(cfg.model_args(exp), cfg.data_args(exp))
+        _, _, key, reused = precompute_reference(cfg.model_args(exp), cfg.preference_args(exp), data,
+                                                 cfg.runtime_args(exp, show_progress=False))
         return key, reused
 
     experiment = config.model_dump()
     experiment["reference"]["cache_dir"] = cache_dir
-    options = {"num_gpus": 1} if config.resources.use_gpu else {"num_cpus": 1}
-    key, reused = ray.get(ray.remote(compute).options(**options).remote(experiment))
+    options = {"num_cpus": cpus} | ({"num_gpus": 1} if config.resources.use_gpu else {})
+    key, reused = ray.get(ray.remote(compute).options(**options).remote(experiment, data))
     logger.info("reference log-probs %s (cache key %s) in %s", "reused" if reused else "computed", key, cache_dir)
     return key, reused
 
@@ -284,7 +295,7 @@ def run_sweep(config: cfg.ExperimentConfig, *, address: str | None = None, resum
         start_ray(address, config)
     tracking_info = None
     try:
-        cache_key, _ = precompute_reference_once(config, paths.reference_cache)
+        cache_key, _ = precompute_reference_once(config, paths.reference_cache, data)
         tracking_uri = tracking_uri_when_ready()
         if tracking_uri:
             tracking_info = open_sweep_run(config, tracking_uri, cache_key, resume)
