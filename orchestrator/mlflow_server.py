@@ -12,6 +12,7 @@ Start or show it: `dpo ui CONFIG`; tests: `python -m pytest tests/test_tracking.
 
 from __future__ import annotations
 
+import base64
 import fcntl
 import json
 import logging
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -238,7 +240,7 @@ def ensure_reachable(uri: str, timeout_s: float = 10.0) -> None:
     """Raise TrackingUnavailableError (naming the URI) unless the tracking backend answers within timeout_s."""
     shown = redact_uri(uri)
     if uri.startswith(("http://", "https://")):
-        request = urllib.request.Request(f"{uri.rstrip('/')}/health")
+        request = health_request(uri)
         deadline = time.monotonic() + timeout_s
         while True:
             try:
@@ -257,6 +259,27 @@ def ensure_reachable(uri: str, timeout_s: float = 10.0) -> None:
                         "fix tracking.uri / MLFLOW_TRACKING_URI, or unset both to use the embedded local server") from error
                 time.sleep(0.5)
     _check_store(uri, shown, timeout_s)
+
+
+def health_request(uri: str) -> urllib.request.Request:
+    """GET <uri>/health with the credentials MLflow itself would send: user:password inside the URI (moved
+    out of the URL into a Basic header, which urllib cannot take from the URL), else
+    MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD, else MLFLOW_TRACKING_TOKEN as a Bearer token."""
+    parts = urllib.parse.urlsplit(uri)
+    host = f"[{parts.hostname}]" if parts.hostname and ":" in parts.hostname else (parts.hostname or "")
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    url = urllib.parse.urlunsplit((parts.scheme, netloc, f"{parts.path.rstrip('/')}/health", "", ""))
+    request = urllib.request.Request(url)
+    if parts.username is not None:
+        user, password = urllib.parse.unquote(parts.username), urllib.parse.unquote(parts.password or "")
+    else:
+        user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD", "")
+    if user is not None:
+        basic = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+        request.add_header("Authorization", f"Basic {basic}")
+    elif os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        request.add_header("Authorization", f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}")
+    return request
 
 
 def _check_store(uri: str, shown: str, timeout_s: float) -> None:

@@ -94,6 +94,48 @@ def test_unreachable_server_is_a_clear_error_within_the_timeout():
     assert SECRET_PASSWORD not in str(error.value)
 
 
+@pytest.fixture
+def password_protected_health():
+    """An HTTP server on 127.0.0.1 whose /health wants Basic admin:SECRET_PASSWORD (like a proxy in front
+    of MLflow); yields its port and stops after the test."""
+    import base64
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    expected = "Basic " + base64.b64encode(f"admin:{SECRET_PASSWORD}".encode()).decode()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == "/health" and self.headers.get("Authorization") == expected else 401)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_credentials_inside_the_uri_or_in_mlflow_variables_reach_the_health_check(password_protected_health, monkeypatch):
+    port = password_protected_health
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    ensure_reachable(f"http://admin:{SECRET_PASSWORD}@127.0.0.1:{port}", timeout_s=2.0)
+    with pytest.raises(TrackingUnavailableError, match="refused the credentials") as error:
+        ensure_reachable(f"http://admin:wrong-{SECRET_PASSWORD}@127.0.0.1:{port}", timeout_s=2.0)
+    assert SECRET_PASSWORD not in str(error.value)
+    with pytest.raises(TrackingUnavailableError, match="refused the credentials"):
+        ensure_reachable(f"http://127.0.0.1:{port}", timeout_s=2.0)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", SECRET_PASSWORD)
+    ensure_reachable(f"http://127.0.0.1:{port}/", timeout_s=2.0)
+
+
 # ---- with a real server ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
