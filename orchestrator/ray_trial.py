@@ -99,6 +99,14 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         shutil.rmtree(local_dir, ignore_errors=True)
 
 
+def scaling_for(resources: cfg.ResourcesSection) -> ScalingConfig:
+    """The Ray Train scaling of one job: resources.num_workers workers with their CPUs (and GPUs)."""
+    per_worker = {"CPU": resources.cpus_per_worker}
+    if resources.use_gpu:
+        per_worker["GPU"] = resources.gpus_per_worker
+    return ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu, resources_per_worker=per_worker)
+
+
 def run_trial(trial_config: dict[str, Any], *, experiment: dict[str, Any], trials_storage: str, reference_cache_dir: str,
               tracking_info: dict[str, Any] | None = None) -> None:
     """The Tune function trainable: one TorchTrainer per trial, named after the trial id.
@@ -117,16 +125,11 @@ def run_trial(trial_config: dict[str, Any], *, experiment: dict[str, Any], trial
             tracking_info["sweep"], {**{k: trial_config[k] for k in SEARCHED_KEYS if k in trial_config}, **trial.model_dump()},
             tags={"decision": str(trial_config.get("decision", "")), "round": str(trial_config.get("round", ""))},
             stage="dpo", checkpoint_dir=f"{trials_storage}/{trial_id}")
-    resources = trial.resources
-    per_worker = {"CPU": resources.cpus_per_worker}
-    if resources.use_gpu:
-        per_worker["GPU"] = resources.gpus_per_worker
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"experiment": trial.model_dump(),
                            "tracking": {"uri": tracking_info["uri"], "run_id": run_id} if run_id else None},
-        scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
-                                     resources_per_worker=per_worker),
+        scaling_config=scaling_for(trial.resources),
         run_config=RunConfig(
             name=tune.get_context().get_trial_id(),
             storage_path=trials_storage,

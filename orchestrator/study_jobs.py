@@ -20,11 +20,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig
 from ray.train.torch import TorchTrainer
 
 from orchestrator import config as cfg
-from orchestrator.ray_trial import train_worker
+from orchestrator.ray_trial import scaling_for, train_worker
 
 logger = logging.getLogger(__name__)
 
@@ -33,15 +33,10 @@ def fit_training_job(stage: str, experiment: cfg.ExperimentConfig, *, name: str,
                      tracking: dict[str, str] | None = None) -> str:
     """Train one stage (`sft` or `dpo`) as a TorchTrainer named `name` under `storage`; returns the final
     checkpoint's model directory. tracking: {"uri", "run_id"} of the MLflow run that gets the step metrics."""
-    resources = experiment.resources
-    per_worker = {"CPU": resources.cpus_per_worker}
-    if resources.use_gpu:
-        per_worker["GPU"] = resources.gpus_per_worker
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"experiment": experiment.model_dump(), "tracking": tracking, "stage": stage},
-        scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
-                                     resources_per_worker=per_worker),
+        scaling_config=scaling_for(experiment.resources),
         run_config=RunConfig(name=name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=experiment.failure.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=experiment.train.keep_checkpoints)),

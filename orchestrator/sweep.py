@@ -133,8 +133,6 @@ def precompute_reference_once(config: cfg.ExperimentConfig, cache_dir: str, data
 
 def searcher_and_space(config: cfg.ExperimentConfig):
     """(search_alg, param_space, num_samples) for the configured strategy."""
-    from ray import tune
-
     from orchestrator.searchers import IncrementalBetaSearcher, IncrementalBetaSettings, grid_or_random_search_space
 
     sweep = config.sweep
