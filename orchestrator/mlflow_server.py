@@ -27,6 +27,8 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from trainables.processes import pid_alive
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_PORT = 5000
@@ -98,22 +100,12 @@ def health_ok(url: str, timeout_s: float = 2.0) -> bool:
         return False
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _is_our_server(pid: int, root: Path) -> bool:
     """The pid still runs `mlflow server` for this root (guards against a recycled pid)."""
     try:
         command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
-        return _pid_alive(pid)  # no /proc (macOS): trust the pid
+        return pid_alive(pid)  # no /proc (macOS): trust the pid
     return "mlflow" in command and str(root) in command
 
 
@@ -139,7 +131,7 @@ class EmbeddedServer:
     def running_url(self) -> str | None:
         """The URL of a live, healthy server of this root, or None."""
         state = self.state()
-        if state and _pid_alive(int(state["pid"])) and _is_our_server(int(state["pid"]), self.root) and health_ok(state["url"]):
+        if state and pid_alive(int(state["pid"])) and _is_our_server(int(state["pid"]), self.root) and health_ok(state["url"]):
             return state["url"]
         return None
 
@@ -195,7 +187,7 @@ class EmbeddedServer:
             return False
         pid, pgid = int(state["pid"]), int(state.get("pgid", state["pid"]))
         stopped = False
-        if _pid_alive(pid) and _is_our_server(pid, self.root):
+        if pid_alive(pid) and _is_our_server(pid, self.root):
             try:
                 os.killpg(pgid, signal.SIGTERM)
                 stopped = True

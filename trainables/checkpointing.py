@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from trainables.modeling import save_model_and_tokenizer
+from trainables.processes import pid_alive
 
 logger = logging.getLogger(__name__)
 
@@ -110,22 +111,12 @@ def save_checkpoint(
     return final
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_abandoned_staging(checkpoints_dir: Path) -> list[Path]:
     """Delete staging folders of processes that no longer run (a crash mid-save); returns them."""
     removed = []
     for staging in checkpoints_dir.glob(f"{STAGING_PREFIX}step-*-*"):
         pid = staging.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             shutil.rmtree(staging, ignore_errors=True)
             removed.append(staging)
             logger.info("removed %s, left by a checkpoint save that never finished (process %s)", staging, pid)
