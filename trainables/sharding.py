@@ -25,19 +25,34 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 logger = logging.getLogger(__name__)
+
+# torch.distributed.fsdp and .tensor cost ~0.8 s of imports per process; they are imported only by
+# shard_model. Until then no model can be an FSDPModule and no tensor a DTensor, so the checks below
+# look the classes up in sys.modules instead of importing them for every DDP or single-process run.
+
+
+def _loaded_class(module: str, name: str) -> type | None:
+    loaded = sys.modules.get(module)
+    return getattr(loaded, name, None) if loaded is not None else None
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
     """True for a model wrapped by `shard_model` (its forward runs collectives on every rank)."""
-    return isinstance(model, FSDPModule)
+    fsdp_module = _loaded_class("torch.distributed.fsdp", "FSDPModule")
+    return fsdp_module is not None and isinstance(model, fsdp_module)
+
+
+def is_dtensor(value: Any) -> bool:
+    """True for a DTensor (a sharded parameter, gradient or optimizer state under FSDP)."""
+    dtensor = _loaded_class("torch.distributed.tensor", "DTensor")
+    return dtensor is not None and isinstance(value, dtensor)
 
 
 def decoder_layer_classes(model: torch.nn.Module) -> tuple[type[torch.nn.Module], ...]:
@@ -57,6 +72,7 @@ def shard_model(model: torch.nn.Module, *, device: torch.device, compute_dtype: 
     Returns the same module object, now an FSDPModule.
     """
     from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if not dist.is_initialized():
         raise RuntimeError("resources.strategy=fsdp needs torch.distributed to be initialised (a Ray Train worker "
@@ -90,7 +106,7 @@ def clip_gradients(model: torch.nn.Module, max_grad_norm: float | None) -> torch
     tensor, identical on every rank.
     """
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm else math.inf)
-    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+    return norm.full_tensor() if is_dtensor(norm) else norm
 
 
 def lockstep_padding(model: torch.nn.Module, total: int, mine: int, batch_size: int) -> int:
@@ -108,7 +124,7 @@ def lockstep_padding(model: torch.nn.Module, total: int, mine: int, batch_size: 
 
 def _gathered(value: Any, keep: bool) -> Any:
     """A DTensor as one full CPU tensor on the keeping rank (every rank must call); other values unchanged."""
-    if not isinstance(value, DTensor):
+    if not is_dtensor(value):
         return value.detach().cpu() if keep and torch.is_tensor(value) else value
     full = value.full_tensor()
     return full.detach().cpu() if keep else None
@@ -170,7 +186,9 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
         parameter = parameters[int(index)]
         sharded[index] = {}
         for name, value in per_parameter.items():
-            if isinstance(parameter, DTensor) and torch.is_tensor(value) and value.shape == parameter.shape:
+            if is_dtensor(parameter) and torch.is_tensor(value) and value.shape == parameter.shape:
+                from torch.distributed.tensor import distribute_tensor
+
                 value = distribute_tensor(value.to(parameter.to_local().device), parameter.device_mesh,
                                           parameter.placements, src_data_rank=None)  # local data: no scatter
             sharded[index][name] = value
