@@ -46,6 +46,10 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
     stage = loop_config.get("stage", "dpo")
     experiment = cfg.ExperimentConfig.model_validate(loop_config["experiment"])
+    shared = loop_config.get("shared") or {}  # object refs from the sweep driver (orchestrator/sweep.py)
+    if shared.get("reference_ready") is not None:
+        ray.get(shared["reference_ready"])  # the sweep's reference task: Tune starts trials before it ends
+    data = ray.get(shared["data"]) if shared.get("data") is not None and stage == "dpo" else None
     resources = experiment.resources
     if not resources.use_gpu:
         torch.set_num_threads(max(1, int(resources.cpus_per_worker)))  # Ray pins the worker to these CPUs
@@ -84,7 +88,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                     prepare_model=prepare_model)
         else:
             run_dpo(cfg.model_args(experiment), cfg.data_args(experiment), cfg.preference_args(experiment), loop,
-                    runtime, report, prepare_model=prepare_model)
+                    runtime, report, prepare_model=prepare_model, data=data)
 
     try:
         restored = ray.train.get_checkpoint()
@@ -108,8 +112,12 @@ def scaling_for(resources: cfg.ResourcesSection) -> ScalingConfig:
 
 
 def run_trial(trial_config: dict[str, Any], *, experiment: dict[str, Any], trials_storage: str, reference_cache_dir: str,
-              tracking_info: dict[str, Any] | None = None) -> None:
+              tracking_info: dict[str, Any] | None = None, shared: dict[str, Any] | None = None) -> None:
     """The Tune function trainable: one TorchTrainer per trial, named after the trial id.
+
+    shared: object refs of the sweep driver that every worker reads: "data" (the validated, tokenised
+    PreferenceData, instead of reading and tokenising the files again) and "reference_ready" (the reference
+    task, awaited before training).
 
     With tracking, the trial's MLflow child run (found again by its trial_id tag on resume) ends FINISHED,
     or FAILED with the error as a tag; the workers' rank 0 logs the step metrics into it.
@@ -127,7 +135,7 @@ def run_trial(trial_config: dict[str, Any], *, experiment: dict[str, Any], trial
             stage="dpo", checkpoint_dir=f"{trials_storage}/{trial_id}")
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"experiment": trial.model_dump(),
+        train_loop_config={"experiment": trial.model_dump(), "shared": shared,
                            "tracking": {"uri": tracking_info["uri"], "run_id": run_id} if run_id else None},
         scaling_config=scaling_for(trial.resources),
         run_config=RunConfig(

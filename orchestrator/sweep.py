@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from orchestrator import config as cfg
 logger = logging.getLogger(__name__)
 
 SUMMARY_FILE = "sweep_summary.json"
+REFERENCE_FAILED = threading.Event()  # set by ReferenceTask.watch; read by reference_stopper() in Tune's loop
 
 
 @dataclass
@@ -97,38 +99,77 @@ def check_cluster_fits(config: cfg.ExperimentConfig, cluster: dict[str, float]) 
         raise cfg.ConfigError("the trial does not fit the cluster:\n  " + "\n  ".join(problems))
 
 
-def precompute_reference_once(config: cfg.ExperimentConfig, cache_dir: str, data=None) -> tuple[str | None, bool]:
-    """Reference log-probs for the whole sweep, as one Ray task; returns (cache key, reused).
+class ReferenceTask:
+    """The sweep's one reference pass (log-probs of every train and eval pair), as a Ray task.
 
-    data: the PreferenceData the driver already loaded and validated; the task gets it through the object
-    store instead of reading and tokenising the files again. The task has a trial worker's CPUs (and
-    their torch threads), plus one GPU when trials use GPUs.
+    Tune starts the first trial while it runs: each trial worker waits for it (train_worker's
+    `reference_ready`) before reading the cache, so Tune's start, the trial driver and Ray Train's worker
+    start-up overlap the reference forward. A failure stops the sweep (reference_stopper) and is raised by
+    `result`.
     """
-    if config.reference.mode != "precomputed":
-        return None, False
-    import ray
 
-    cpus = config.resources.cpus_per_worker
+    def __init__(self, config: cfg.ExperimentConfig, cache_dir: str, data_ref):
+        import ray
 
-    def compute(experiment: dict[str, Any], loaded) -> tuple[str, bool]:
-        import torch
+        cpus = config.resources.cpus_per_worker
 
-        from trainables.entrypoints import load_preference_data, precompute_reference
+        def compute(experiment: dict[str, Any], loaded) -> tuple[str, bool]:
+            import torch
 
-        exp = cfg.ExperimentConfig.model_validate(experiment)
-        if not exp.resources.use_gpu:
-            torch.set_num_threads(max(1, int(cpus)))  # Ray pins the task to these CPUs
-        data = loaded if loaded is not None else load_preference_data(cfg.model_args(exp), cfg.data_args(exp))
-        _, _, key, reused = precompute_reference(cfg.model_args(exp), cfg.preference_args(exp), data,
-                                                 cfg.runtime_args(exp, show_progress=False))
-        return key, reused
+            from trainables.entrypoints import precompute_reference
 
-    experiment = config.model_dump()
-    experiment["reference"]["cache_dir"] = cache_dir
-    options = {"num_cpus": cpus} | ({"num_gpus": 1} if config.resources.use_gpu else {})
-    key, reused = ray.get(ray.remote(compute).options(**options).remote(experiment, data))
-    logger.info("reference log-probs %s (cache key %s) in %s", "reused" if reused else "computed", key, cache_dir)
-    return key, reused
+            exp = cfg.ExperimentConfig.model_validate(experiment)
+            if not exp.resources.use_gpu:
+                torch.set_num_threads(max(1, int(cpus)))  # Ray pins the task to these CPUs
+            _, _, key, reused = precompute_reference(cfg.model_args(exp), cfg.preference_args(exp), loaded,
+                                                     cfg.runtime_args(exp, show_progress=False))
+            return key, reused
+
+        experiment = config.model_dump()
+        experiment["reference"]["cache_dir"] = cache_dir
+        options = {"num_cpus": cpus} | ({"num_gpus": 1} if config.resources.use_gpu else {})
+        self.cache_dir = cache_dir
+        self.ref = ray.remote(compute).options(**options).remote(experiment, data_ref)
+        REFERENCE_FAILED.clear()
+
+    def watch(self) -> None:
+        """In a background thread: wait for the task; log its cache key, or flag its failure (REFERENCE_FAILED)."""
+        import ray
+
+        def wait() -> None:
+            try:
+                key, reused = ray.get(self.ref)
+            except Exception:  # noqa: BLE001 - `result` raises it in the driver
+                REFERENCE_FAILED.set()
+                return
+            logger.info("reference log-probs %s (cache key %s) in %s", "reused" if reused else "computed", key, self.cache_dir)
+
+        threading.Thread(target=wait, name="reference-task", daemon=True).start()
+
+    def result(self) -> str:
+        """The cache key (waits; raises the task's error)."""
+        import ray
+
+        return ray.get(self.ref)[0]
+
+
+def reference_stopper():
+    """A Tune Stopper that ends the sweep once the reference task has failed (every trial would wait on it).
+
+    Stateless, so it pickles into the Tuner's state and works again after Tuner.restore.
+    """
+    from ray.tune import Stopper
+
+    class ReferenceFailed(Stopper):
+        def __call__(self, trial_id: str, result: dict) -> bool:
+            return False
+
+        def stop_all(self) -> bool:
+            from orchestrator import sweep
+
+            return sweep.REFERENCE_FAILED.is_set()
+
+    return ReferenceFailed()
 
 
 def searcher_and_space(config: cfg.ExperimentConfig):
@@ -156,8 +197,11 @@ def searcher_and_space(config: cfg.ExperimentConfig):
     return None, space, 1 if sweep.strategy == "grid" else sweep.max_trials
 
 
-def open_sweep_run(config: cfg.ExperimentConfig, uri: str, cache_key: str | None, resume: bool) -> dict[str, Any]:
-    """The sweep's MLflow parent run (found again on --resume); runs a killed driver left RUNNING are closed."""
+def open_sweep_run(config: cfg.ExperimentConfig, uri: str, resume: bool) -> dict[str, Any]:
+    """The sweep's MLflow parent run (found again on --resume); runs a killed driver left RUNNING are closed.
+
+    The reference cache key is tagged when the sweep ends (close_sweep_run), once the reference task is done.
+    """
     from orchestrator import tracking
 
     experiment = config.tracking.experiment or config.name
@@ -167,8 +211,7 @@ def open_sweep_run(config: cfg.ExperimentConfig, uri: str, cache_key: str | None
     experiment_id, parent_run_id = tracking.start_parent_run(
         uri, experiment, config.name, config.model_dump(),
         search_space={"strategy": config.sweep.strategy, **config.sweep.model_dump()},
-        tags={**tracking.data_fingerprints({"train": config.data.train, "eval": config.data.eval}),
-              "reference_cache_key": cache_key or ""},
+        tags=tracking.data_fingerprints({"train": config.data.train, "eval": config.data.eval}),
     )
     return {"uri": uri, "experiment": experiment, "experiment_id": experiment_id,
             "parent_run_id": parent_run_id, "sweep": config.name}
@@ -179,6 +222,7 @@ def close_sweep_run(info: dict[str, Any], summary: dict[str, Any] | None, error:
     from orchestrator import tracking
 
     if summary is not None:
+        tracking.set_tags(info["uri"], info["parent_run_id"], {"reference_cache_key": summary["reference_cache_key"] or ""})
         tracking.log_text_artifact(info["uri"], info["parent_run_id"], "decision_log.json",
                                    json.dumps(summary["decision_log"], indent=1, default=str))
         tracking.log_text_artifact(info["uri"], info["parent_run_id"], SUMMARY_FILE, json.dumps(summary, indent=1, default=str))
@@ -186,7 +230,9 @@ def close_sweep_run(info: dict[str, Any], summary: dict[str, Any] | None, error:
     tracking.end_run(info["uri"], info["parent_run_id"], "FAILED" if error else "FINISHED", error=error)
 
 
-def build_tuner(config: cfg.ExperimentConfig, paths: SweepPaths, resume: bool, tracking_info: dict[str, Any] | None = None):
+def build_tuner(config: cfg.ExperimentConfig, paths: SweepPaths, resume: bool, tracking_info: dict[str, Any] | None = None,
+                shared: dict[str, Any] | None = None):
+    """shared: object refs every trial worker reads (train_worker): the driver's validated data, the reference task."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -194,7 +240,7 @@ def build_tuner(config: cfg.ExperimentConfig, paths: SweepPaths, resume: bool, t
 
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, experiment=config.model_dump(), trials_storage=paths.trials,
-                             reference_cache_dir=paths.reference_cache, tracking_info=tracking_info),
+                             reference_cache_dir=paths.reference_cache, tracking_info=tracking_info, shared=shared),
         {"cpu": 0, "memory": 1},  # the trial driver only waits (Ray needs a non-empty bundle); its Train workers reserve CPUs/GPUs
     )
     if resume:
@@ -213,7 +259,8 @@ def build_tuner(config: cfg.ExperimentConfig, paths: SweepPaths, resume: bool, t
             trial_dirname_creator=lambda trial: trial.trial_id,
             reuse_actors=True,  # the next trial's driver runs in the finished one's process: no new Python start-up
         ),
-        run_config=tune.RunConfig(name=name, storage_path=storage_root, failure_config=tune.FailureConfig(max_failures=0)),
+        run_config=tune.RunConfig(name=name, storage_path=storage_root, failure_config=tune.FailureConfig(max_failures=0),
+                                  stop=reference_stopper()),
     )
 
 
@@ -293,12 +340,17 @@ def run_sweep(config: cfg.ExperimentConfig, *, address: str | None = None, resum
         start_ray(address, config)
     tracking_info = None
     try:
-        cache_key, _ = precompute_reference_once(config, paths.reference_cache, data)
+        data_ref = ray.put(data)  # trials and the reference task read the validated, tokenised data from here
+        reference = ReferenceTask(config, paths.reference_cache, data_ref) if config.reference.mode == "precomputed" else None
         tracking_uri = tracking_uri_when_ready()
         if tracking_uri:
-            tracking_info = open_sweep_run(config, tracking_uri, cache_key, resume)
-        tuner = build_tuner(config, paths, resume, tracking_info)
+            tracking_info = open_sweep_run(config, tracking_uri, resume)
+        if reference is not None:
+            reference.watch()
+        tuner = build_tuner(config, paths, resume, tracking_info,
+                            shared={"data": data_ref, "reference_ready": reference.ref if reference else None})
         results = tuner.fit()
+        cache_key = reference.result() if reference is not None else None  # raises the task's error, if any
         summary = summarize(results, config, cache_key, paths.root)
         if tracking_info:
             close_sweep_run(tracking_info, summary, error=None)

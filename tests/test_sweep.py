@@ -220,6 +220,7 @@ def check_mlflow_runs(summary: dict[str, Any]) -> None:
     client = MlflowClient(tracking_uri=summary["mlflow"]["uri"])
     parent = client.get_run(summary["mlflow"]["parent_run_id"])
     assert parent.info.status == "FINISHED"
+    assert parent.data.tags["reference_cache_key"] == summary["reference_cache_key"] != ""
     assert "decision_log.json" in {a.path for a in client.list_artifacts(parent.info.run_id)}
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
@@ -231,3 +232,21 @@ def check_mlflow_runs(summary: dict[str, Any]) -> None:
         curve = client.get_metric_history(child.info.run_id, "train/loss")
         assert len(curve) >= 8 and "eval/preference_accuracy" in child.data.metrics
 
+
+
+@pytest.mark.ray
+def test_a_failing_reference_task_stops_the_sweep_and_raises_its_error(world, tmp_path, local_ray):
+    """Trials start while the reference task runs; when it fails, no further trial starts and run_sweep
+    raises the task's own error (not a trial's)."""
+    import shutil
+
+    broken = tmp_path / "broken-reference"
+    shutil.copytree(world["model"], broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    config = tiny_config(world, tmp_path, reference={"cache_dir": str(tmp_path / "reference-cache"), "path": str(broken)},
+                         sweep={"max_trials": 4}, resources={"num_workers": 1, "cpus_per_worker": 2})
+    with pytest.raises(Exception, match="safetensors|header|deserializ") as raised:
+        run_sweep(config)
+    assert "Trial" not in type(raised.value).__name__, raised.value
+    trainer_runs = [p.name for p in (tmp_path / "runs" / "tiny-trials").iterdir() if p.is_dir()]
+    assert len(trainer_runs) <= 1, f"trials went on after the reference task failed: {trainer_runs}"

@@ -193,10 +193,15 @@ def run_dpo(
     runtime_args: RuntimeArgs,
     report: Report,
     prepare_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+    data: PreferenceData | None = None,
 ) -> dict[str, float]:
-    """Train a policy with DPO; returns the last reported metrics."""
+    """Train a policy with DPO; returns the last reported metrics.
+
+    data: the pairs of data_args already loaded and tokenised (a sweep driver's, shared through Ray's
+    object store); read from data_args when None.
+    """
     device, autocast_dtype = _device_and_autocast(runtime_args, loop_settings.seed)
-    data = load_preference_data(model_args, data_args)
+    data = data if data is not None else load_preference_data(model_args, data_args)
     checkpoint = _resume_checkpoint(runtime_args.resume_from, loop_settings.output_dir)
     reference_is_policy = (preference_args.reference_mode == "live" and model_args.lora_rank is not None
                            and not preference_args.reference_path)
