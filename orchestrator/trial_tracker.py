@@ -53,7 +53,8 @@ class TrialTracker:
         self.flush_every_s, self.max_buffer, self.max_backoff_s = flush_every_s, max_buffer, max_backoff_s
         self.request_timeout_s = request_timeout_s
         self._http = uri.startswith(("http://", "https://"))
-        self._client = client or client_for(uri)
+        self._given_client = client  # else made on first use: importing mlflow takes ~1 s, kept off the trial's start
+        self._client_lock = threading.Lock()
         self._buffer: collections.deque[_Point] = collections.deque()
         self._inflight: list[_Point] = []  # taken from the buffer, not yet acknowledged by the server
         self._tags: dict[str, str] = {}
@@ -68,6 +69,13 @@ class TrialTracker:
         self._thread = threading.Thread(target=self._run, name=f"mlflow-tracker-{run_id[:8]}", daemon=True)
         self._thread.start()
         atexit.register(self.close, 10.0)
+
+    @property
+    def _client(self):
+        with self._client_lock:
+            if self._given_client is None:
+                self._given_client = client_for(self.uri)
+            return self._given_client
 
     # ---- called by the training loop (never blocks on the network) ----------------------------
 
@@ -188,6 +196,13 @@ class TrialTracker:
 
     def _run(self) -> None:
         failures = 0
+        try:  # mlflow's imports happen here, while the trial loads its model, not before the trial starts
+            import mlflow.entities  # noqa: F401
+
+            if not self._http:
+                self._client  # noqa: B018 - creates it
+        except Exception as error:  # noqa: BLE001 - _send reports the same error again, with retries
+            logger.warning("MLflow client for run %s not ready: %s", self.run_id, redact(str(error)))
         while True:
             with self._condition:
                 if not self._closing and len(self._buffer) < POINTS_PER_CALL and not self._inflight:
