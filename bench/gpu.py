@@ -226,6 +226,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         setattr(args, name, value if getattr(args, name) is None else getattr(args, name))
     args.threads = args.threads or (1 if args.device.type == "cpu" else os.cpu_count())
     args.max_length = args.seq_len  # throughput.run_trl reads it; nothing is cut
+    args.padding_buckets = "auto"  # throughput.run_engine reads it; rows of one length: always one bucket
     return args
 
 

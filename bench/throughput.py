@@ -5,8 +5,8 @@
 
 Every method gets the same model, pairs, batch size, max_length, lr, beta (sigmoid loss), clipping 1.0,
 weight decay 0 and precision (fp32 on CPU, bf16 autocast on CUDA):
-- engine-precomputed / engine-live: trainables' DPOObjective + run_training_loop (what `dpo train` runs) with
-  reference log-probs precomputed (timed apart, never in step throughput) or from a live reference model;
+- engine-*: trainables' DPOObjective + run_training_loop (`dpo train`), forwards by length (--padding-buckets;
+  -unbucketed: 1), reference log-probs precomputed (timed apart, never in step throughput) or from a live model;
 - trl-live / trl-precomputed: trl.DPOTrainer (precompute_ref_log_probs False / True), no eval, no saving,
   report_to none, 0 dataloader workers, TRL's defaults otherwise (fused AdamW, fused LM head), except its
   default gradient checkpointing, off so that every method does the same compute (--trl-gradient-checkpointing);
@@ -50,8 +50,8 @@ from trainables.modeling import load_causal_lm, parameter_count, resolve_device 
 from trainables.settings import ModelArgs, PreferenceArgs, RuntimeArgs  # noqa: E402
 from trainables.tokenization import TokenizedPair, pair_token_count, tokenize_pairs  # noqa: E402
 
-METHODS = ("engine-precomputed", "engine-live", "trl-live", "trl-precomputed", "bound-dense", "bound-buckets",
-           "bound-packed")
+METHODS = ("engine-precomputed", "engine-precomputed-unbucketed", "engine-live", "trl-live", "trl-precomputed",
+           "bound-dense", "bound-buckets", "bound-packed")
 
 
 @dataclass
@@ -117,9 +117,10 @@ class TimedDPOObjective(DPOObjective):
         return super().token_count(indices)
 
 
-def run_engine(inputs: Inputs, args: argparse.Namespace, repeat: int, reference_mode: str) -> Measurement:
+def run_engine(inputs: Inputs, args: argparse.Namespace, repeat: int, variant: str) -> Measurement:
     """The engine as `dpo train` runs it, minus eval and checkpoints inside the timed window."""
-    clock = StepClock(inputs.device)
+    reference_mode, _, unbucketed = variant.partition("-")  # e.g. "precomputed-unbucketed"
+    clock, padding_buckets = StepClock(inputs.device), 1 if unbucketed else args.padding_buckets
     precision = "bf16" if inputs.autocast_dtype is not None else "fp32"
     with tempfile.TemporaryDirectory() as scratch:
         precompute_seconds = None
@@ -134,14 +135,15 @@ def run_engine(inputs: Inputs, args: argparse.Namespace, repeat: int, reference_
             precompute_seconds = time.perf_counter() - started
             reference = CachedReference(train_values, None)
         else:
-            reference = LiveReference(inputs.load_model(policy=False).to(inputs.device), False, inputs.autocast_dtype)
+            reference = LiveReference(inputs.load_model(policy=False).to(inputs.device), False, inputs.autocast_dtype,
+                                      padding_buckets=padding_buckets)
         torch.manual_seed(repeat)
         model = inputs.load_model().to(inputs.device)
         objective = TimedDPOObjective(
             clock, train_pairs=inputs.tokenized, eval_pairs=[], reference=reference,
             loss_fn=preference_loss_by_name("sigmoid"), beta=args.beta, kl_weight=0.0, exact_kl=False,
             length_normalize=False, pad_token_id=inputs.tokenizer.pad_token_id, device=inputs.device,
-            autocast_dtype=inputs.autocast_dtype, eval_batch_size=args.batch_size,
+            autocast_dtype=inputs.autocast_dtype, eval_batch_size=args.batch_size, padding_buckets=padding_buckets,
         )
         settings = LoopSettings(  # the extra last step (final eval + checkpoint) is not timed
             learning_rate=args.learning_rate, batch_size=args.batch_size, micro_batch_size=args.batch_size,
@@ -151,7 +153,7 @@ def run_engine(inputs: Inputs, args: argparse.Namespace, repeat: int, reference_
         )
         run_training_loop(model=model, tokenizer=inputs.tokenizer, objective=objective, settings=settings,
                           report=lambda metrics, checkpoint: None, device=inputs.device)
-    return clock.measure(f"engine-{reference_mode}", repeat, args.warmup, args.steps, args.batch_size,
+    return clock.measure(f"engine-{variant}", repeat, args.warmup, args.steps, args.batch_size,
                          precompute_seconds=precompute_seconds)
 
 
@@ -309,12 +311,12 @@ def summarize(measurements: list[Measurement]) -> dict[str, dict[str, Any]]:
 
 def format_table(rows: dict[str, dict[str, Any]]) -> str:
     cell = lambda value, pattern: "-" if value is None else pattern.format(value)
-    lines = [f"{'method':<20}{'pairs/s':>9}{'(min-max)':>16}{'tokens/s':>10}{'vs TRL-live':>13}"
+    lines = [f"{'method':<30}{'pairs/s':>9}{'(min-max)':>16}{'tokens/s':>10}{'vs TRL-live':>13}"
              f"{'vs TRL-pre':>12}{'of bound':>10}{'precompute s':>14}"]
     for method, row in rows.items():
         spread = f"{row['pairs_per_second_min']:.1f}-{row['pairs_per_second_max']:.1f}"
         lines.append(
-            f"{method:<20}{row['pairs_per_second']:>9.1f}{spread:>16}{row['tokens_per_second']:>10.0f}"
+            f"{method:<30}{row['pairs_per_second']:>9.1f}{spread:>16}{row['tokens_per_second']:>10.0f}"
             f"{cell(row['vs_trl_live'], '{:.2f}x'):>13}{cell(row['vs_trl_precomputed'], '{:.2f}x'):>12}"
             f"{cell(row['fraction_of_bound'], '{:.0%}'):>10}{cell(row['precompute_seconds'], '{:.2f}'):>14}"
         )
@@ -353,6 +355,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=40, help="timed optimizer steps per repetition")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps before the timed ones")
     parser.add_argument("--repeats", type=int, default=3, help="repetitions per method (round-robin); medians reported")
+    parser.add_argument("--padding-buckets", type=lambda text: text if text == "auto" else int(text), default="auto",
+                        help="engine-* (not -unbucketed): forwards per micro-batch by length, auto | K >= 1")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32"], help="auto: bf16 autocast on CUDA")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads for every method")

@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from orchestrator.study_config import BenchmarkEntry, StudySection, check_study
+from trainables.bucketing import check_padding_buckets
 from trainables.loop import LoopSettings
 from trainables.settings import DataArgs, ModelArgs, PreferenceArgs, RuntimeArgs
 
@@ -90,6 +91,7 @@ class TrainSection(Section):
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on CUDA, fp32 on CPU")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N (single-process runs)")
     eval_batch_size: int = Field(32, gt=0, description="Pairs per evaluation forward")
+    padding_buckets: int | str = Field("auto", description="Forwards per micro-batch, rows grouped by length to cut padding (same math): auto (padding vs per-forward cost) or K >= 1; 1 = one padded batch")
     resume_from: str | None = Field(None, description="Checkpoint folder or `latest` (under output_dir) to resume from")
 
     @field_validator("device")
@@ -98,6 +100,11 @@ class TrainSection(Section):
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", value):
             raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
         return value
+
+    @field_validator("padding_buckets", mode="before")
+    @classmethod
+    def _padding_buckets(cls, value: Any) -> int | str:
+        return check_padding_buckets(value)  # "auto" or an int >= 1; bools, floats and other strings are errors
 
 
 class ReferenceSection(Section):
@@ -368,7 +375,7 @@ def loop_settings(config: ExperimentConfig, *, output_dir: str | None = None, wo
 def runtime_args(config: ExperimentConfig, *, show_progress: bool = True) -> RuntimeArgs:
     return RuntimeArgs(device=config.train.device, precision=config.train.precision,
                        eval_batch_size=config.train.eval_batch_size, resume_from=config.train.resume_from,
-                       show_progress=show_progress)
+                       padding_buckets=config.train.padding_buckets, show_progress=show_progress)
 
 
 if __name__ == "__main__":

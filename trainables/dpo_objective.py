@@ -16,7 +16,8 @@ from typing import Sequence
 
 import torch
 
-from trainables.logprobs import forward_logps, split_chosen_rejected
+from trainables.bucketing import PaddingBuckets
+from trainables.logprobs import forward_logps, padding_buckets_for_world, split_chosen_rejected
 from trainables.loop import all_reduce_sums, rank_and_world
 from trainables.losses import PreferenceLossFn, exact_token_kl, k3_token_kl
 from trainables.reference_cache import ReferenceLogps
@@ -51,9 +52,10 @@ class LiveReference:
     """
 
     def __init__(self, model: torch.nn.Module, keep_logits: bool, autocast_dtype: torch.dtype | None,
-                 adapters_of_policy: bool = False):
+                 adapters_of_policy: bool = False, padding_buckets: PaddingBuckets = 1):
         self.model = model if adapters_of_policy else model.eval().requires_grad_(False)
         self.adapters_of_policy = adapters_of_policy
+        self.padding_buckets = padding_buckets_for_world(padding_buckets)  # see logprobs.forward_logps
         self.keep_logits = keep_logits
         self.autocast_dtype = autocast_dtype
 
@@ -66,7 +68,8 @@ class LiveReference:
     def values(self, split: str, indices: Sequence[int], batch: dict[str, torch.Tensor]) -> ReferenceValues:
         device_type = batch["input_ids"].device.type
         with self._context(), torch.autocast(device_type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
-            result = forward_logps(getattr(self.model, "module", self.model), batch, keep_logits=self.keep_logits)
+            result = forward_logps(getattr(self.model, "module", self.model), batch, keep_logits=self.keep_logits,
+                                   padding_buckets=self.padding_buckets)
         chosen, rejected = split_chosen_rejected(result.sequence_logps)
         return ReferenceValues(chosen, rejected, result.token_logps, result.logits)
 
@@ -97,8 +100,10 @@ class DPOObjective:
         device: torch.device,
         autocast_dtype: torch.dtype | None,
         eval_batch_size: int,
+        padding_buckets: PaddingBuckets,
     ):
         self.train_pairs, self.eval_pairs = train_pairs, eval_pairs
+        self.padding_buckets = padding_buckets_for_world(padding_buckets)  # forwards per micro-batch: 1, K or "auto"
         self.reference, self.loss_fn = reference, loss_fn
         self.beta, self.kl_weight = beta, kl_weight
         self.exact_kl, self.length_normalize = exact_kl, length_normalize
@@ -115,7 +120,7 @@ class DPOObjective:
         batch = {k: v.to(self.device) for k, v in collate_pairs([pairs[i] for i in indices], self.pad_token_id).items()}
         answer_mask = batch["answer_mask"]  # (2B, seq)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
-            policy = forward_logps(model, batch, keep_logits=self.exact_kl)
+            policy = forward_logps(model, batch, keep_logits=self.exact_kl, padding_buckets=self.padding_buckets)
         reference = self.reference.values(split, indices, batch)
         policy_chosen, policy_rejected = split_chosen_rejected(policy.sequence_logps)  # (B,), (B,)
         reference_chosen, reference_rejected = reference.chosen_logps, reference.rejected_logps

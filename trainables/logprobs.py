@@ -1,17 +1,29 @@
 """Per-token and per-sequence log-probabilities of answer tokens under a causal LM.
 
 log pi(y|x) is the sum of the log-probabilities of the answer tokens given everything before them;
-prompt and padding positions are masked out. Chosen and rejected rows go through the model in one
-forward pass (see tokenization.collate_pairs). The log-softmax is never materialised for the whole
-batch in float32: `token_logps_from_logits` gathers the target logit and subtracts a logsumexp computed
-in chunks. Tested by `python -m pytest tests/test_engine.py -q`.
+prompt and padding positions are masked out. Chosen and rejected rows come in one right-padded batch
+(see tokenization.collate_pairs); with `padding_buckets` other than 1, `forward_logps` sorts the rows by
+length, runs one forward per length bucket (trainables/bucketing.py), each cut to its own longest row
+(right padding: cutting pad columns changes no position id and no attention of a real token), and puts
+the per-row results back in the original order at the batch's width, zeros beyond each row's bucket
+(only pad positions, which every consumer masks). Downstream (losses, KL, metrics, one backward) sees
+the same values as with one forward. The log-softmax is never materialised for the whole batch in
+float32: `token_logps_from_logits` gathers the target logit and subtracts a logsumexp computed in
+chunks. Tested by `python -m pytest tests/test_engine.py tests/test_bucketing.py -q`.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from trainables.bucketing import PaddingBuckets, plan_buckets
+
+logger = logging.getLogger(__name__)
 
 # Rows x positions per chunk of the float32 logsumexp; bounds the transient float32 copy of the logits.
 LOGSUMEXP_CHUNK_TOKENS = 4096
@@ -45,13 +57,7 @@ class ForwardLogps:
     logits: torch.Tensor | None  # (rows, seq, vocab) kept only when an exact KL needs them
 
 
-def forward_logps(
-    model: torch.nn.Module,
-    batch: dict[str, torch.Tensor],
-    *,
-    keep_logits: bool = False,
-) -> ForwardLogps:
-    """Run the model on a collated batch and return masked answer-token log-probs."""
+def _forward_once(model: torch.nn.Module, batch: dict[str, torch.Tensor], keep_logits: bool) -> ForwardLogps:
     outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     logits = outputs.logits  # (rows, seq, vocab)
     answer_mask = batch["answer_mask"]  # (rows, seq) bool
@@ -59,8 +65,58 @@ def forward_logps(
     aligned_logits = None
     if keep_logits:
         # logits[t-1] predicts token t: shift so position t holds the distribution over token t.
-        aligned_logits = torch.nn.functional.pad(logits[:, :-1, :], (0, 0, 1, 0))  # (rows, seq, vocab)
+        aligned_logits = F.pad(logits[:, :-1, :], (0, 0, 1, 0))  # (rows, seq, vocab)
     return ForwardLogps(token_logps=token_logps, sequence_logps=token_logps.sum(-1), logits=aligned_logits)
+
+
+def forward_logps(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    *,
+    keep_logits: bool = False,
+    padding_buckets: PaddingBuckets = 1,
+) -> ForwardLogps:
+    """Run the model on a collated, right-padded batch and return masked answer-token log-probs.
+
+    padding_buckets: 1 = one forward over the whole batch; "auto" or K > 1 = one forward per length
+    bucket (trainables/bucketing.plan_buckets), results in the batch's row order and width.
+    """
+    if padding_buckets == 1:
+        return _forward_once(model, batch, keep_logits)
+    lengths = batch["attention_mask"].sum(-1).tolist()  # real tokens per row (right padding)
+    buckets = plan_buckets(lengths, padding_buckets)
+    if len(buckets) == 1:
+        return _forward_once(model, batch, keep_logits)
+    width = batch["input_ids"].shape[1]
+    device = batch["input_ids"].device
+    parts = []
+    for rows in buckets:
+        index = torch.tensor(rows, device=device)  # (bucket rows,)
+        longest = max(lengths[row] for row in rows)
+        part = _forward_once(model, {key: value[index, :longest] for key, value in batch.items()}, keep_logits)
+        parts.append(part)  # token_logps (bucket rows, longest), logits (bucket rows, longest, vocab)
+    order = torch.tensor([row for rows in buckets for row in rows], device=device)  # (rows,) sorted position -> row
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(len(order), device=device)  # (rows,) row -> sorted position
+    token_logps = torch.cat([F.pad(p.token_logps, (0, width - p.token_logps.shape[1])) for p in parts])[inverse]
+    logits = None
+    if keep_logits:
+        logits = torch.cat([F.pad(p.logits, (0, 0, 0, width - p.logits.shape[1])) for p in parts])[inverse]
+    sequence_logps = torch.cat([p.sequence_logps for p in parts])[inverse]  # (rows,)
+    return ForwardLogps(token_logps=token_logps, sequence_logps=sequence_logps, logits=logits)  # (rows, seq) etc.
+
+
+def padding_buckets_for_world(padding_buckets: PaddingBuckets) -> PaddingBuckets:
+    """1 under torch.distributed with more than one rank, `padding_buckets` otherwise.
+
+    There every forward is a collective (DDP's buffer broadcast, FSDP's all-gathers), so all ranks must run
+    the same number of forwards, while a bucket plan depends on each rank's own rows.
+    """
+    if padding_buckets != 1 and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        logger.info("padding_buckets=%r -> 1 on %d ranks: forwards must stay in step", padding_buckets,
+                    dist.get_world_size())
+        return 1
+    return padding_buckets
 
 
 def split_chosen_rejected(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

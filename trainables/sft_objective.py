@@ -12,7 +12,8 @@ from typing import Sequence
 
 import torch
 
-from trainables.logprobs import forward_logps
+from trainables.bucketing import PaddingBuckets
+from trainables.logprobs import forward_logps, padding_buckets_for_world
 from trainables.loop import all_reduce_sums, rank_and_world
 from trainables.sharding import lockstep_padding
 from trainables.tokenization import TokenizedExample, collate_examples
@@ -30,8 +31,10 @@ class SFTObjective:
         device: torch.device,
         autocast_dtype: torch.dtype | None,
         eval_batch_size: int,
+        padding_buckets: PaddingBuckets,
     ):
         self.train_examples, self.eval_examples = train_examples, eval_examples
+        self.padding_buckets = padding_buckets_for_world(padding_buckets)  # forwards per micro-batch: 1, K or "auto"
         self.pad_token_id, self.device = pad_token_id, device
         self.autocast_dtype, self.eval_batch_size = autocast_dtype, eval_batch_size
         self.dataset_size = len(train_examples)
@@ -43,7 +46,7 @@ class SFTObjective:
     def _sums(self, model, examples, indices) -> tuple[torch.Tensor, dict[str, float]]:
         batch = {k: v.to(self.device) for k, v in collate_examples([examples[i] for i in indices], self.pad_token_id).items()}
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
-            result = forward_logps(model, batch)
+            result = forward_logps(model, batch, padding_buckets=self.padding_buckets)
         negative_log_likelihood = -result.sequence_logps.sum()  # summed over the batch's answer tokens
         sums = {
             "nll": negative_log_likelihood.detach().item(),
