@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--force", action="store_true", help="rebuild even if the cached assets exist")
     demo.add_argument("--seed", type=int, default=0, help="seed of the embedded default (default 0)")
 
+    commands.add_parser("config-reference", help="print every config key with its default and description (Markdown)")
+
     for name, text in (("train", "train with DPO in this process"), ("sft", "supervised fine-tuning in this process"),
                        ("check", "validate the config and the data without training")):
         _add_config_arguments(commands.add_parser(name, help=text))
@@ -105,6 +107,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "ui":
             return _ui(args)
+        if args.command == "config-reference":
+            from orchestrator.config_reference import config_reference_markdown
+
+            print(config_reference_markdown(), end="")
+            return 0
         if args.command in ("analyze", "export", "quickstart"):
             from orchestrator.journey import run_command
 

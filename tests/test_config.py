@@ -261,3 +261,19 @@ def test_unknown_demo_name_is_a_config_error_listing_valid_names(demo_assets, lo
     message = str(caught.value)
     assert "data.train" in message and "demo:preference_trian" in message
     assert "demo:preference_train" in message  # the valid names are listed
+
+
+def test_readme_config_reference_lists_every_key_as_the_typed_config_defines_it():
+    """README's "Config reference" is the generated table: a new or changed key without a README update fails."""
+    from orchestrator.config_reference import config_reference_markdown, reference_rows
+    from orchestrator.config import ExperimentConfig
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start, end = "<!-- config-reference:start -->\n", "<!-- config-reference:end -->"
+    assert start in readme and end in readme, "README.md lost its config-reference markers"
+    documented = readme.split(start, 1)[1].split(end, 1)[0]
+    assert documented == config_reference_markdown(), "README 'Config reference' is stale: python -m orchestrator.config_reference"
+    keys = {key for key, _, _ in reference_rows(ExperimentConfig)}
+    assert {"dpo.beta", "dpo.kl_weight", "train.learning_rate", "sweep.strategy", "resources.num_workers",
+            "tracking.uri", "study.arms", "benchmarks[].kind"} <= keys
+    assert all(text for key, _, text in reference_rows(ExperimentConfig)), "a config field has no description"
