@@ -247,7 +247,7 @@ def _format_errors(error: ValidationError, source: str) -> str:
             lines.append(f"  {item['msg'].removeprefix('Value error, ')}")
             continue
         key = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        message = "unknown key (check the spelling; see README 'Config reference')" if item["type"] == "extra_forbidden" else item["msg"]
+        message = "unknown key (check the spelling; see README 'Config reference' or `dpo config-reference`)" if item["type"] == "extra_forbidden" else item["msg"]
         got = "" if item["type"] in ("missing", "extra_forbidden") else f" (got {item.get('input')!r})"
         lines.append(f"  {key}: {message}{got}")
     return f"invalid config {source}:\n" + "\n".join(lines)
