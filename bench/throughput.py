@@ -6,17 +6,21 @@
 Every method gets the same model, pairs, batch size, max_length, lr, beta (sigmoid loss), clipping 1.0,
 weight decay 0 and precision (fp32 on CPU, bf16 autocast on CUDA):
 - engine-*: trainables' DPOObjective + run_training_loop (`dpo train`), forwards by length (--padding-buckets;
-  -unbucketed: 1), reference log-probs precomputed (timed apart, never in step throughput) or from a live model;
+  -unbucketed: 1), the shared-prompt forward (train.share_prompt auto: one row per pair, each prompt computed
+  once; -unshared: false, the standard 2B rows, the A/B), reference log-probs precomputed (timed apart, never
+  in step throughput) or from a live model (which shares the prompt too);
 - trl-live / trl-precomputed: trl.DPOTrainer (precompute_ref_log_probs False / True), no eval, no saving,
   report_to none, 0 dataloader workers, TRL's defaults otherwise (fused AdamW, fused LM head), except its
   default gradient checkpointing, off so that every method does the same compute (--trl-gradient-checkpointing);
 - bound-*: plain next-token forward + backward + AdamW (fused, no clipping) over the pairs' real tokens
-  (prompt+chosen, prompt+rejected), no padding, batches built before timing; the fastest layout is the bound:
+  (prompt+chosen, prompt+rejected: the prompt counted twice), no padding, batches built before timing, so a
+  shared-prompt forward, which computes each prompt once, can beat it; the fastest layout is the bound:
   `dense` (the token stream re-cut into 2B equal rows, GPT-style packing: same weight FLOPs, one forward), `buckets`
   (the exact sequences grouped by length, one forward per length), `packed` (one row, block-diagonal attention).
 Throughput = steady-state wall time between step boundaries over --steps optimizer steps after --warmup
 (collation, logging included; setup and precompute not), methods round-robin, --repeats times, medians shown;
-tokens/s counts real (non-pad) tokens through the policy. Writes the figures as JSON to --out. Never a test.
+tokens/s counts real (non-pad) tokens of the pairs' sequences, prompt twice, for every method (so the same
+work counts the same; a shared-prompt engine computes fewer). Writes the figures as JSON to --out. Never a test.
 """
 
 from __future__ import annotations
@@ -50,8 +54,8 @@ from trainables.modeling import load_causal_lm, parameter_count, resolve_device 
 from trainables.settings import ModelArgs, PreferenceArgs, RuntimeArgs  # noqa: E402
 from trainables.tokenization import TokenizedPair, pair_token_count, tokenize_pairs  # noqa: E402
 
-METHODS = ("engine-precomputed", "engine-precomputed-unbucketed", "engine-live", "trl-live", "trl-precomputed",
-           "bound-dense", "bound-buckets", "bound-packed")
+METHODS = ("engine-precomputed", "engine-precomputed-unbucketed", "engine-precomputed-unshared", "engine-live",
+           "trl-live", "trl-precomputed", "bound-dense", "bound-buckets", "bound-packed")
 
 
 @dataclass
@@ -119,8 +123,9 @@ class TimedDPOObjective(DPOObjective):
 
 def run_engine(inputs: Inputs, args: argparse.Namespace, repeat: int, variant: str) -> Measurement:
     """The engine as `dpo train` runs it, minus eval and checkpoints inside the timed window."""
-    reference_mode, _, unbucketed = variant.partition("-")  # e.g. "precomputed-unbucketed"
-    clock, padding_buckets = StepClock(inputs.device), 1 if unbucketed else args.padding_buckets
+    reference_mode, _, modifier = variant.partition("-")  # e.g. "precomputed-unbucketed", "precomputed-unshared"
+    clock, padding_buckets = StepClock(inputs.device), 1 if modifier == "unbucketed" else args.padding_buckets
+    share_prompt = False if modifier == "unshared" else "auto"
     precision = "bf16" if inputs.autocast_dtype is not None else "fp32"
     with tempfile.TemporaryDirectory() as scratch:
         precompute_seconds = None
@@ -136,7 +141,8 @@ def run_engine(inputs: Inputs, args: argparse.Namespace, repeat: int, variant: s
             reference = CachedReference(train_values, None)
         else:
             reference = LiveReference(inputs.load_model(policy=False).to(inputs.device), False, inputs.autocast_dtype,
-                                      padding_buckets=padding_buckets)
+                                      padding_buckets=padding_buckets, share_prompt=share_prompt,
+                                      pad_token_id=inputs.tokenizer.pad_token_id)
         torch.manual_seed(repeat)
         model = inputs.load_model().to(inputs.device)
         objective = TimedDPOObjective(
@@ -144,6 +150,7 @@ def run_engine(inputs: Inputs, args: argparse.Namespace, repeat: int, variant: s
             loss_fn=preference_loss_by_name("sigmoid"), beta=args.beta, kl_weight=0.0, exact_kl=False,
             length_normalize=False, pad_token_id=inputs.tokenizer.pad_token_id, device=inputs.device,
             autocast_dtype=inputs.autocast_dtype, eval_batch_size=args.batch_size, padding_buckets=padding_buckets,
+            share_prompt=share_prompt,
         )
         settings = LoopSettings(  # the extra last step (final eval + checkpoint) is not timed
             learning_rate=args.learning_rate, batch_size=args.batch_size, micro_batch_size=args.batch_size,

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from orchestrator.study_config import BenchmarkEntry, StudySection, check_study
 from trainables.bucketing import check_padding_buckets
+from trainables.shared_prompt import check_share_prompt
 from trainables.loop import LoopSettings
 from trainables.settings import DataArgs, ModelArgs, PreferenceArgs, RuntimeArgs
 
@@ -92,6 +93,7 @@ class TrainSection(Section):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N (single-process runs)")
     eval_batch_size: int = Field(32, gt=0, description="Pairs per evaluation forward")
     padding_buckets: int | str = Field("auto", description="Forwards per micro-batch, rows grouped by length to cut padding (same math): auto (padding vs per-forward cost) or K >= 1; 1 = one padded batch")
+    share_prompt: bool | Literal["auto"] = Field("auto", description="DPO: each prompt computed once for chosen and rejected (one row per pair, 4D mask; same math): auto (eager/sdpa attention and a first-batch probe agree), true (required), false")
     resume_from: str | None = Field(None, description="Checkpoint folder or `latest` (under output_dir) to resume from")
 
     @field_validator("device")
@@ -105,6 +107,11 @@ class TrainSection(Section):
     @classmethod
     def _padding_buckets(cls, value: Any) -> int | str:
         return check_padding_buckets(value)  # "auto" or an int >= 1; bools, floats and other strings are errors
+
+    @field_validator("share_prompt", mode="before")
+    @classmethod
+    def _share_prompt(cls, value: Any) -> bool | Literal["auto"]:
+        return check_share_prompt(value)  # "auto", true or false; anything else is an error
 
 
 class ReferenceSection(Section):
@@ -375,7 +382,8 @@ def loop_settings(config: ExperimentConfig, *, output_dir: str | None = None, wo
 def runtime_args(config: ExperimentConfig, *, show_progress: bool = True) -> RuntimeArgs:
     return RuntimeArgs(device=config.train.device, precision=config.train.precision,
                        eval_batch_size=config.train.eval_batch_size, resume_from=config.train.resume_from,
-                       padding_buckets=config.train.padding_buckets, show_progress=show_progress)
+                       padding_buckets=config.train.padding_buckets, share_prompt=config.train.share_prompt,
+                       show_progress=show_progress)
 
 
 if __name__ == "__main__":

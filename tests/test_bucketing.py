@@ -184,7 +184,8 @@ def test_training_losses_are_the_same_bucketed_or_not(world, tmp_path, monkeypat
         reports: list[dict] = []
         run_dpo(ModelArgs(path=world["model"]), DataArgs(train=world["train"], eval=world["train"], max_length=64),
                 preference, loop_settings(tmp_path / str(buckets)),
-                RuntimeArgs(device="cpu", show_progress=False, padding_buckets=buckets, eval_batch_size=8),
+                RuntimeArgs(device="cpu", show_progress=False, padding_buckets=buckets, eval_batch_size=8,
+                            share_prompt=False),  # the standard forward's buckets; shared rows: test_shared_prompt.py
                 lambda metrics, checkpoint: reports.append(metrics))
         runs[buckets] = reports
     assert plans and max(plans) > 1  # the bucketed run did split its micro-batches

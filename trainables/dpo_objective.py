@@ -4,13 +4,17 @@ L_total = L_pref(beta) + kl_weight * mean over answer tokens of k3(d), d = logp_
 (or the exact full-vocabulary KL when the reference model is live and dpo.kl_estimator is `exact`).
 The preference loss function is picked once, by name, before training (trainables/losses.py). The
 reference values come from one of three sources: the precomputed cache, a live reference model, or
-none (reference-free: reference log-probs are 0). Used by trainables/loop.py; tested by
+none (reference-free: reference log-probs are 0). Policy (and live-reference) log-probs come from the
+shared-prompt forward (trainables/shared_prompt.py: each prompt computed once for chosen and rejected)
+when `share_prompt` allows it and its probe agrees, else from logprobs.forward_logps; exact KL always uses
+the latter (it needs full-vocabulary logits). Used by trainables/loop.py; tested by
 `python -m pytest tests/test_engine.py -q`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -21,8 +25,11 @@ from trainables.logprobs import forward_logps, padding_buckets_for_world, split_
 from trainables.loop import all_reduce_sums, rank_and_world
 from trainables.losses import PreferenceLossFn, exact_token_kl, k3_token_kl
 from trainables.reference_cache import ReferenceLogps
+from trainables.shared_prompt import SharePrompt, decide_share_prompt, pairs_from_batch, shared_forward_logps
 from trainables.sharding import lockstep_padding
 from trainables.tokenization import TokenizedPair, collate_pairs
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -52,12 +59,15 @@ class LiveReference:
     """
 
     def __init__(self, model: torch.nn.Module, keep_logits: bool, autocast_dtype: torch.dtype | None,
-                 adapters_of_policy: bool = False, padding_buckets: PaddingBuckets = 1):
+                 adapters_of_policy: bool = False, padding_buckets: PaddingBuckets = 1,
+                 share_prompt: SharePrompt = "auto", pad_token_id: int = 0):
         self.model = model if adapters_of_policy else model.eval().requires_grad_(False)
         self.adapters_of_policy = adapters_of_policy
         self.padding_buckets = padding_buckets_for_world(padding_buckets)  # see logprobs.forward_logps
         self.keep_logits = keep_logits
         self.autocast_dtype = autocast_dtype
+        self.share_prompt, self.pad_token_id = share_prompt, pad_token_id  # pad id: shared rows' padding only
+        self.shared: bool | None = False if keep_logits else None  # None: decided by a probe on the first batch
 
     def _context(self):
         if self.adapters_of_policy:
@@ -67,9 +77,17 @@ class LiveReference:
     @torch.no_grad()
     def values(self, split: str, indices: Sequence[int], batch: dict[str, torch.Tensor]) -> ReferenceValues:
         device_type = batch["input_ids"].device.type
+        model = getattr(self.model, "module", self.model)
         with self._context(), torch.autocast(device_type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
-            result = forward_logps(getattr(self.model, "module", self.model), batch, keep_logits=self.keep_logits,
-                                   padding_buckets=self.padding_buckets)
+            pairs = pairs_from_batch(batch) if self.shared is not False else []
+            if self.shared is None:
+                self.shared = decide_share_prompt(model, self.share_prompt, pairs, batch, self.pad_token_id,
+                                                  "live reference")
+            if self.shared:
+                result = shared_forward_logps(model, pairs, batch["answer_mask"], self.pad_token_id,
+                                              self.padding_buckets)
+            else:
+                result = forward_logps(model, batch, keep_logits=self.keep_logits, padding_buckets=self.padding_buckets)
         chosen, rejected = split_chosen_rejected(result.sequence_logps)
         return ReferenceValues(chosen, rejected, result.token_logps, result.logits)
 
@@ -101,6 +119,7 @@ class DPOObjective:
         autocast_dtype: torch.dtype | None,
         eval_batch_size: int,
         padding_buckets: PaddingBuckets,
+        share_prompt: SharePrompt = "auto",
     ):
         self.train_pairs, self.eval_pairs = train_pairs, eval_pairs
         self.padding_buckets = padding_buckets_for_world(padding_buckets)  # forwards per micro-batch: 1, K or "auto"
@@ -111,16 +130,27 @@ class DPOObjective:
         self.autocast_dtype, self.eval_batch_size = autocast_dtype, eval_batch_size
         self.dataset_size = len(train_pairs)
         self.answer_tokens = [len(p.chosen_ids) + len(p.rejected_ids) for p in train_pairs]
+        self.share_prompt = share_prompt  # "auto" | True | False, see trainables/shared_prompt.py
+        self.shared: bool | None = False if exact_kl else None  # None: decided by a probe on the first micro-batch
+        if exact_kl and share_prompt is True:
+            logger.warning("share_prompt=true ignored: the exact KL needs the standard forward's full-vocabulary logits")
 
     def token_count(self, indices: Sequence[int]) -> int:
         return sum(self.answer_tokens[i] for i in indices)
 
     def _sums(self, model, pairs, indices, split) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
         """(summed preference loss, summed token KL, metric sums) for one batch of pairs."""
-        batch = {k: v.to(self.device) for k, v in collate_pairs([pairs[i] for i in indices], self.pad_token_id).items()}
+        batch_pairs = [pairs[i] for i in indices]
+        batch = {k: v.to(self.device) for k, v in collate_pairs(batch_pairs, self.pad_token_id).items()}
         answer_mask = batch["answer_mask"]  # (2B, seq)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
-            policy = forward_logps(model, batch, keep_logits=self.exact_kl, padding_buckets=self.padding_buckets)
+            if self.shared is None:
+                self.shared = decide_share_prompt(model, self.share_prompt, batch_pairs, batch, self.pad_token_id,
+                                                  "policy")
+            if self.shared:
+                policy = shared_forward_logps(model, batch_pairs, answer_mask, self.pad_token_id, self.padding_buckets)
+            else:
+                policy = forward_logps(model, batch, keep_logits=self.exact_kl, padding_buckets=self.padding_buckets)
         reference = self.reference.values(split, indices, batch)
         policy_chosen, policy_rejected = split_chosen_rejected(policy.sequence_logps)  # (B,), (B,)
         reference_chosen, reference_rejected = reference.chosen_logps, reference.rejected_logps

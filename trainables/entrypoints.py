@@ -169,14 +169,16 @@ def _reference_for(model_args, preference_args, data, runtime_args, device, auto
     exact = preference_args.kl_estimator == "exact"
     if policy is not None:  # LoRA with a live reference: the policy with its adapters disabled
         return LiveReference(policy, exact, autocast_dtype, adapters_of_policy=True,
-                             padding_buckets=runtime_args.padding_buckets), None
+                             padding_buckets=runtime_args.padding_buckets, share_prompt=runtime_args.share_prompt,
+                             pad_token_id=data.tokenizer.pad_token_id), None
     if preference_args.reference_mode == "live":
         model = load_causal_lm(
             preference_args.reference_path or model_args.path, revision=model_args.revision,
             trust_remote_code=model_args.trust_remote_code, dtype=model_args.dtype,
             attn_implementation=model_args.attn_implementation,
         ).to(device)
-        return LiveReference(model, exact, autocast_dtype, padding_buckets=runtime_args.padding_buckets), None
+        return LiveReference(model, exact, autocast_dtype, padding_buckets=runtime_args.padding_buckets,
+                             share_prompt=runtime_args.share_prompt, pad_token_id=data.tokenizer.pad_token_id), None
     rank, world = rank_and_world()
     if world > 1 and rank != 0:
         dist.barrier()  # rank 0 fills the cache first; the others then read it
@@ -217,7 +219,7 @@ def run_dpo(
         exact_kl=preference_args.kl_estimator == "exact" and preference_args.reference_mode == "live",
         length_normalize=preference_args.loss == "ipo", pad_token_id=data.tokenizer.pad_token_id,
         device=device, autocast_dtype=autocast_dtype, eval_batch_size=runtime_args.eval_batch_size,
-        padding_buckets=runtime_args.padding_buckets,
+        padding_buckets=runtime_args.padding_buckets, share_prompt=runtime_args.share_prompt,
     )
     lineage = {"stage": "dpo", "base_model": model_args.path, "beta": preference_args.beta,
                "kl_weight": preference_args.kl_weight, "reference_cache_key": cache_key or ""}

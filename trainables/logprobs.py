@@ -9,7 +9,8 @@ the per-row results back in the original order at the batch's width, zeros beyon
 (only pad positions, which every consumer masks). Downstream (losses, KL, metrics, one backward) sees
 the same values as with one forward. The log-softmax is never materialised for the whole batch in
 float32: `token_logps_from_logits` gathers the target logit and subtracts a logsumexp computed in
-chunks. Tested by `python -m pytest tests/test_engine.py tests/test_bucketing.py -q`.
+chunks (`target_logps`). DPO's shared-prompt forward (trainables/shared_prompt.py) returns the same
+ForwardLogps layout from one row per pair. Tested by `python -m pytest tests/test_engine.py tests/test_bucketing.py -q`.
 """
 
 from __future__ import annotations
@@ -37,15 +38,23 @@ def token_logps_from_logits(logits: torch.Tensor, input_ids: torch.Tensor) -> to
     rows, seq_len, vocab = logits.shape
     predicting = logits[:, :-1, :].reshape(-1, vocab)  # (rows*(seq-1), vocab)
     targets = input_ids[:, 1:].reshape(-1)  # (rows*(seq-1),)
-    picked = predicting.gather(-1, targets.unsqueeze(-1)).squeeze(-1).float()  # (rows*(seq-1),)
+    shifted = target_logps(predicting, targets).view(rows, seq_len - 1)  # (rows, seq-1)
+    return torch.nn.functional.pad(shifted, (1, 0), value=0.0)  # (rows, seq)
+
+
+def target_logps(predicting: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(predicting)[targets], row by row: the picked logit minus a logsumexp taken in chunks.
+
+    predicting: (tokens, vocab) any float dtype; targets: (tokens,) long. Returns float32 (tokens,).
+    """
+    picked = predicting.gather(-1, targets.unsqueeze(-1)).squeeze(-1).float()  # (tokens,)
     normalisers = torch.cat(
         [
             torch.logsumexp(chunk.float(), dim=-1)  # (chunk,)
             for chunk in predicting.split(LOGSUMEXP_CHUNK_TOKENS, dim=0)
         ]
-    )
-    shifted = (picked - normalisers).view(rows, seq_len - 1)  # (rows, seq-1)
-    return torch.nn.functional.pad(shifted, (1, 0), value=0.0)  # (rows, seq)
+    )  # (tokens,)
+    return picked - normalisers
 
 
 @dataclass

@@ -67,5 +67,6 @@ class RuntimeArgs:
     precision: str = "auto"  # auto (bf16 autocast on CUDA) | fp32 | bf16
     eval_batch_size: int = 32
     padding_buckets: int | str = "auto"  # forwards per micro-batch by row length: "auto" | K >= 1 (1 = one padded batch)
+    share_prompt: bool | str = "auto"  # one row per pair, prompt computed once: "auto" (if a probe agrees) | True | False
     resume_from: str | None = None  # a checkpoint folder, "latest" (under output_dir), or None
     show_progress: bool = True
