@@ -93,7 +93,7 @@ class TrainSection(Section):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N (single-process runs)")
     eval_batch_size: int = Field(32, gt=0, description="Pairs per evaluation forward")
     padding_buckets: int | str = Field("auto", description="Forwards per micro-batch, rows grouped by length to cut padding (same math): auto (padding vs per-forward cost) or K >= 1; 1 = one padded batch")
-    share_prompt: bool | Literal["auto"] = Field("auto", description="DPO: each prompt computed once for chosen and rejected (one row per pair, 4D mask; same math): auto (eager/sdpa attention and a first-batch probe agree), true (required), false")
+    share_prompt: bool | Literal["auto"] = Field("auto", description="DPO: each prompt computed once for chosen and rejected (one row per pair, 4D mask; same math): auto (eager/sdpa attention, it saves >= 10% of padded tokens and a first-batch probe agrees), true (required), false")
     resume_from: str | None = Field(None, description="Checkpoint folder or `latest` (under output_dir) to resume from")
 
     @field_validator("device")

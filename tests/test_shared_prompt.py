@@ -183,6 +183,20 @@ def test_auto_keeps_the_shared_forward_when_the_probe_agrees(models, caplog):
     assert not decide_share_prompt(load_causal_lm(models["gpt2"]), False, pairs, batch, PAD, "policy")
 
 
+def test_auto_keeps_the_standard_forward_when_one_row_per_pair_saves_too_little(models, caplog):
+    """One-token prompts and long answers of equal length: a shared row is nearly as long as two standard
+    rows together, so auto refuses (it would only add attention cost); true still uses it."""
+    generator = torch.Generator().manual_seed(1)
+    ids = lambda count: tuple(torch.randint(4, 28, (count,), generator=generator).tolist())  # noqa: E731
+    pairs = [TokenizedPair(ids(1), ids(30) + (2,), ids(30) + (2,)) for _ in range(4)]
+    batch = collate_pairs(pairs, PAD)
+    model = load_causal_lm(models["llama"])
+    with caplog.at_level(logging.WARNING, logger="trainables.shared_prompt"):
+        assert decide_share_prompt(model, "auto", pairs, batch, PAD, "policy") is False
+    assert "does not pay" in caplog.text
+    assert decide_share_prompt(model, True, pairs, batch, PAD, "policy") is True
+
+
 def test_auto_falls_back_for_a_model_that_ignores_the_mask_and_true_errors(models, caplog):
     pairs, batch = probe_inputs()
     model = ignoring_custom_masks(load_causal_lm(models["llama"]))

@@ -41,6 +41,9 @@ logger = logging.getLogger(__name__)
 
 SharePrompt = Union[bool, str]  # "auto" | True | False
 MASK_HONOURING_ATTENTION = ("eager", "sdpa")  # implementations that apply a given 4D additive mask as is
+# auto: the shared rows must save at least this share of the padded tokens of the standard layout; below
+# it the longer rows' attention (quadratic in P+C+R) and the custom mask can cost more than they save.
+MIN_TOKEN_SAVING = 0.10
 PROBE_TOLERANCE_FP32 = 1e-4  # max |token log-prob difference|, shared vs standard, without autocast
 PROBE_TOLERANCE_AUTOCAST = 5e-2  # the same under bf16/fp16 autocast (different reduction orders round apart)
 
@@ -193,8 +196,15 @@ def decide_share_prompt(model: torch.nn.Module, share_prompt: SharePrompt, pairs
     difference = (standard - shared).abs().max().detach().reshape(1).double()  # (1,)
     if not torch.isfinite(difference).all():
         difference.fill_(float("inf"))
+    longest_shared = max(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+    kept = torch.tensor([len(pairs) * longest_shared / batch["input_ids"].numel()], dtype=torch.float64,
+                        device=difference.device)  # (1,) padded tokens, shared / standard layout
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(difference, op=dist.ReduceOp.MAX)  # the same decision on every rank
+        dist.all_reduce(kept, op=dist.ReduceOp.MAX)
+    if share_prompt == "auto" and kept.item() > 1 - MIN_TOKEN_SAVING:
+        return _refuse(share_prompt, who, f"on the first micro-batch one row per pair would keep {kept.item():.0%} of the "
+                                          f"padded tokens (prompts short against the answers): it does not pay")
     device_type = batch["input_ids"].device.type
     tolerance = PROBE_TOLERANCE_AUTOCAST if torch.is_autocast_enabled(device_type) else PROBE_TOLERANCE_FP32
     if difference.item() > tolerance:
