@@ -179,3 +179,16 @@ def test_sft_examples_tokenize_truncate_and_collate():
 def test_token_count_helpers():
     pair = TokenizedPair((BOS, 5), (6, 7, EOS), (8, EOS))
     assert pair_token_count(pair) == 2 * 2 + 3 + 2 and pair_answer_token_count(pair) == 5
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen2", "gpt2"])
+def test_a_custom_tokenizer_saved_beside_any_architecture_is_the_one_loaded(tmp_path, architecture):
+    """transformers 5 would pick Qwen2Tokenizer for any qwen2 directory, which turns these words into no
+    tokens at all; load_tokenizer keeps the tokenizer.json the directory declares."""
+    from tests.tiny_world import build_model_dir
+    from trainables.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(str(build_model_dir(tmp_path / architecture, architecture)))
+    ids = tokenizer("good yes blue rug", add_special_tokens=False).input_ids
+    assert len(ids) == 4 and tokenizer.unk_token_id not in ids
+    assert tokenizer.pad_token == "<pad>" and tokenizer.chat_template

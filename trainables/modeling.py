@@ -104,9 +104,33 @@ def load_tokenizer(path: str, *, revision: str | None = None, trust_remote_code:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
         raise OSError(f"could not load a tokenizer from {path!r}: {error}. Set model.tokenizer_path to one.") from error
+    return _as_declared(tokenizer, path)
+
+
+# tokenizer_config.json classes that mean "the tokenizer.json file as it is" (no model-specific Python class)
+GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def _as_declared(tokenizer, path: str):
+    """The tokenizer the directory declares, when AutoTokenizer chose another one.
+
+    transformers 5 picks the tokenizer class from config.json's model_type (e.g. Qwen2Tokenizer for any
+    qwen2 model) even when tokenizer_config.json declares a generic tokenizer.json backend; a custom
+    tokenizer saved beside such a model then turns words into no tokens at all. A local directory that
+    declares a generic class gets exactly its tokenizer.json.
+    """
+    config_file = Path(path).expanduser() / "tokenizer_config.json"
+    if not config_file.is_file() or not (config_file.parent / "tokenizer.json").is_file():
+        return tokenizer
+    declared = json.loads(config_file.read_text()).get("tokenizer_class")
+    if declared not in GENERIC_TOKENIZER_CLASSES or type(tokenizer).__name__ in GENERIC_TOKENIZER_CLASSES:
+        return tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast.from_pretrained(str(config_file.parent))
 
 
 def _hash_file(path: Path, digest) -> None:
