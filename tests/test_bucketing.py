@@ -101,11 +101,9 @@ def test_bad_padding_buckets_are_rejected(bad):
 @pytest.mark.parametrize("bad", ["0", "-2", "lots", "2.5", "true", "null", "'3'"])
 def test_config_rejects_bad_padding_buckets_and_names_the_key(tmp_path, bad):
     from orchestrator.config import ConfigError, load_config, runtime_args
+    from tests.tiny_world import minimal_config_file
 
-    (tmp_path / "model").mkdir()
-    (tmp_path / "train.jsonl").write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
-    path = tmp_path / "experiment.yaml"
-    path.write_text(f"name: unit\nmodel: {{path: {tmp_path / 'model'}}}\ndata: {{train: {tmp_path / 'train.jsonl'}}}\n")
+    path = minimal_config_file(tmp_path)
     assert runtime_args(load_config(path)).padding_buckets == "auto"
     assert runtime_args(load_config(path, ["train.padding_buckets=3"])).padding_buckets == 3
     with pytest.raises(ConfigError, match=r"train\.padding_buckets: .*\"auto\" or an integer >= 1"):

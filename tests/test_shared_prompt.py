@@ -261,11 +261,9 @@ def test_every_rank_makes_the_same_choice(models, tmp_path):
 @pytest.mark.parametrize("bad", ["yes please", "2", "null", "'true'", "1.5"])
 def test_config_rejects_bad_share_prompt_and_names_the_key(tmp_path, bad):
     from orchestrator.config import ConfigError, load_config, runtime_args
+    from tests.tiny_world import minimal_config_file
 
-    (tmp_path / "model").mkdir()
-    (tmp_path / "train.jsonl").write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
-    path = tmp_path / "experiment.yaml"
-    path.write_text(f"name: unit\nmodel: {{path: {tmp_path / 'model'}}}\ndata: {{train: {tmp_path / 'train.jsonl'}}}\n")
+    path = minimal_config_file(tmp_path)
     assert runtime_args(load_config(path)).share_prompt == "auto"
     assert runtime_args(load_config(path, ["train.share_prompt=false"])).share_prompt is False
     assert runtime_args(load_config(path, ["train.share_prompt=true"])).share_prompt is True

@@ -93,3 +93,12 @@ def pair_rows(layout: str, count: int, seed: int = 0) -> list[dict]:
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
+
+
+def minimal_config_file(directory: Path) -> Path:
+    """The smallest valid experiment YAML (an empty model folder, one pair): for config validation tests."""
+    (directory / "model").mkdir(exist_ok=True)
+    (directory / "train.jsonl").write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    path = directory / "experiment.yaml"
+    path.write_text(f"name: unit\nmodel: {{path: {directory / 'model'}}}\ndata: {{train: {directory / 'train.jsonl'}}}\n")
+    return path
