@@ -17,13 +17,13 @@ import pytest
 import torch
 
 import trainables.logprobs as logprobs
-from tests.tiny_world import build_model_dir, pair_rows, write_jsonl
+from tests.tiny_world import build_model_dir, far_apart_pairs, pair_rows, write_jsonl
 from trainables.bucketing import FORWARD_COST_TOKENS, check_padding_buckets, padded_tokens, plan_buckets
 from trainables.entrypoints import run_dpo
 from trainables.loop import LoopSettings
 from trainables.modeling import load_causal_lm
 from trainables.settings import DataArgs, ModelArgs, PreferenceArgs, RuntimeArgs
-from trainables.tokenization import TokenizedPair, collate_pairs
+from trainables.tokenization import collate_pairs
 
 
 @pytest.fixture(scope="module")
@@ -111,16 +111,6 @@ def test_config_rejects_bad_padding_buckets_and_names_the_key(tmp_path, bad):
 
 
 # ---- the math -----------------------------------------------------------------------------------
-
-def far_apart_pairs() -> list[TokenizedPair]:
-    generator = torch.Generator().manual_seed(0)
-
-    def ids(count: int) -> tuple[int, ...]:
-        return tuple(torch.randint(4, 28, (count,), generator=generator).tolist())
-
-    shapes = [(2, 1, 30), (20, 30, 2), (3, 3, 3), (1, 60, 1), (5, 5, 40), (4, 2, 2)]  # prompt, chosen, rejected
-    return [TokenizedPair(ids(p), ids(c) + (2,), ids(r) + (2,)) for p, c, r in shapes]
-
 
 @pytest.mark.parametrize("padding_buckets", [2, 3, "auto", 12])
 def test_bucketed_forward_gives_the_same_logps_logits_and_gradients(world, padding_buckets):

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import trainables.shared_prompt as shared_prompt
-from tests.tiny_world import build_model_dir, pair_rows, write_jsonl
+from tests.tiny_world import build_model_dir, far_apart_pairs, pair_rows, write_jsonl
 from trainables.entrypoints import run_dpo
 from trainables.logprobs import forward_logps
 from trainables.loop import LoopSettings
@@ -47,17 +47,6 @@ def world(tmp_path_factory, models) -> dict:
         if index % 3 == 0:
             row["prompt"] = " ".join([row["prompt"]] * 3)
     return {"root": root, "model": models["llama"], "train": str(write_jsonl(root / "train.jsonl", rows))}
-
-
-def far_apart_pairs() -> list[TokenizedPair]:
-    """Prompts of 1 to 20 tokens, chosen/rejected of 1 to 60 (eos included), very unequal within a pair."""
-    generator = torch.Generator().manual_seed(0)
-
-    def ids(count: int) -> tuple[int, ...]:
-        return tuple(torch.randint(4, 28, (count,), generator=generator).tolist())
-
-    shapes = [(2, 1, 30), (20, 30, 2), (3, 3, 3), (1, 60, 1), (5, 5, 40), (4, 2, 2)]  # prompt, chosen, rejected
-    return [TokenizedPair(ids(p), ids(c) + (2,), ids(r) + (2,)) for p, c, r in shapes]
 
 
 # ---- the layout ---------------------------------------------------------------------------------

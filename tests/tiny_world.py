@@ -102,3 +102,17 @@ def minimal_config_file(directory: Path) -> Path:
     path = directory / "experiment.yaml"
     path.write_text(f"name: unit\nmodel: {{path: {directory / 'model'}}}\ndata: {{train: {directory / 'train.jsonl'}}}\n")
     return path
+
+
+def far_apart_pairs():
+    """Six tokenised pairs: prompts of 1 to 20 tokens, chosen/rejected of 1 to 60 (eos 2 included), very
+    unequal within a pair (ids 4 to 27, any tiny_world vocabulary)."""
+    from trainables.tokenization import TokenizedPair
+
+    generator = torch.Generator().manual_seed(0)
+
+    def ids(count: int) -> tuple[int, ...]:
+        return tuple(torch.randint(4, 28, (count,), generator=generator).tolist())
+
+    shapes = [(2, 1, 30), (20, 30, 2), (3, 3, 3), (1, 60, 1), (5, 5, 40), (4, 2, 2)]  # prompt, chosen, rejected
+    return [TokenizedPair(ids(p), ids(c) + (2,), ids(r) + (2,)) for p, c, r in shapes]
