@@ -26,7 +26,7 @@ from trainables.logprobs import forward_logps
 from trainables.loop import LoopSettings
 from trainables.modeling import load_causal_lm
 from trainables.settings import DataArgs, ModelArgs, PreferenceArgs, RuntimeArgs
-from trainables.shared_prompt import (check_share_prompt, collate_shared, decide_share_prompt, pairs_from_batch,
+from trainables.shared_prompt import (check_share_prompt, collate_shared, decide_share_prompt,
                                       shared_forward_logps)
 from trainables.tokenization import TokenizedPair, collate_pairs
 
@@ -72,11 +72,6 @@ def test_layout_positions_mask_and_predictors_by_hand():
     assert shared.targets.tolist() == [20, 21, 22, 30, 31, 32, 33]
     mask = shared_prompt.additive_mask(shared.allowed, torch.float32)  # (2, 1, 7, 7)
     assert mask.shape == (2, 1, 7, 7) and mask.max() == 0 and mask.min() == torch.finfo(torch.float32).min
-
-
-def test_pairs_come_back_from_a_collated_batch():
-    pairs = far_apart_pairs()
-    assert pairs_from_batch(collate_pairs(pairs, PAD)) == pairs
 
 
 # ---- the math -----------------------------------------------------------------------------------

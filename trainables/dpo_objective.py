@@ -21,11 +21,11 @@ from typing import Sequence
 import torch
 
 from trainables.bucketing import PaddingBuckets
-from trainables.logprobs import forward_logps, padding_buckets_for_world, split_chosen_rejected
+from trainables.logprobs import padding_buckets_for_world, split_chosen_rejected
 from trainables.loop import all_reduce_sums, rank_and_world
 from trainables.losses import PreferenceLossFn, exact_token_kl, k3_token_kl
 from trainables.reference_cache import ReferenceLogps
-from trainables.shared_prompt import SharePrompt, decide_share_prompt, pairs_from_batch, shared_forward_logps
+from trainables.shared_prompt import PairForward, SharePrompt
 from trainables.sharding import lockstep_padding
 from trainables.tokenization import TokenizedPair, collate_pairs
 
@@ -46,7 +46,8 @@ class CachedReference:
     def __init__(self, train: ReferenceLogps, eval: ReferenceLogps | None):
         self.by_split = {"train": train, "eval": eval}
 
-    def values(self, split: str, indices: Sequence[int], batch: dict[str, torch.Tensor]) -> ReferenceValues:
+    def values(self, split: str, indices: Sequence[int], pairs: Sequence[TokenizedPair],
+               batch: dict[str, torch.Tensor]) -> ReferenceValues:
         chosen, rejected, tokens = self.by_split[split].for_batch(indices, batch["answer_mask"])
         return ReferenceValues(chosen, rejected, tokens, None)
 
@@ -63,11 +64,10 @@ class LiveReference:
                  share_prompt: SharePrompt = "auto", pad_token_id: int = 0):
         self.model = model if adapters_of_policy else model.eval().requires_grad_(False)
         self.adapters_of_policy = adapters_of_policy
-        self.padding_buckets = padding_buckets_for_world(padding_buckets)  # see logprobs.forward_logps
-        self.keep_logits = keep_logits
         self.autocast_dtype = autocast_dtype
-        self.share_prompt, self.pad_token_id = share_prompt, pad_token_id  # pad id: shared rows' padding only
-        self.shared: bool | None = False if keep_logits else None  # None: decided by a probe on the first batch
+        # pad id: the shared rows' padding only; buckets: see logprobs.forward_logps
+        self.forward = PairForward(share_prompt, pad_token_id, padding_buckets_for_world(padding_buckets), keep_logits,
+                                   "live reference")
 
     def _context(self):
         if self.adapters_of_policy:
@@ -75,19 +75,11 @@ class LiveReference:
         return contextlib.nullcontext()
 
     @torch.no_grad()
-    def values(self, split: str, indices: Sequence[int], batch: dict[str, torch.Tensor]) -> ReferenceValues:
+    def values(self, split: str, indices: Sequence[int], pairs: Sequence[TokenizedPair],
+               batch: dict[str, torch.Tensor]) -> ReferenceValues:
         device_type = batch["input_ids"].device.type
-        model = getattr(self.model, "module", self.model)
         with self._context(), torch.autocast(device_type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
-            pairs = pairs_from_batch(batch) if self.shared is not False else []
-            if self.shared is None:
-                self.shared = decide_share_prompt(model, self.share_prompt, pairs, batch, self.pad_token_id,
-                                                  "live reference")
-            if self.shared:
-                result = shared_forward_logps(model, pairs, batch["answer_mask"], self.pad_token_id,
-                                              self.padding_buckets)
-            else:
-                result = forward_logps(model, batch, keep_logits=self.keep_logits, padding_buckets=self.padding_buckets)
+            result = self.forward(getattr(self.model, "module", self.model), pairs, batch)
         chosen, rejected = split_chosen_rejected(result.sequence_logps)
         return ReferenceValues(chosen, rejected, result.token_logps, result.logits)
 
@@ -95,7 +87,8 @@ class LiveReference:
 class NoReference:
     """Reference-free preference optimisation: log pi_ref = 0 for every answer."""
 
-    def values(self, split: str, indices: Sequence[int], batch: dict[str, torch.Tensor]) -> ReferenceValues:
+    def values(self, split: str, indices: Sequence[int], pairs: Sequence[TokenizedPair],
+               batch: dict[str, torch.Tensor]) -> ReferenceValues:
         zeros = torch.zeros(len(indices), device=batch["input_ids"].device)
         return ReferenceValues(zeros, zeros, None, None)
 
@@ -122,7 +115,6 @@ class DPOObjective:
         share_prompt: SharePrompt = "auto",
     ):
         self.train_pairs, self.eval_pairs = train_pairs, eval_pairs
-        self.padding_buckets = padding_buckets_for_world(padding_buckets)  # forwards per micro-batch: 1, K or "auto"
         self.reference, self.loss_fn = reference, loss_fn
         self.beta, self.kl_weight = beta, kl_weight
         self.exact_kl, self.length_normalize = exact_kl, length_normalize
@@ -130,8 +122,9 @@ class DPOObjective:
         self.autocast_dtype, self.eval_batch_size = autocast_dtype, eval_batch_size
         self.dataset_size = len(train_pairs)
         self.answer_tokens = [len(p.chosen_ids) + len(p.rejected_ids) for p in train_pairs]
-        self.share_prompt = share_prompt  # "auto" | True | False, see trainables/shared_prompt.py
-        self.shared: bool | None = False if exact_kl else None  # None: decided by a probe on the first micro-batch
+        # forwards per micro-batch (padding_buckets: 1, K or "auto"); share_prompt: "auto" | True | False
+        self.forward = PairForward(share_prompt, pad_token_id, padding_buckets_for_world(padding_buckets), exact_kl,
+                                   "policy")
         if exact_kl and share_prompt is True:
             logger.warning("share_prompt=true ignored: the exact KL needs the standard forward's full-vocabulary logits")
 
@@ -144,14 +137,8 @@ class DPOObjective:
         batch = {k: v.to(self.device) for k, v in collate_pairs(batch_pairs, self.pad_token_id).items()}
         answer_mask = batch["answer_mask"]  # (2B, seq)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
-            if self.shared is None:
-                self.shared = decide_share_prompt(model, self.share_prompt, batch_pairs, batch, self.pad_token_id,
-                                                  "policy")
-            if self.shared:
-                policy = shared_forward_logps(model, batch_pairs, answer_mask, self.pad_token_id, self.padding_buckets)
-            else:
-                policy = forward_logps(model, batch, keep_logits=self.exact_kl, padding_buckets=self.padding_buckets)
-        reference = self.reference.values(split, indices, batch)
+            policy = self.forward(model, batch_pairs, batch)
+        reference = self.reference.values(split, indices, batch_pairs, batch)
         policy_chosen, policy_rejected = split_chosen_rejected(policy.sequence_logps)  # (B,), (B,)
         reference_chosen, reference_rejected = reference.chosen_logps, reference.rejected_logps
         if self.length_normalize:

@@ -156,16 +156,6 @@ def shared_forward_logps(model: torch.nn.Module, pairs: Sequence[TokenizedPair],
     return ForwardLogps(token_logps=token_logps, sequence_logps=token_logps.sum(-1), logits=None)
 
 
-def pairs_from_batch(batch: dict[str, torch.Tensor]) -> list[TokenizedPair]:
-    """The TokenizedPairs behind a collate_pairs batch (for callers that only hold the batch)."""
-    ids, answer, real = batch["input_ids"].tolist(), batch["answer_mask"].tolist(), batch["attention_mask"].tolist()
-    half = len(ids) // 2
-    start = [row.index(True) for row in answer]  # first answer column = prompt length
-    end = [sum(row) for row in real]
-    return [TokenizedPair(tuple(ids[b][: start[b]]), tuple(ids[b][start[b] : end[b]]),
-                          tuple(ids[half + b][start[half + b] : end[half + b]])) for b in range(half)]
-
-
 def attention_implementation(model: torch.nn.Module) -> str | None:
     """config._attn_implementation of a (DDP/FSDP/PEFT-wrapped) HF model, None when it has none."""
     inner = getattr(model, "module", model)
@@ -213,6 +203,27 @@ def decide_share_prompt(model: torch.nn.Module, share_prompt: SharePrompt, pairs
     logger.info("%s: shared-prompt forward on (probe: max token log-prob difference %.2g <= %g, attention %s)",
                 who, difference.item(), tolerance, implementation)
     return True
+
+
+class PairForward:
+    """Answer-token log-probs of collated pairs for one model (the policy, or a live reference): by the
+    shared-prompt forward when `share_prompt` allows it, decided once by decide_share_prompt on the first
+    batch, else by logprobs.forward_logps. keep_logits (the exact KL) always takes the standard forward."""
+
+    def __init__(self, share_prompt: SharePrompt, pad_token_id: int, padding_buckets: PaddingBuckets,
+                 keep_logits: bool, who: str):
+        self.share_prompt, self.pad_token_id, self.who = share_prompt, pad_token_id, who
+        self.padding_buckets, self.keep_logits = padding_buckets, keep_logits
+        self.shared: bool | None = False if keep_logits else None  # None: not decided yet
+
+    def __call__(self, model: torch.nn.Module, pairs: Sequence[TokenizedPair],
+                 batch: dict[str, torch.Tensor]) -> ForwardLogps:
+        """batch: collate_pairs(pairs) on the model's device, under the caller's autocast."""
+        if self.shared is None:
+            self.shared = decide_share_prompt(model, self.share_prompt, pairs, batch, self.pad_token_id, self.who)
+        if self.shared:
+            return shared_forward_logps(model, pairs, batch["answer_mask"], self.pad_token_id, self.padding_buckets)
+        return forward_logps(model, batch, keep_logits=self.keep_logits, padding_buckets=self.padding_buckets)
 
 
 def _refuse(share_prompt: SharePrompt, who: str, reason: str) -> bool:
