@@ -9,6 +9,10 @@ It runs the sweep in a fresh storage folder and reports:
 - Ray overhead = 1 - (trial step + eval seconds) / (wall seconds x trial slots), where trial slots is
   how many trials fit the machine at once; it counts start-up of Ray, trial actors, Train workers,
   model and data loading, checkpoint upload and the reference pass as overhead;
+- where those seconds went: each trial's Ray Train start-up (fit() to the worker's first line), wait for
+  the reference task, and loading (imports, data, cache, model) before its first step, as the workers
+  measured them (`perf/ray_train_start_seconds`, `perf/reference_wait_seconds`, `perf/load_seconds`);
+  the rest of the trials (reports, checkpoints, teardown); and the seconds outside trials;
 - the reference pass: its cold cost (measured once more, outside the sweep) and the compute that
   per-trial recomputation would have spent, K x cold cost, against 1 x cold cost with the shared cache;
 - Ray Train's floor: the wall time of a TorchTrainer.fit() whose workers run an empty loop, on a local
@@ -80,6 +84,21 @@ def ray_train_floor_seconds(config: cfg.ExperimentConfig, storage: str, fits: in
         ray.shutdown()
 
 
+STARTUP_PHASES = ("ray_train_start_seconds", "reference_wait_seconds", "load_seconds")  # ray_trial.StartupClock
+
+
+def fixed_by_phase(slot_seconds: float, trials: list[dict]) -> dict[str, float]:
+    """The sweep's non-step seconds split by where they went: each trial's start-up phases (as its workers
+    measured them), the rest of each trial (MLflow run, reports, checkpoints, Ray Train teardown), and
+    what lies outside trials (data validation, Ray and MLflow start, Tune, gaps between trials)."""
+    phases = {name: sum(t.get(name) or 0.0 for t in trials) for name in STARTUP_PHASES}
+    in_trials = sum((t.get("trial_seconds") or 0.0) - (t.get("step_seconds") or 0.0) - (t.get("eval_seconds") or 0.0)
+                    for t in trials)
+    phases["rest_of_trials"] = in_trials - sum(phases.values())
+    phases["outside_trials"] = slot_seconds - sum(t.get("trial_seconds") or 0.0 for t in trials)
+    return phases
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/quickstart.yaml", help="sweep config (default: the quickstart)")
@@ -121,8 +140,9 @@ def main() -> None:
         "ray_train_floor_seconds": floor,
         "fixed_seconds": fixed_seconds, "busy_seconds_per_trial_for_15_percent": busy_per_trial_for_target,
         "best": summary["best"],
-        "per_trial": [{k: t.get(k) for k in ("trial_id", "trial_seconds", "step_seconds", "eval_seconds")}
+        "per_trial": [{k: t.get(k) for k in ("trial_id", "trial_seconds", "step_seconds", "eval_seconds") + STARTUP_PHASES}
                       | {"beta": t["config"].get("beta")} for t in trials],
+        "fixed_seconds_by_phase": fixed_by_phase(wall * slots, trials),
     }
     print(f"sweep {config.name}: {len(trials)} trials, betas {figures['betas_tried']}, {slots} trial slot(s) on {cpus} CPUs")
     print(f"  wall {wall:.1f} s; in optimizer steps {step_seconds:.1f} s, in evaluation {eval_seconds:.1f} s")
@@ -130,10 +150,11 @@ def main() -> None:
     for trial in trials:
         busy = (trial.get("step_seconds") or 0.0) + (trial.get("eval_seconds") or 0.0)
         if trial.get("trial_seconds"):
+            phases = ", ".join(f"{name.removesuffix('_seconds').replace('_', ' ')} {trial.get(name) or 0.0:.1f}" for name in STARTUP_PHASES)
             print(f"    trial {trial['trial_id']} (beta {trial['config'].get('beta')}): {trial['trial_seconds']:.1f} s from "
-                  f"trial start to last report, {busy:.1f} s in steps and eval, {trial['trial_seconds'] - busy:.1f} s start-up and reporting")
-    before_trials = wall - sum(t.get("trial_seconds") or 0.0 for t in trials)
-    print(f"  outside trials (server and Ray start, reference pass, trial launch and teardown): {before_trials:.1f} s")
+                  f"trial start to last report, {busy:.1f} s in steps and eval; before the first step: {phases} s")
+    print("  fixed seconds by phase (summed over trials): " + ", ".join(
+        f"{name.replace('_', ' ')} {value:.1f}" for name, value in figures["fixed_seconds_by_phase"].items()))
     print(f"  Ray Train floor (TorchTrainer.fit of an empty loop, same resources): "
           f"{', '.join(f'{value:.1f}' for value in floor)} s; median {sorted(floor)[len(floor) // 2]:.1f} s per trial")
     print(f"  {fixed_seconds:.1f} fixed seconds: overhead would be {TARGET:.0%} with {busy_per_trial_for_target:.0f} s of steps "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +43,16 @@ def trial_experiment(experiment: dict[str, Any], trial_config: dict[str, Any], r
 def train_worker(loop_config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker: the engine's DPO loop (or, with `"stage": "sft"`, its SFT loop)
     with Ray's model preparation and reporting."""
+    entered = time.time()
     from trainables.entrypoints import run_dpo, run_sft
 
     stage = loop_config.get("stage", "dpo")
     experiment = cfg.ExperimentConfig.model_validate(loop_config["experiment"])
     shared = loop_config.get("shared") or {}  # object refs from the sweep driver (orchestrator/sweep.py)
+    startup = StartupClock(fit_called_at=loop_config.get("fit_called_at"), worker_entered_at=entered)
     if shared.get("reference_ready") is not None:
         ray.get(shared["reference_ready"])  # the sweep's reference task: Tune starts trials before it ends
+    startup.reference_ready()
     data = ray.get(shared["data"]) if shared.get("data") is not None and stage == "dpo" else None
     resources = experiment.resources
     if not resources.use_gpu:
@@ -65,6 +69,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         tracker = TrialTracker(loop_config["tracking"]["uri"], loop_config["tracking"]["run_id"])
 
     def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        metrics = {**metrics, **startup.metrics(metrics)}
         if tracker is not None:  # asynchronous: never waits for the tracking server
             tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=int(metrics["step"]))
         checkpoint = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
@@ -103,6 +108,37 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         shutil.rmtree(local_dir, ignore_errors=True)
 
 
+class StartupClock:
+    """Where a trial's time goes before its first optimizer step, as `perf/*` metrics of every report.
+
+    - perf/ray_train_start_seconds: from the trial driver's TorchTrainer.fit() to train_worker starting
+      (Ray Train's controller, worker and helper processes; the trial driver's clock, so one machine or
+      synchronised clocks);
+    - perf/reference_wait_seconds: waiting for the sweep's reference task (the first trials only);
+    - perf/load_seconds: from then to the first report, less the first step: imports, data, reference
+      cache, model loading and wrapping (DDP/FSDP).
+    Fixed at the first report; bench/sweep.py sums them into the sweep's overhead breakdown.
+    """
+
+    def __init__(self, fit_called_at: float | None, worker_entered_at: float):
+        self.fit_called_at = fit_called_at
+        self.entered = worker_entered_at
+        self.ready = worker_entered_at
+        self.figures: dict[str, float] | None = None
+
+    def reference_ready(self) -> None:
+        self.ready = time.time()
+
+    def metrics(self, first_report: dict[str, Any]) -> dict[str, float]:
+        if self.figures is None:
+            in_steps = float(first_report.get("perf/step_seconds_total", 0.0)) + float(first_report.get("perf/eval_seconds_total", 0.0))
+            self.figures = {"perf/reference_wait_seconds": self.ready - self.entered,
+                            "perf/load_seconds": max(0.0, time.time() - self.ready - in_steps)}
+            if self.fit_called_at is not None:
+                self.figures["perf/ray_train_start_seconds"] = max(0.0, self.entered - self.fit_called_at)
+        return self.figures
+
+
 def scaling_for(resources: cfg.ResourcesSection) -> ScalingConfig:
     """The Ray Train scaling of one job: resources.num_workers workers with their CPUs (and GPUs)."""
     per_worker = {"CPU": resources.cpus_per_worker}
@@ -135,7 +171,7 @@ def run_trial(trial_config: dict[str, Any], *, experiment: dict[str, Any], trial
             stage="dpo", checkpoint_dir=f"{trials_storage}/{trial_id}")
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"experiment": trial.model_dump(), "shared": shared,
+        train_loop_config={"experiment": trial.model_dump(), "shared": shared, "fit_called_at": time.time(),
                            "tracking": {"uri": tracking_info["uri"], "run_id": run_id} if run_id else None},
         scaling_config=scaling_for(trial.resources),
         run_config=RunConfig(

@@ -274,6 +274,8 @@ def summarize(results, config: cfg.ExperimentConfig, cache_key: str | None, root
             "metric": metrics.get(config.sweep.metric), "step": metrics.get("step"),
             "error": str(result.error) if result.error else None, "path": result.path,
             "step_seconds": metrics.get("perf/step_seconds_total"), "eval_seconds": metrics.get("perf/eval_seconds_total"),
+            "ray_train_start_seconds": metrics.get("perf/ray_train_start_seconds"),
+            "reference_wait_seconds": metrics.get("perf/reference_wait_seconds"), "load_seconds": metrics.get("perf/load_seconds"),
             "trial_seconds": metrics.get("time_total_s"),  # Tune: from the trial's start to its last report
         })
     scored = [t for t in trials if isinstance(t["metric"], (int, float)) and math.isfinite(t["metric"]) and not t["error"]]

@@ -211,6 +211,10 @@ def test_incremental_beta_starts_at_01_climbs_and_stops_by_its_rule(tmp_path, lo
     assert len(summary["trials"]) == len(log) >= 2  # one (learning_rate, kl_weight) pair: one trial per round
     assert sorted(t["config"]["beta"] for t in summary["trials"]) == pytest.approx(betas)
     assert all(t["error"] is None and t["step"] == 24 for t in summary["trials"])
+    for trial in summary["trials"]:  # the start-up breakdown: measured, and within the trial's own time
+        startup = [trial["ray_train_start_seconds"], trial["reference_wait_seconds"], trial["load_seconds"]]
+        assert trial["ray_train_start_seconds"] > 0.5 and trial["load_seconds"] > 0.0, trial
+        assert sum(startup) + trial["step_seconds"] + trial["eval_seconds"] <= trial["trial_seconds"] + 0.5, trial
 
 
 def check_mlflow_runs(summary: dict[str, Any]) -> None:
@@ -231,6 +235,7 @@ def check_mlflow_runs(summary: dict[str, Any]) -> None:
         assert child.data.tags["dpo.stage"] == "dpo"
         curve = client.get_metric_history(child.info.run_id, "train/loss")
         assert len(curve) >= 8 and "eval/preference_accuracy" in child.data.metrics
+        assert child.data.metrics["perf/ray_train_start_seconds"] > 0.0
 
 
 
