@@ -10,6 +10,7 @@ module that touches ray.train. Exercised by `python -m pytest tests/test_sweep.p
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -51,8 +52,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     shared = loop_config.get("shared") or {}  # object refs from the sweep driver (orchestrator/sweep.py)
     startup = StartupClock(fit_called_at=loop_config.get("fit_called_at"), worker_entered_at=entered)
     if shared.get("reference_ready") is not None:
-        ray.get(shared["reference_ready"])  # the sweep's reference task: Tune starts trials before it ends
-    startup.reference_ready()
+        with startup.waiting_for_reference():  # the sweep's reference task: Tune starts trials before it ends
+            ray.get(shared["reference_ready"])
     data = ray.get(shared["data"]) if shared.get("data") is not None and stage == "dpo" else None
     resources = experiment.resources
     if not resources.use_gpu:
@@ -115,25 +116,30 @@ class StartupClock:
       (Ray Train's controller, worker and helper processes; the trial driver's clock, so one machine or
       synchronised clocks);
     - perf/reference_wait_seconds: waiting for the sweep's reference task (the first trials only);
-    - perf/load_seconds: from then to the first report, less the first step: imports, data, reference
-      cache, model loading and wrapping (DDP/FSDP).
+    - perf/load_seconds: the rest of the time from train_worker starting to the first report, less the
+      first step: imports, data, reference cache, model loading and wrapping (DDP/FSDP).
     Fixed at the first report; bench/sweep.py sums them into the sweep's overhead breakdown.
     """
 
     def __init__(self, fit_called_at: float | None, worker_entered_at: float):
         self.fit_called_at = fit_called_at
         self.entered = worker_entered_at
-        self.ready = worker_entered_at
+        self.reference_wait = 0.0
         self.figures: dict[str, float] | None = None
 
-    def reference_ready(self) -> None:
-        self.ready = time.time()
+    @contextlib.contextmanager
+    def waiting_for_reference(self):
+        started = time.time()
+        try:
+            yield
+        finally:
+            self.reference_wait += time.time() - started
 
     def metrics(self, first_report: dict[str, Any]) -> dict[str, float]:
         if self.figures is None:
             in_steps = float(first_report.get("perf/step_seconds_total", 0.0)) + float(first_report.get("perf/eval_seconds_total", 0.0))
-            self.figures = {"perf/reference_wait_seconds": self.ready - self.entered,
-                            "perf/load_seconds": max(0.0, time.time() - self.ready - in_steps)}
+            self.figures = {"perf/reference_wait_seconds": self.reference_wait,
+                            "perf/load_seconds": max(0.0, time.time() - self.entered - self.reference_wait - in_steps)}
             if self.fit_called_at is not None:
                 self.figures["perf/ray_train_start_seconds"] = max(0.0, self.entered - self.fit_called_at)
         return self.figures
