@@ -11,16 +11,14 @@ from __future__ import annotations
 import itertools
 import random
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 
 import trainables.logprobs as logprobs
-from tests.tiny_world import build_model_dir, far_apart_pairs, pair_rows, write_jsonl
+from tests.tiny_world import build_model_dir, far_apart_pairs, four_step_loop, pair_rows, write_jsonl
 from trainables.bucketing import FORWARD_COST_TOKENS, check_padding_buckets, padded_tokens, plan_buckets
 from trainables.entrypoints import run_dpo
-from trainables.loop import LoopSettings
 from trainables.modeling import load_causal_lm
 from trainables.settings import DataArgs, ModelArgs, PreferenceArgs, RuntimeArgs
 from trainables.tokenization import collate_pairs
@@ -147,12 +145,6 @@ def test_bucketed_forward_really_runs_several_smaller_forwards(world):
     assert len(widths) == 3 and max(widths) == batch["input_ids"].shape[1] and min(widths) < max(widths)
 
 
-def loop_settings(output_dir: Path) -> LoopSettings:
-    return LoopSettings(learning_rate=5e-3, batch_size=8, micro_batch_size=4, max_steps=4, warmup_steps=0,
-                        schedule="cosine", weight_decay=0.0, max_grad_norm=1.0, eval_every=4, checkpoint_every=4,
-                        keep_checkpoints=1, log_every=1, seed=0, output_dir=str(output_dir), show_progress=False)
-
-
 @pytest.mark.parametrize("preference", [
     PreferenceArgs(beta=0.1, kl_weight=0.5),  # cached reference, k3 KL
     PreferenceArgs(beta=0.1, kl_weight=0.5, kl_estimator="exact", reference_mode="live"),  # live reference, exact KL
@@ -171,7 +163,7 @@ def test_training_losses_are_the_same_bucketed_or_not(world, tmp_path, monkeypat
     for buckets in (1, 4):
         reports: list[dict] = []
         run_dpo(ModelArgs(path=world["model"]), DataArgs(train=world["train"], eval=world["train"], max_length=64),
-                preference, loop_settings(tmp_path / str(buckets)),
+                preference, four_step_loop(tmp_path / str(buckets)),
                 RuntimeArgs(device="cpu", show_progress=False, padding_buckets=buckets, eval_batch_size=8,
                             share_prompt=False),  # the standard forward's buckets; shared rows: test_shared_prompt.py
                 lambda metrics, checkpoint: reports.append(metrics))

@@ -20,10 +20,9 @@ import pytest
 import torch
 
 import trainables.shared_prompt as shared_prompt
-from tests.tiny_world import build_model_dir, far_apart_pairs, pair_rows, write_jsonl
+from tests.tiny_world import build_model_dir, far_apart_pairs, four_step_loop, pair_rows, write_jsonl
 from trainables.entrypoints import run_dpo
 from trainables.logprobs import forward_logps
-from trainables.loop import LoopSettings
 from trainables.modeling import load_causal_lm
 from trainables.settings import DataArgs, ModelArgs, PreferenceArgs, RuntimeArgs
 from trainables.shared_prompt import (check_share_prompt, collate_shared, decide_share_prompt,
@@ -104,12 +103,6 @@ def test_shared_forward_gives_the_same_logps_and_gradients(models, arch, padding
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
-def loop_settings(output_dir: Path) -> LoopSettings:
-    return LoopSettings(learning_rate=5e-3, batch_size=8, micro_batch_size=4, max_steps=4, warmup_steps=0,
-                        schedule="cosine", weight_decay=0.0, max_grad_norm=1.0, eval_every=4, checkpoint_every=4,
-                        keep_checkpoints=1, log_every=1, seed=0, output_dir=str(output_dir), show_progress=False)
-
-
 @pytest.mark.parametrize("preference", [
     PreferenceArgs(beta=0.1, kl_weight=0.5),  # cached reference, k3 KL
     PreferenceArgs(beta=0.1, kl_weight=0.5, reference_mode="live"),  # live reference (shared too), k3 KL
@@ -125,7 +118,7 @@ def test_training_losses_are_the_same_shared_or_not(world, tmp_path, monkeypatch
         reports: list[dict] = []
         forwards.clear()
         run_dpo(ModelArgs(path=world["model"]), DataArgs(train=world["train"], eval=world["train"], max_length=64),
-                preference, loop_settings(tmp_path / str(share)),
+                preference, four_step_loop(tmp_path / str(share)),
                 RuntimeArgs(device="cpu", show_progress=False, share_prompt=share, eval_batch_size=8),
                 lambda metrics, checkpoint: reports.append(metrics))
         runs[share] = (reports, len(forwards))
@@ -211,7 +204,7 @@ def test_a_run_with_a_mask_ignoring_model_falls_back_and_trains(world, tmp_path,
     reports: list[dict] = []
     with caplog.at_level(logging.WARNING, logger="trainables.shared_prompt"):
         run_dpo(ModelArgs(path=world["model"]), DataArgs(train=world["train"], max_length=64),
-                PreferenceArgs(beta=0.1, reference_mode="live"), replace(loop_settings(tmp_path), max_steps=1),
+                PreferenceArgs(beta=0.1, reference_mode="live"), replace(four_step_loop(tmp_path), max_steps=1),
                 RuntimeArgs(device="cpu", show_progress=False), lambda metrics, checkpoint: reports.append(metrics))
     assert "policy: standard forward" in caplog.text and "live reference: standard forward" in caplog.text
     assert abs(reports[0]["train/reward_margin"]) < 1e-6  # policy == reference at step 1, both standard

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from trainables.loop import LoopSettings
+
 WORDS = "the cat dog sat ran on mat rug red blue big small yes no good bad answer question".split()
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|{{ message['role'] }}|> {{ message['content'] }} </s> {% endfor %}"
@@ -116,3 +118,10 @@ def far_apart_pairs():
 
     shapes = [(2, 1, 30), (20, 30, 2), (3, 3, 3), (1, 60, 1), (5, 5, 40), (4, 2, 2)]  # prompt, chosen, rejected
     return [TokenizedPair(ids(p), ids(c) + (2,), ids(r) + (2,)) for p, c, r in shapes]
+
+
+def four_step_loop(output_dir: Path) -> LoopSettings:
+    """4 optimizer steps of 8 pairs in 2 micro-batches, logged every step: for forward-equivalence training tests."""
+    return LoopSettings(learning_rate=5e-3, batch_size=8, micro_batch_size=4, max_steps=4, warmup_steps=0,
+                        schedule="cosine", weight_decay=0.0, max_grad_norm=1.0, eval_every=4, checkpoint_every=4,
+                        keep_checkpoints=1, log_every=1, seed=0, output_dir=str(output_dir), show_progress=False)
