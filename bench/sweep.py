@@ -17,7 +17,8 @@ It runs the sweep in a fresh storage folder and reports:
   per-trial recomputation would have spent, K x cold cost, against 1 x cold cost with the shared cache;
 - Ray Train's floor: the wall time of a TorchTrainer.fit() whose workers run an empty loop, on a local
   Ray started as `dpo sweep` starts it, with the trial's resources (the per-trial cost no engine change
-  can remove);
+  can remove), and the CPU seconds Ray's processes spend in one such fit, by process (controller, worker,
+  helper actors): CPU seconds / cores is the least wall time that start-up can take on this machine;
 - the projection: the overhead is fixed seconds (per sweep and per trial), so it also prints how long each
   trial would have to train for those seconds to be 15% of the wall time.
 Writes the figures as JSON to --out. A benchmark, never a test.
@@ -26,12 +27,14 @@ Writes the figures as JSON to --out. A benchmark, never a test.
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import json
 import math
 import os
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -59,8 +62,72 @@ def empty_train_loop(_: dict) -> None:
     """What a Train worker runs to time Ray Train's own start-up and teardown: nothing."""
 
 
-def ray_train_floor_seconds(config: cfg.ExperimentConfig, storage: str, fits: int = 3) -> list[float]:
-    """Wall seconds of `fits` TorchTrainer.fit() calls of an empty loop, the trial's scaling, local Ray."""
+class RayProcessCpu:
+    """CPU seconds (user + system) that each Ray worker process spends while a block runs, by process title.
+
+    Ray titles a worker process `ray::<actor class>` (`ray::IDLE` in the pool, the task's name while one
+    runs); this samples /proc every `interval` seconds from a thread, names each process by the class its title
+    showed most often, and keeps its last reading, less what it had used when the block began (a process
+    that ends between two samples loses at most one interval). Linux only: elsewhere it reports nothing.
+    """
+
+    def __init__(self, interval: float = 0.1):
+        self.interval = interval
+        self.baseline: dict[int, float] = {}
+        self.latest: dict[int, float] = {}
+        self.titles: dict[int, collections.Counter] = collections.defaultdict(collections.Counter)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample_until_stopped, name="ray-process-cpu", daemon=True)
+
+    @staticmethod
+    def snapshot() -> dict[int, tuple[str, float]]:
+        ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        found = {}
+        for entry in Path("/proc").glob("[0-9]*"):
+            try:
+                title = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+                if not title.startswith("ray::"):
+                    continue
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # the process ended while being read
+                continue
+            actor_class = title.removeprefix("ray::").split()[0].split(".")[0]  # "RayTrainWorker.execute" -> RayTrainWorker
+            found[int(entry.name)] = (actor_class, (int(fields[11]) + int(fields[12])) / ticks)
+        return found
+
+    def _record(self) -> None:
+        for pid, (title, cpu) in self.snapshot().items():
+            self.latest[pid] = cpu
+            self.titles[pid][title] += 1
+
+    def _sample_until_stopped(self) -> None:
+        while not self._stop.is_set():
+            self._record()
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "RayProcessCpu":
+        self.baseline = {pid: cpu for pid, (_, cpu) in self.snapshot().items()}
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._record()
+
+    def by_process(self) -> dict[str, float]:
+        """CPU seconds per process title (IDLE: pooled workers that ran nothing), summed over processes."""
+        totals: dict[str, float] = {}
+        for pid, cpu in self.latest.items():
+            seen = self.titles[pid]
+            title = max((t for t in seen if t != "IDLE"), key=seen.__getitem__, default="IDLE")
+            totals[title] = totals.get(title, 0.0) + max(0.0, cpu - self.baseline.get(pid, 0.0))
+        return dict(sorted(totals.items(), key=lambda item: -item[1]))
+
+
+def ray_train_floor(config: cfg.ExperimentConfig, storage: str, fits: int = 3) -> tuple[list[float], dict[str, float]]:
+    """Wall seconds of `fits` TorchTrainer.fit() calls of an empty loop (the trial's scaling, local Ray),
+    and the CPU seconds per fit that Ray's processes spent in them, by process (RayProcessCpu)."""
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -71,15 +138,17 @@ def ray_train_floor_seconds(config: cfg.ExperimentConfig, storage: str, fits: in
     per_worker = {"CPU": resources.cpus_per_worker} | ({"GPU": resources.gpus_per_worker} if resources.use_gpu else {})
     start_ray(None, config)
     try:
-        seconds = []
-        for index in range(fits):
-            trainer = TorchTrainer(empty_train_loop, scaling_config=ScalingConfig(
-                num_workers=resources.num_workers, use_gpu=resources.use_gpu, resources_per_worker=per_worker),
-                run_config=RunConfig(name=f"floor-{index}", storage_path=f"{storage}/floor"))
-            started = time.perf_counter()
-            trainer.fit()
-            seconds.append(time.perf_counter() - started)
-        return seconds
+        seconds, cpu = [], RayProcessCpu()
+        with cpu:
+            for index in range(fits):
+                trainer = TorchTrainer(empty_train_loop, scaling_config=ScalingConfig(
+                    num_workers=resources.num_workers, use_gpu=resources.use_gpu, resources_per_worker=per_worker),
+                    run_config=RunConfig(name=f"floor-{index}", storage_path=f"{storage}/floor"))
+                started = time.perf_counter()
+                trainer.fit()
+                seconds.append(time.perf_counter() - started)
+            time.sleep(1.0)  # let the last fit's processes finish exiting inside the sample window
+        return seconds, {title: value / fits for title, value in cpu.by_process().items()}
     finally:
         ray.shutdown()
 
@@ -124,7 +193,7 @@ def main() -> None:
 
         EmbeddedServer(Path(storage) / "mlflow").stop()  # the sweep's embedded server; this folder is temporary
     reference_seconds = cold_reference_seconds(config)
-    floor = ray_train_floor_seconds(config, storage)
+    floor, floor_cpu = ray_train_floor(config, storage)
     # The overhead is a fixed cost (per sweep and per trial), so the fraction falls as trials train longer:
     # the training per trial at which this sweep's fixed seconds would be 15% of the wall time.
     fixed_seconds = wall * slots - step_seconds - eval_seconds
@@ -137,7 +206,7 @@ def main() -> None:
         "reference_cold_seconds": reference_seconds,
         "reference_seconds_shared_cache": reference_seconds,
         "reference_seconds_per_trial_recompute": reference_seconds * len(trials),
-        "ray_train_floor_seconds": floor,
+        "ray_train_floor_seconds": floor, "ray_train_floor_cpu_seconds_by_process": floor_cpu,
         "fixed_seconds": fixed_seconds, "busy_seconds_per_trial_for_15_percent": busy_per_trial_for_target,
         "best": summary["best"],
         "per_trial": [{k: t.get(k) for k in ("trial_id", "trial_seconds", "step_seconds", "eval_seconds") + STARTUP_PHASES}
@@ -157,6 +226,10 @@ def main() -> None:
         f"{name.replace('_', ' ')} {value:.1f}" for name, value in figures["fixed_seconds_by_phase"].items()))
     print(f"  Ray Train floor (TorchTrainer.fit of an empty loop, same resources): "
           f"{', '.join(f'{value:.1f}' for value in floor)} s; median {sorted(floor)[len(floor) // 2]:.1f} s per trial")
+    if floor_cpu:
+        cpu_total = sum(floor_cpu.values())
+        print(f"    CPU per empty fit: {cpu_total:.1f} CPU-s in Ray's processes, at least {cpu_total / cpus:.1f} s on {cpus} cores ("
+              + ", ".join(f"{title} {value:.1f}" for title, value in floor_cpu.items() if value >= 0.05) + ")")
     print(f"  {fixed_seconds:.1f} fixed seconds: overhead would be {TARGET:.0%} with {busy_per_trial_for_target:.0f} s of steps "
           f"and eval per trial (this sweep: {(step_seconds + eval_seconds) / max(1, len(trials)):.0f} s)")
     print(f"  reference pass: {reference_seconds:.1f} s once with the shared cache vs "
