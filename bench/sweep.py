@@ -63,7 +63,7 @@ def empty_train_loop(_: dict) -> None:
 
 
 class RayProcessCpu:
-    """CPU seconds (user + system) that each Ray worker process spends while a block runs, by process title.
+    """CPU seconds (user + system) that Ray's worker processes spend while a block runs, by actor class.
 
     Ray titles a worker process `ray::<actor class>` (`ray::IDLE` in the pool, the task's name while one
     runs); this samples /proc every `interval` seconds from a thread, names each process by the class its title
@@ -75,7 +75,7 @@ class RayProcessCpu:
         self.interval = interval
         self.baseline: dict[int, float] = {}
         self.latest: dict[int, float] = {}
-        self.titles: dict[int, collections.Counter] = collections.defaultdict(collections.Counter)
+        self.classes: dict[int, collections.Counter] = collections.defaultdict(collections.Counter)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample_until_stopped, name="ray-process-cpu", daemon=True)
 
@@ -96,9 +96,9 @@ class RayProcessCpu:
         return found
 
     def _record(self) -> None:
-        for pid, (title, cpu) in self.snapshot().items():
+        for pid, (actor_class, cpu) in self.snapshot().items():
             self.latest[pid] = cpu
-            self.titles[pid][title] += 1
+            self.classes[pid][actor_class] += 1
 
     def _sample_until_stopped(self) -> None:
         while not self._stop.is_set():
@@ -115,19 +115,19 @@ class RayProcessCpu:
         self._thread.join()
         self._record()
 
-    def by_process(self) -> dict[str, float]:
-        """CPU seconds per process title (IDLE: pooled workers that ran nothing), summed over processes."""
+    def by_actor_class(self) -> dict[str, float]:
+        """CPU seconds per actor class (IDLE: pooled workers that ran nothing), summed over its processes."""
         totals: dict[str, float] = {}
         for pid, cpu in self.latest.items():
-            seen = self.titles[pid]
-            title = max((t for t in seen if t != "IDLE"), key=seen.__getitem__, default="IDLE")
-            totals[title] = totals.get(title, 0.0) + max(0.0, cpu - self.baseline.get(pid, 0.0))
+            seen = self.classes[pid]
+            actor_class = max((c for c in seen if c != "IDLE"), key=seen.__getitem__, default="IDLE")
+            totals[actor_class] = totals.get(actor_class, 0.0) + max(0.0, cpu - self.baseline.get(pid, 0.0))
         return dict(sorted(totals.items(), key=lambda item: -item[1]))
 
 
 def ray_train_floor(config: cfg.ExperimentConfig, storage: str, fits: int = 3) -> tuple[list[float], dict[str, float]]:
     """Wall seconds of `fits` TorchTrainer.fit() calls of an empty loop (the trial's scaling, local Ray),
-    and the CPU seconds per fit that Ray's processes spent in them, by process (RayProcessCpu)."""
+    and the CPU seconds per fit that Ray's processes spent in them, by actor class (RayProcessCpu)."""
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -148,7 +148,7 @@ def ray_train_floor(config: cfg.ExperimentConfig, storage: str, fits: int = 3) -
                 trainer.fit()
                 seconds.append(time.perf_counter() - started)
             time.sleep(1.0)  # let the last fit's processes finish exiting inside the sample window
-        return seconds, {title: value / fits for title, value in cpu.by_process().items()}
+        return seconds, {actor_class: value / fits for actor_class, value in cpu.by_actor_class().items()}
     finally:
         ray.shutdown()
 
@@ -229,7 +229,7 @@ def main() -> None:
     if floor_cpu:
         cpu_total = sum(floor_cpu.values())
         print(f"    CPU per empty fit: {cpu_total:.1f} CPU-s in Ray's processes, at least {cpu_total / cpus:.1f} s on {cpus} cores ("
-              + ", ".join(f"{title} {value:.1f}" for title, value in floor_cpu.items() if value >= 0.05) + ")")
+              + ", ".join(f"{actor_class} {value:.1f}" for actor_class, value in floor_cpu.items() if value >= 0.05) + ")")
     print(f"  {fixed_seconds:.1f} fixed seconds: overhead would be {TARGET:.0%} with {busy_per_trial_for_target:.0f} s of steps "
           f"and eval per trial (this sweep: {(step_seconds + eval_seconds) / max(1, len(trials)):.0f} s)")
     print(f"  reference pass: {reference_seconds:.1f} s once with the shared cache vs "
