@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from typing import Sequence, Union
 
+from trainables.settings import check_padding_buckets
+
 PaddingBuckets = Union[int, str]  # "auto" or an int >= 1
 
 # Fixed cost of one extra forward + backward, in padded tokens of the same batch. Measured on 2 CPU cores with the
@@ -28,15 +30,6 @@ PaddingBuckets = Union[int, str]  # "auto" or an int >= 1
 # token about 0.05 ms, so ~250 tokens. Larger models make tokens dearer and a launch relatively cheaper, so this
 # errs towards fewer buckets: "auto" splits only where a cut removes more than 256 padded tokens.
 FORWARD_COST_TOKENS = 256
-
-
-def check_padding_buckets(value: object) -> PaddingBuckets:
-    """Return `value` if it is "auto" or an int >= 1 (not a bool); else a ValueError saying what is allowed."""
-    if value == "auto" and isinstance(value, str):
-        return value
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
-        return value
-    raise ValueError('must be "auto" or an integer >= 1 (1 = one forward per micro-batch, as before bucketing)')
 
 
 def _prefix_sums(counts: Sequence[int]) -> list[int]:

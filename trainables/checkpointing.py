@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from trainables.modeling import save_model_and_tokenizer
+from trainables.errors import UserError
 from trainables.processes import pid_alive
 
 logger = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ STATE_FILE = "training_state.pt"
 STAGING_PREFIX = ".staging-"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be resumed from: incomplete, corrupt, or holding more than plain data."""
 
 

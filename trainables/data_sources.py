@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from trainables.errors import UserError
+
 FORMAT_BY_SUFFIX = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 DEFAULT_FIX = (
     "correct or remove the rows listed above, map your column names with columns={...}, or pass "
@@ -45,7 +47,7 @@ class RowProblem:
         return head if not field_name or field_name in head else f"{head} {field_name}"
 
 
-class InvalidDataError(ValueError):
+class InvalidDataError(UserError, ValueError):
     """The data cannot be used as it is; the message names the file, every bad row and how to fix it."""
 
     def __init__(self, source: str, problems: Sequence[RowProblem] = (), headline: str = "", fix: str = DEFAULT_FIX):
@@ -60,7 +62,7 @@ class InvalidDataError(ValueError):
         return (type(self), (self.source, self.problems, self.headline, self.fix))
 
 
-class DataSourceError(OSError):
+class DataSourceError(UserError, OSError):
     """The source could not be read at all: missing file, unknown format, unreachable hub dataset."""
 
 

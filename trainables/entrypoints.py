@@ -17,21 +17,19 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from trainables.checkpointing import latest_checkpoint, load_training_state
+from trainables.errors import UserError
+from trainables.checkpointing import CheckpointError, latest_checkpoint, load_training_state
 from trainables.data import load_preference_pairs, load_prompt_answers
 from trainables.dpo_objective import CachedReference, DPOObjective, LiveReference, NoReference
-from trainables.loop import LoopSettings, Report, rank_and_world, run_training_loop
+from trainables.loop import Report, rank_and_world, run_training_loop
 from trainables.losses import preference_loss_by_name
 from trainables.modeling import attach_lora, load_causal_lm, load_tokenizer, model_fingerprint, resolve_autocast_dtype, resolve_device
 from trainables.reference_cache import ReferenceLogps, load_or_compute_reference_logps, reference_fingerprint
-from trainables.settings import DataArgs, ModelArgs, PreferenceArgs, RuntimeArgs
+from trainables.settings import DataArgs, LoopSettings, ModelArgs, PreferenceArgs, RuntimeArgs
 from trainables.sft_objective import SFTObjective
 from trainables.tokenization import TokenizedPair, prepare_tokenizer, tokenize_examples, tokenize_pairs
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_REFERENCE_CACHE = Path("~/.cache/dpo-orchestrator/reference").expanduser()
-
 
 @dataclass
 class PreferenceData:
@@ -45,7 +43,7 @@ def _split_holdout(rows: list, holdout: int) -> tuple[list, list]:
     if holdout <= 0:
         return rows, []
     if holdout >= len(rows):
-        raise ValueError(f"data.eval_holdout={holdout} leaves no training rows out of {len(rows)}")
+        raise UserError(f"data.eval_holdout: {holdout} leaves no training rows out of {len(rows)}; hold out fewer rows")
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(1234)).tolist()
     held = set(order[:holdout])
     return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
@@ -53,7 +51,7 @@ def _split_holdout(rows: list, holdout: int) -> tuple[list, list]:
 
 def _train_and_held_out(loader: Callable[..., list], data_args: DataArgs, tokenizer, **extra) -> tuple[list, list]:
     """Validated training rows and held-out rows (data.eval, or a deterministic hold-out)."""
-    common = dict(columns=data_args.columns or None, chat_template_tokenizer=tokenizer, drop_invalid=data_args.drop_invalid,
+    common = dict(columns=data_args.column_map, chat_template_tokenizer=tokenizer, drop_invalid=data_args.drop_invalid,
                   max_invalid_fraction=data_args.max_invalid_fraction, **extra)
     train = loader(data_args.train, split=data_args.train_split, **common)
     if data_args.eval:
@@ -105,7 +103,7 @@ def precompute_reference(
     key = reference_cache_key(model_args, preference_args, data, str(autocast_dtype))
     reference_path = preference_args.reference_path or model_args.path
     values, reused = load_or_compute_reference_logps(
-        cache_dir=Path(preference_args.reference_cache_dir or DEFAULT_REFERENCE_CACHE).expanduser(),
+        cache_dir=Path(preference_args.reference_cache_dir).expanduser(),
         fingerprint=key,
         pairs=list(data.train) + list(data.eval),
         load_reference_model=lambda: load_causal_lm(
@@ -142,7 +140,7 @@ def _resume_checkpoint(resume_from: str | None, output_dir: str) -> Path | None:
         return latest_checkpoint(Path(output_dir) / "checkpoints")
     checkpoint = Path(resume_from)
     if not (checkpoint / "training_state.pt").is_file():
-        raise FileNotFoundError(f"train.resume_from={resume_from!r} is not a checkpoint folder (no training_state.pt)")
+        raise CheckpointError(f"train.resume_from: {resume_from!r} is not a checkpoint folder (it has no training_state.pt)")
     return checkpoint
 
 

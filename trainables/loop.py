@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
@@ -24,6 +23,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from trainables.settings import LoopSettings
 from trainables.checkpointing import restore_rng_state, save_checkpoint
 from trainables.sharding import clip_gradients, gather_full_state, load_optimizer_state
 
@@ -34,27 +34,6 @@ Report = Callable[[dict[str, Any], "str | None"], None]
 
 class NonFiniteLossError(RuntimeError):
     """Raised before the optimizer step when a loss is NaN or inf; no checkpoint follows it."""
-
-
-@dataclass(frozen=True)
-class LoopSettings:
-    """Plain optimisation settings (resolved from the validated config by the orchestrator)."""
-
-    learning_rate: float
-    batch_size: int  # pairs (or examples) per optimizer step, over all workers
-    micro_batch_size: int  # per worker per forward/backward
-    max_steps: int
-    warmup_steps: int
-    schedule: str  # cosine | linear | constant
-    weight_decay: float
-    max_grad_norm: float | None
-    eval_every: int
-    checkpoint_every: int
-    keep_checkpoints: int | None
-    log_every: int
-    seed: int
-    output_dir: str
-    show_progress: bool = True
 
 
 class Objective(Protocol):
@@ -143,9 +122,7 @@ def run_training_loop(
     checkpoint_extra: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     """Train for settings.max_steps optimizer steps; returns the last reported metrics."""
-    rank, world = rank_and_world()
-    if settings.batch_size % world:
-        raise ValueError(f"train.batch_size={settings.batch_size} must be divisible by the {world} workers")
+    rank, world = rank_and_world()  # batch_size % world == 0: checked when the run spec is resolved
     optimizer = build_optimizer(model, settings.learning_rate, settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,

@@ -145,7 +145,7 @@ def conservative_dpo_loss(
     """
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(
-            f"trainables/losses.py: conservative_dpo_loss needs 0 <= label_smoothing < 0.5 (the assumed "
+            f"conservative_dpo_loss needs 0 <= label_smoothing < 0.5 (the assumed "
             f"label-flip probability), got {label_smoothing}. Typical values are 0.05 to 0.2."
         )
     margin = _log_ratio_margin(
@@ -190,30 +190,14 @@ PREFERENCE_LOSSES: dict[str, PreferenceLossFn] = {
 }
 
 
-def preference_loss_by_name(name: str, label_smoothing: float = 0.0) -> PreferenceLossFn:
-    """Pick a loss function once, outside the train loop.
+def preference_loss_by_name(name: str, label_smoothing: float) -> PreferenceLossFn:
+    """Pick a loss function once, outside the train loop; "cdpo" gets its label_smoothing bound.
 
-    For "cdpo" the returned function has `label_smoothing` bound (functools.partial) and it must be in
-    (0, 0.5): cdpo with 0 is plain "sigmoid", so a 0 there is almost surely a missing setting. For the
-    other names a non-zero label_smoothing is an error too, since it would be silently ignored.
+    Which names exist and which label_smoothing goes with which loss are rules of the config
+    (orchestrator/config/schema.py, `dpo.loss` and `dpo.label_smoothing`), checked there once.
     """
-    if name not in PREFERENCE_LOSSES:
-        raise ValueError(
-            f"trainables/losses.py: unknown preference loss {name!r}; valid names are "
-            f"{sorted(PREFERENCE_LOSSES)}. Set the loss name in the config to one of these."
-        )
     if name == "cdpo":
-        if not 0.0 < label_smoothing < 0.5:
-            raise ValueError(
-                f"trainables/losses.py: loss 'cdpo' needs label_smoothing in (0, 0.5), got {label_smoothing}. "
-                f"Set label_smoothing (e.g. 0.1), or use loss 'sigmoid' for plain DPO."
-            )
         return functools.partial(conservative_dpo_loss, label_smoothing=label_smoothing)
-    if label_smoothing != 0.0:
-        raise ValueError(
-            f"trainables/losses.py: label_smoothing={label_smoothing} only applies to loss 'cdpo', "
-            f"but the loss is {name!r}. Set label_smoothing to 0 or use loss 'cdpo'."
-        )
     return PREFERENCE_LOSSES[name]
 
 

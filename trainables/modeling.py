@@ -173,9 +173,3 @@ def save_model_and_tokenizer(model, tokenizer, directory: Path, state_dict: dict
     unwrapped.save_pretrained(directory, safe_serialization=True, **extra)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
-
-
-def describe_model(model: torch.nn.Module) -> str:
-    config = getattr(model, "config", None)
-    architecture = (getattr(config, "architectures", None) or [type(model).__name__])[0]
-    return json.dumps({"architecture": architecture, "parameters": parameter_count(model)})

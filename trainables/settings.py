@@ -1,13 +1,15 @@
-"""Plain, frozen argument groups that the orchestrator hands to a worker (never the config object).
+"""Plain, frozen argument groups that the driver hands to the engine (never the config object).
 
-The orchestrator validates the YAML config (orchestrator/config.py) and resolves it into these groups;
-everything under trainables/ takes them as plain values, so the engine runs and is tested without Ray
-or the config layer. Used by trainables/entrypoints.py.
+The driver validates the YAML config once, at the CLI edge, and resolves it into a run spec
+(orchestrator/config/spec.py) made of these groups. Everything under trainables/ takes them as plain
+values: no defaults live here (the config's are the only ones), so the engine runs and is tested
+without Ray or the config layer, and a value can never silently differ between the two. Importing this
+module imports no torch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -15,16 +17,16 @@ class ModelArgs:
     """Which causal LM to train and how to load it."""
 
     path: str  # local directory written by save_pretrained, or a hub name
-    tokenizer_path: str | None = None  # defaults to path
-    revision: str | None = None  # hub revision
-    trust_remote_code: bool = False  # run code shipped with the model: only when asked
-    dtype: str = "float32"  # weight dtype: float32 | bfloat16 | float16
-    attn_implementation: str | None = "sdpa"  # sdpa | eager | flash_attention_2
-    disable_dropout: bool = True  # so step 0 of DPO starts exactly at ln 2
-    lora_rank: int | None = None  # None: train all weights; else LoRA adapters of this rank (peft)
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_target_modules: str | tuple[str, ...] = "all-linear"
+    tokenizer_path: str | None  # None: the model's path
+    revision: str | None  # hub revision
+    trust_remote_code: bool  # run code shipped with the model: only when asked
+    dtype: str  # weight dtype: float32 | bfloat16 | float16
+    attn_implementation: str | None  # sdpa | eager | flash_attention_2
+    disable_dropout: bool  # so step 0 of DPO starts exactly at ln 2
+    lora_rank: int | None  # None: train all weights; else LoRA adapters of this rank (peft)
+    lora_alpha: float
+    lora_dropout: float
+    lora_target_modules: str | tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -32,41 +34,84 @@ class DataArgs:
     """Where the pairs (or SFT examples) come from and how they are tokenised."""
 
     train: str  # file path or hub dataset name
-    eval: str | None = None  # held-out file; None = no held-out evaluation unless eval_holdout > 0
-    train_split: str = "train"
-    eval_split: str = "test"
-    layout: str = "auto"  # auto | explicit | conversational | implicit_prompt
-    columns: dict[str, str] = field(default_factory=dict)  # canonical name -> column in the file
-    max_length: int = 512
-    max_prompt_length: int | None = None
-    drop_invalid: bool = False
-    max_invalid_fraction: float = 0.05
-    eval_holdout: int = 0  # when eval is None: hold out this many training rows (deterministic)
+    eval: str | None  # held-out file; None = no held-out evaluation unless eval_holdout > 0
+    train_split: str
+    eval_split: str
+    layout: str  # auto | explicit | conversational | implicit_prompt
+    columns: tuple[tuple[str, str], ...]  # (canonical name, column in the file) pairs
+    max_length: int
+    max_prompt_length: int | None
+    drop_invalid: bool
+    max_invalid_fraction: float
+    eval_holdout: int  # when eval is None: hold out this many training rows (deterministic)
+
+    @property
+    def column_map(self) -> dict[str, str] | None:
+        return dict(self.columns) or None
 
 
 @dataclass(frozen=True)
 class PreferenceArgs:
     """The DPO objective and its reference model."""
 
-    beta: float = 0.1
-    kl_weight: float = 0.0  # lambda of the notes: weight of the explicit KL(pi || pi_ref) term
-    loss: str = "sigmoid"  # sigmoid | ipo | cdpo | hinge
-    label_smoothing: float = 0.0  # cdpo only
-    kl_estimator: str = "k3"  # k3 (works with cached log-probs) | exact (full vocabulary, live reference)
-    reference_mode: str = "precomputed"  # precomputed | live | none
-    reference_path: str | None = None  # defaults to the policy's model path
-    reference_cache_dir: str | None = None  # where precomputed log-probs are cached
-    reference_batch_size: int = 32
+    beta: float
+    kl_weight: float  # lambda: weight of the explicit KL(pi || pi_ref) term
+    loss: str  # sigmoid | ipo | cdpo | hinge
+    label_smoothing: float  # cdpo only (the config refuses it elsewhere)
+    kl_estimator: str  # k3 (works with cached log-probs) | exact (full vocabulary, live reference)
+    reference_mode: str  # precomputed | live | none
+    reference_path: str | None  # None: the policy's model path
+    reference_cache_dir: str  # where precomputed log-probs are cached
+    reference_batch_size: int
 
 
 @dataclass(frozen=True)
 class RuntimeArgs:
     """Where and how the worker runs."""
 
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 autocast on CUDA) | fp32 | bf16
-    eval_batch_size: int = 32
-    padding_buckets: int | str = "auto"  # forwards per micro-batch by row length: "auto" | K >= 1 (1 = one padded batch)
-    share_prompt: bool | str = "auto"  # one row per pair, prompt computed once: "auto" (if a probe agrees) | True | False
-    resume_from: str | None = None  # a checkpoint folder, "latest" (under output_dir), or None
-    show_progress: bool = True
+    device: str  # auto | cpu | cuda | cuda:N
+    precision: str  # auto (bf16 autocast on CUDA) | fp32 | bf16
+    eval_batch_size: int
+    padding_buckets: int | str  # forwards per micro-batch by row length: "auto" | K >= 1 (1 = one padded batch)
+    share_prompt: bool | str  # one row per pair, prompt computed once: "auto" (if a probe agrees) | True | False
+    resume_from: str | None  # a checkpoint folder, "latest" (under output_dir), or None
+    show_progress: bool
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """The optimisation loop's settings (trainables/loop.py)."""
+
+    learning_rate: float
+    batch_size: int  # pairs (or examples) per optimizer step, over all workers
+    micro_batch_size: int  # per worker per forward/backward
+    max_steps: int
+    warmup_steps: int
+    schedule: str  # cosine | linear | constant
+    weight_decay: float
+    max_grad_norm: float | None
+    eval_every: int
+    checkpoint_every: int
+    keep_checkpoints: int | None
+    log_every: int
+    seed: int
+    output_dir: str
+    show_progress: bool
+
+
+# The values two runtime options may take; the config validates with these, the engine relies on them.
+
+def check_padding_buckets(value: object) -> int | str:
+    """Return `value` if it is "auto" or an int >= 1 (not a bool); else a ValueError saying what is allowed."""
+    if value == "auto" and isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    raise ValueError('must be "auto" or an integer >= 1 (1 = one forward per micro-batch, as before bucketing)')
+
+
+def check_share_prompt(value: object) -> bool | str:
+    """Return `value` if it is "auto", True or False; else a ValueError saying what is allowed."""
+    if isinstance(value, bool) or (isinstance(value, str) and value == "auto"):
+        return value
+    raise ValueError('must be "auto" (shared-prompt forward when a probe agrees), true (required) or false (never)')

@@ -48,13 +48,6 @@ PROBE_TOLERANCE_FP32 = 1e-4  # max |token log-prob difference|, shared vs standa
 PROBE_TOLERANCE_AUTOCAST = 5e-2  # the same under bf16/fp16 autocast (different reduction orders round apart)
 
 
-def check_share_prompt(value: object) -> SharePrompt:
-    """Return `value` if it is "auto", True or False; else a ValueError saying what is allowed."""
-    if isinstance(value, bool) or (isinstance(value, str) and value == "auto"):
-        return value
-    raise ValueError('must be "auto" (shared-prompt forward when a probe agrees), true (required) or false (never)')
-
-
 @dataclass
 class SharedBatch:
     """One row per pair, [prompt | chosen | rejected | pad], and where each answer token's predictor sits."""

@@ -27,6 +27,8 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from orchestrator.config.layout import mlflow_root
+from orchestrator.errors import TrackingConfigError, TrackingUnavailableError
 from trainables.processes import pid_alive
 
 logger = logging.getLogger(__name__)
@@ -36,23 +38,6 @@ STATE_FILE = "server.json"  # {"pid", "pgid", "url", "port", "backend_store_uri"
 LOG_FILE = "server.log"
 # The embedded server needs neither MLflow's GenAI job runner (7 extra processes) nor telemetry.
 SERVER_ENVIRONMENT = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
-
-
-class TrackingUnavailableError(RuntimeError):
-    """The tracking server cannot be reached or started; the message names the URI and how to fix it."""
-
-
-class TrackingConfigError(ValueError):
-    """A tracking setting that cannot work (e.g. the embedded server with an object-store storage_path)."""
-
-
-def embedded_root(storage_path: str) -> Path:
-    """<storage_path>/mlflow: the embedded server's database, artifacts, state and log."""
-    if "://" in storage_path:
-        raise TrackingConfigError(
-            f"storage_path {storage_path!r} is an object store, where the embedded MLflow server cannot keep its "
-            "SQLite file: set tracking.uri (or MLFLOW_TRACKING_URI) to a running MLflow server, e.g. http://head-node:5000")
-    return Path(storage_path).expanduser().resolve() / "mlflow"
 
 
 def resolve_tracking_uri(config_uri: str | None, storage_path: str) -> tuple[str, bool]:
@@ -68,7 +53,7 @@ def resolve_tracking_uri(config_uri: str | None, storage_path: str) -> tuple[str
                 logger.warning("tracking URI %s: many trial processes writing one SQLite file can fail with 'database "
                                "is locked'; leave tracking.uri unset to use the embedded server in front of it", uri)
             return uri, False
-    return str(embedded_root(storage_path)), True
+    return str(mlflow_root(storage_path)), True
 
 
 def _free_port(host: str, preferred: int, *, required: bool = False, wait_s: float = 10.0) -> int:
@@ -299,7 +284,7 @@ def _check_store(uri: str, shown: str, timeout_s: float) -> None:
 
 
 def redact_uri(uri: str) -> str:
-    from orchestrator.tracking import redact
+    from orchestrator.tracking.records import redact
 
     return str(redact(uri))
 

@@ -1,32 +1,24 @@
-"""The typed experiment config: YAML + `--set key=value` overrides, validated at the edge.
+"""The typed experiment config: every section, key, default, bound and cross-key rule, in one place.
 
-Every field carries a one-line description; unknown keys and bad values are errors that name the key
-(`dpo.beta: must be > 0 (got -1)`). After validation the config is turned into the plain argument groups
-of trainables/settings.py; nothing deeper ever sees this object. `demo:` paths (e.g. `demo:model`) are
-resolved to the embedded default assets, built on first use.
-Check a config without training: `python -m orchestrator.config configs/quickstart.yaml`.
+Every field carries a one-line description (`dpo config-reference` prints them as a table); unknown keys
+and bad values are errors that name the key (`dpo.beta: must be > 0 (got -1)`). This is the only place
+defaults and value rules live: orchestrator/config/loading.py reads a YAML file into this model once, at
+the CLI edge, and orchestrator/config/spec.py resolves it into the frozen run spec the rest of the code
+takes. Importing it imports no torch.
 """
 
 from __future__ import annotations
 
 import math
 import re
-import sys
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from orchestrator.study_config import BenchmarkEntry, StudySection, check_study
-from trainables.bucketing import check_padding_buckets
-from trainables.shared_prompt import check_share_prompt
-from trainables.loop import LoopSettings
-from trainables.settings import DataArgs, ModelArgs, PreferenceArgs, RuntimeArgs
-
-
-class ConfigError(ValueError):
-    """A config that cannot be used; the message names the file and every bad key."""
+from orchestrator.config.incremental import STEP_RANGE, default_of
+from orchestrator.config.study_schema import BenchmarkEntry, StudySection, check_study
+from orchestrator.tracking.schema import NAME_PATTERN
+from trainables.settings import check_padding_buckets, check_share_prompt
 
 
 class Section(BaseModel):
@@ -68,7 +60,7 @@ class DataSection(Section):
 
 
 class DPOSection(Section):
-    beta: float = Field(0.1, gt=0, description="Inverse temperature of the implicit reward; DPO_NOTES.md 'What beta does'")
+    beta: float = Field(0.1, gt=0, description="Inverse temperature of the implicit reward (docs/method.md, 'What beta does')")
     kl_weight: float = Field(0.0, ge=0, description="lambda: weight of the explicit KL(pi || pi_ref) term on answer tokens")
     loss: Literal["sigmoid", "ipo", "cdpo", "hinge"] = Field("sigmoid", description="Preference loss variant")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="cdpo: assumed fraction of flipped labels")
@@ -125,7 +117,7 @@ SearchValues = float | list[float] | dict[str, Any] | None
 
 
 class SweepSection(Section):
-    strategy: Literal["incremental_beta", "grid", "random", "optuna"] = Field("incremental_beta", description="How trials are proposed; incremental_beta follows DPO_NOTES.md")
+    strategy: Literal["incremental_beta", "grid", "random", "optuna"] = Field("incremental_beta", description="How trials are proposed; incremental_beta: the procedure of docs/method.md")
     max_trials: int = Field(20, gt=0, description="Upper bound on trials (random/optuna: the number of samples)")
     max_concurrent_trials: int | None = Field(None, gt=0, description="Trials running at once (default: as many as resources allow)")
     beta: SearchValues = Field(None, description="grid: list; random/optuna: list or {min, max, log}; incremental: unused (see start_beta)")
@@ -138,11 +130,11 @@ class SweepSection(Section):
     start_beta: float | None = Field(None, gt=0, description="First beta of the incremental procedure (default 0.1 or the task prior)")
     min_beta: float | None = Field(None, gt=0, description="Lowest beta a back-off may reach")
     max_beta: float | None = Field(None, gt=0, description="Highest beta the climb may reach")
-    step: float = Field(0.1, ge=0.1, le=0.2, description="Beta increase per improving round (0.1 to 0.2)")
-    backoff: Literal["halve_step", "raise_kl_weight"] = Field("halve_step", description="On oscillation or a drop: lower beta by half a step, or raise kl_weight")
-    kl_weight_factor: float = Field(2.0, gt=1, description="raise_kl_weight: multiply kl_weight by this")
-    patience: int = Field(2, gt=0, description="Stop after this many rounds in a row without improvement")
-    max_rounds: int = Field(10, gt=0, description="Hard limit on incremental rounds")
+    step: float = Field(default_of("step"), ge=STEP_RANGE[0], le=STEP_RANGE[1], description="Beta increase per improving round (0.1 to 0.2)")
+    backoff: Literal["halve_step", "raise_kl_weight"] = Field(default_of("backoff"), description="On oscillation or a drop: lower beta by half a step, or raise kl_weight")
+    kl_weight_factor: float = Field(default_of("kl_weight_factor"), gt=1, description="raise_kl_weight: multiply kl_weight by this")
+    patience: int = Field(default_of("patience"), gt=0, description="Stop after this many rounds in a row without improvement")
+    max_rounds: int = Field(default_of("max_rounds"), gt=0, description="Hard limit on incremental rounds")
 
     @field_validator("beta", "kl_weight", "learning_rate")
     @classmethod
@@ -194,13 +186,13 @@ class ExperimentConfig(Section):
     failure: FailureSection = Field(default_factory=FailureSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
     storage_path: str = Field("./runs", description="Sweep storage: local folder, shared filesystem or s3:// URI")
-    study: StudySection = Field(default_factory=StudySection, description="`dpo study`: SFT-then-DPO vs DPO-only (orchestrator/study_config.py)")
+    study: StudySection = Field(default_factory=StudySection, description="`dpo study`: SFT-then-DPO vs DPO-only (docs/studies.md)")
     benchmarks: list[BenchmarkEntry] = Field(default_factory=list, description="Downstream benchmark suite of `dpo study` (bench/<name> metrics)")
 
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", value):
+        if not re.fullmatch(NAME_PATTERN, value):
             raise ValueError("use letters, digits, '.', '_' and '-' only (it names folders and MLflow experiments)")
         return value
 
@@ -222,172 +214,3 @@ class ExperimentConfig(Section):
     def _study(self) -> "ExperimentConfig":
         check_study(self)  # per-arm overrides validate against the sections they override
         return self
-
-
-# ---- loading ---------------------------------------------------------------------------------
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`dpo.beta=0.2` -> (["dpo", "beta"], 0.2); the value is parsed as YAML."""
-    if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set dpo.beta=0.2")
-    key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    for text in overrides:
-        keys, value = parse_override(text)
-        node = raw
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {text!r}: {key} is not a section")
-        node[keys[-1]] = value
-    return raw
-
-
-def _format_errors(error: ValidationError, source: str) -> str:
-    lines = []
-    for item in error.errors():
-        if not item["loc"] and item["type"] == "value_error":
-            # A cross-field rule of _consistent: its message already starts with the key; the input is the whole config.
-            lines.append(f"  {item['msg'].removeprefix('Value error, ')}")
-            continue
-        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        message = "unknown key (check the spelling; see README 'Config reference' or `dpo config-reference`)" if item["type"] == "extra_forbidden" else item["msg"]
-        got = "" if item["type"] in ("missing", "extra_forbidden") else f" (got {item.get('input')!r})"
-        lines.append(f"  {key}: {message}{got}")
-    return f"invalid config {source}:\n" + "\n".join(lines)
-
-
-def _looks_local(value: str) -> bool:
-    """Paths (absolute, ./relative, ~, nested, or data-file names) are checked; `name` or `org/name` may be hub ids."""
-    return value.startswith(("/", ".", "~")) or value.count("/") > 1 or bool(re.search(r"\.(jsonl?|parquet|csv)$", value))
-
-
-def check_paths_exist(config: ExperimentConfig, source: str) -> None:
-    """A local model directory or data file that does not exist is an error before any work."""
-    candidates = {"model.path": config.model.path, "model.tokenizer_path": config.model.tokenizer_path,
-                  "reference.path": config.reference.path, "data.train": config.data.train, "data.eval": config.data.eval,
-                  "data.sft_train": config.data.sft_train, "data.sft_eval": config.data.sft_eval}
-    missing = [f"  {key}: {value!r} does not exist" for key, value in candidates.items()
-               if value and _looks_local(value) and not Path(value).expanduser().exists()]
-    if missing:
-        raise ConfigError(f"invalid config {source}:\n" + "\n".join(missing) + "\n(hub names look like org/name)")
-
-
-def resolve_demo_paths(raw: dict[str, Any]) -> None:
-    """Replace `demo:...` values under model/data/reference with the embedded default's paths."""
-    from orchestrator.demo_assets import DEMO_PREFIX, resolve_demo_path
-
-    for section in ("model", "data", "reference"):
-        node = raw.get(section)
-        if isinstance(node, dict):
-            for key, value in node.items():
-                if isinstance(value, str) and value.startswith(DEMO_PREFIX):
-                    try:
-                        node[key] = resolve_demo_path(value)
-                    except ValueError as error:
-                        raise ConfigError(f"{section}.{key}: {error}") from None
-
-
-def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Read, override, validate. Raises ConfigError naming every bad key."""
-    source = str(path)
-    try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"config file {source} does not exist") from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"config {source} is not valid YAML: {error}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config {source}: the top level must be a mapping of sections")
-    for key, value in list(raw.items()):
-        if value is None and key in ExperimentConfig.model_fields and key not in ("output_dir", "name"):
-            raw[key] = {}  # a section header whose entries are all commented out
-    apply_overrides(raw, overrides or [])
-    try:
-        config = ExperimentConfig.model_validate(raw)
-    except ValidationError as error:
-        raise ConfigError(_format_errors(error, source)) from None
-    resolved = config.model_dump()
-    resolve_demo_paths(resolved)
-    config = ExperimentConfig.model_validate(resolved)
-    check_paths_exist(config, source)
-    return config
-
-
-def flatten(config: ExperimentConfig) -> dict[str, Any]:
-    """The resolved config as dotted keys (MLflow params)."""
-    flat: dict[str, Any] = {}
-
-    def walk(prefix: str, node: Any) -> None:
-        if isinstance(node, dict) and node:
-            for key, value in node.items():
-                walk(f"{prefix}.{key}" if prefix else key, value)
-        else:
-            flat[prefix] = node
-
-    walk("", config.model_dump())
-    return flat
-
-
-# ---- to plain argument groups -----------------------------------------------------------------
-
-def model_args(config: ExperimentConfig) -> ModelArgs:
-    fields = config.model.model_dump(exclude={"lora"})
-    lora = config.model.lora
-    if lora is not None:
-        targets = lora.target_modules if isinstance(lora.target_modules, str) else tuple(lora.target_modules)
-        fields.update(lora_rank=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, lora_target_modules=targets)
-    return ModelArgs(**fields)
-
-
-def data_args(config: ExperimentConfig, *, sft: bool = False) -> DataArgs:
-    data = config.data
-    if sft and not data.sft_train:
-        raise ConfigError("data.sft_train: required for `dpo sft` (prompt/completion examples)")
-    return DataArgs(
-        train=data.sft_train if sft else data.train, eval=data.sft_eval if sft else data.eval,
-        train_split=data.train_split, eval_split=data.eval_split, layout=data.layout, columns=dict(data.columns),
-        max_length=data.max_length, max_prompt_length=data.max_prompt_length, drop_invalid=data.drop_invalid,
-        max_invalid_fraction=data.max_invalid_fraction, eval_holdout=data.eval_holdout,
-    )
-
-
-def preference_args(config: ExperimentConfig) -> PreferenceArgs:
-    return PreferenceArgs(
-        beta=config.dpo.beta, kl_weight=config.dpo.kl_weight, loss=config.dpo.loss,
-        label_smoothing=config.dpo.label_smoothing, kl_estimator=config.dpo.kl_estimator,
-        reference_mode=config.reference.mode, reference_path=config.reference.path,
-        reference_cache_dir=config.reference.cache_dir, reference_batch_size=config.reference.batch_size,
-    )
-
-
-def loop_settings(config: ExperimentConfig, *, output_dir: str | None = None, workers: int = 1,
-                  show_progress: bool = True) -> LoopSettings:
-    train = config.train
-    if train.batch_size % workers:
-        raise ConfigError(f"train.batch_size={train.batch_size} must be divisible by the {workers} workers")
-    return LoopSettings(
-        learning_rate=train.learning_rate, batch_size=train.batch_size,
-        micro_batch_size=train.micro_batch_size or train.batch_size // workers, max_steps=train.max_steps,
-        warmup_steps=train.warmup_steps, schedule=train.schedule, weight_decay=train.weight_decay,
-        max_grad_norm=train.max_grad_norm, eval_every=train.eval_every, checkpoint_every=train.checkpoint_every,
-        keep_checkpoints=train.keep_checkpoints, log_every=train.log_every, seed=train.seed,
-        output_dir=output_dir or str(config.output_dir), show_progress=show_progress,
-    )
-
-
-def runtime_args(config: ExperimentConfig, *, show_progress: bool = True) -> RuntimeArgs:
-    return RuntimeArgs(device=config.train.device, precision=config.train.precision,
-                       eval_batch_size=config.train.eval_batch_size, resume_from=config.train.resume_from,
-                       padding_buckets=config.train.padding_buckets, share_prompt=config.train.share_prompt,
-                       show_progress=show_progress)
-
-
-if __name__ == "__main__":
-    try:
-        print(yaml.safe_dump(load_config(sys.argv[1], sys.argv[2:]).model_dump(), sort_keys=False))
-    except ConfigError as error:
-        sys.exit(str(error))

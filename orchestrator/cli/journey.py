@@ -7,39 +7,37 @@ the report and the exported model.
 
 CONFIG is a YAML experiment config: the sweep is its `name`, the runs are read from the tracking URI it
 resolves to (tracking.uri, MLFLOW_TRACKING_URI or the embedded server of its storage_path), exactly as
-`dpo sweep` wrote them. NAME is a bare sweep name, read with `--tracking-uri` or from the embedded server of
-`--storage-path` (default ./runs). Rule options: --metric, --kl-metric, --kl-budget, --benchmark-tolerance,
---tie-tolerance, --stage (analysis/selection.py). Wired into orchestrator/cli.py; tested by
-`python -m pytest tests/test_analysis.py tests/test_export.py -q` (quickstart: by hand, it runs a sweep).
+`dpo sweep` wrote them. NAME is a bare sweep name, read with `--tracking-uri` or from the embedded server
+of `--storage-path` (default ./runs). Rule options: --metric, --kl-metric, --kl-budget,
+--benchmark-tolerance, --tie-tolerance, --stage, --arm (analysis/selection.py). The command table is in
+orchestrator/cli/main.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-COMMANDS = ("analyze", "export", "quickstart")
+from orchestrator.errors import ConfigError, NotFoundError
+
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+DEFAULT_STORAGE = "./runs"
 
 
-@dataclass
+@dataclass(frozen=True)
 class Source:
-    """Where a sweep's runs are: tracking URI, sweep name, experiment, storage path (and the config, if any)."""
+    """Where a sweep's runs are: tracking URI, sweep name, experiment, its storage layout (and the config, if any)."""
 
     uri: str
     name: str
     experiment: str
-    storage_path: str
+    layout: Any  # orchestrator.config.layout.StorageLayout
     config: Any | None  # orchestrator.config.ExperimentConfig when a config file was given
 
-    def default_report_dir(self) -> Path:
-        if "://" in self.storage_path:
-            return Path(f"{self.name}-analysis").resolve()
-        return Path(self.storage_path).expanduser().resolve() / self.name / "analysis"
 
+# ---- arguments ---------------------------------------------------------------------------------------
 
 def _add_source_arguments(parser: argparse.ArgumentParser, *, name_allowed: bool) -> None:
     if name_allowed:
@@ -52,7 +50,7 @@ def _add_source_arguments(parser: argparse.ArgumentParser, *, name_allowed: bool
                         "MLFLOW_TRACKING_URI, else the embedded server of the storage path)")
     parser.add_argument("--storage-path", default=None, help="the sweep's storage_path (default: the config's, or ./runs)")
     parser.add_argument("--experiment", default=None, help="MLflow experiment (default: tracking.experiment or the sweep name)")
-    rule = parser.add_argument_group("selection rule (README 'Choosing beta and exporting the model')")
+    rule = parser.add_argument_group("selection rule (docs/analysis-and-export.md)")
     rule.add_argument("--metric", default="auto", help="score to maximise (default auto: eval/win_rate when logged, "
                       "else eval/preference_accuracy)")
     rule.add_argument("--kl-metric", default="eval/kl", help="KL curve the budget applies to (default eval/kl)")
@@ -65,34 +63,37 @@ def _add_source_arguments(parser: argparse.ArgumentParser, *, name_allowed: bool
     rule.add_argument("--arm", default=None, help="a study's arm only, e.g. sft_then_dpo (default: every trial)")
 
 
-def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_model_output_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", action="store_true", help="LoRA trials: also write the unmerged adapter to DIR/adapter")
     parser.add_argument("--register", metavar="MODEL_NAME", default=None, help="also register it in the MLflow Model Registry")
     parser.add_argument("--prompt", default=None, help="prompt of the generation check (default: the first held-out "
                         "prompt of the config's data, else 'Hello')")
 
 
-def add_commands(commands: Any) -> None:
-    """Add the analyze, export and quickstart subparsers to `dpo`'s subcommands."""
-    analyze = commands.add_parser("analyze", help="pick beta from a sweep's MLflow runs and write the report")
-    _add_source_arguments(analyze, name_allowed=True)
-    analyze.add_argument("--report-dir", default=None, help="where the report goes (default <storage_path>/<name>/analysis)")
-    analyze.add_argument("--no-log", action="store_true", help="do not upload the report to the sweep's parent run")
-    export = commands.add_parser("export", help="write a trial's best checkpoint as a Hugging Face model directory")
-    _add_source_arguments(export, name_allowed=True)
-    export.add_argument("--out", required=True, help="the directory to write (new, empty or an earlier export)")
-    export.add_argument("--trial", default=None, help="trial id to export (default: the one the rule chooses)")
-    _add_export_arguments(export)
-    quickstart = commands.add_parser("quickstart", help="the whole journey: sweep, MLflow, analysis, export")
-    _add_source_arguments(quickstart, name_allowed=False)
-    quickstart.add_argument("--out", default=None, help="export directory (default <output_dir>/model)")
-    quickstart.add_argument("--address", default=None, help="Ray cluster to join (default: a local Ray on 127.0.0.1)")
-    _add_export_arguments(quickstart)
+def add_analyze_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_source_arguments(parser, name_allowed=True)
+    parser.add_argument("--report-dir", default=None, help="where the report goes (default <storage_path>/<name>/analysis)")
+    parser.add_argument("--no-log", action="store_true", help="do not upload the report to the sweep's parent run")
 
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_source_arguments(parser, name_allowed=True)
+    parser.add_argument("--out", required=True, help="the directory to write (new, empty or an earlier export)")
+    parser.add_argument("--trial", default=None, help="trial id to export (default: the one the rule chooses)")
+    _add_model_output_arguments(parser)
+
+
+def add_quickstart_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_source_arguments(parser, name_allowed=False)
+    parser.add_argument("--out", default=None, help="export directory (default <output_dir>/model)")
+    parser.add_argument("--address", default=None, help="Ray cluster to join (default: a local Ray on 127.0.0.1)")
+    _add_model_output_arguments(parser)
+
+
+# ---- resolution -------------------------------------------------------------------------------------
 
 def selection_rule(args: argparse.Namespace):
     from analysis.selection import SelectionRule
-    from orchestrator.config import ConfigError
 
     budget = None if str(args.kl_budget).lower() in ("none", "null", "off", "") else args.kl_budget
     try:
@@ -109,8 +110,9 @@ def resolve_source(args: argparse.Namespace, *, require_records: bool = True) ->
 
     require_records: the embedded server's database must exist already (a sweep ran with this storage path).
     """
-    from orchestrator.config import ConfigError, load_config
-    from orchestrator.mlflow_server import prepare_tracking_uri, resolve_tracking_uri
+    from orchestrator.config import load_config
+    from orchestrator.config.layout import StorageLayout
+    from orchestrator.tracking.server import prepare_tracking_uri, resolve_tracking_uri
 
     target = str(args.target)
     config = None
@@ -122,47 +124,53 @@ def resolve_source(args: argparse.Namespace, *, require_records: bool = True) ->
     else:
         if args.overrides:
             raise ConfigError(f"--set needs a config file; {target!r} is taken as a sweep name")
-        name, storage, uri_setting = target, args.storage_path or "./runs", args.tracking_uri
+        name, storage, uri_setting = target, args.storage_path or DEFAULT_STORAGE, args.tracking_uri
         experiment = args.experiment or target
     uri, embedded = resolve_tracking_uri(uri_setting, storage)
     if require_records and embedded and not (Path(uri) / "mlflow.db").is_file():
-        raise FileNotFoundError(f"no MLflow records for sweep {name!r}: {uri}/mlflow.db does not exist. Pass the "
-                                "sweep's storage path (--storage-path or storage_path in the config) or --tracking-uri")
+        raise NotFoundError(f"no MLflow records for sweep {name!r}: {uri}/mlflow.db does not exist. Pass the "
+                            "sweep's storage path (--storage-path or storage_path in the config) or --tracking-uri")
     return Source(uri=prepare_tracking_uri(uri_setting, storage), name=name, experiment=experiment,
-                  storage_path=storage, config=config)
+                  layout=StorageLayout.of(storage, name), config=config)
 
 
 def first_held_out_prompt(config: Any | None, default: str) -> str:
-    """The first prompt of the config's held-out pairs (a realistic generation check), else `default`."""
+    """The first prompt of the config's held-out pairs (a realistic generation check), else `default`.
+
+    Conversational pairs are rendered with the model's chat template, as in training; a data problem is
+    the user's to see, not hidden behind the default.
+    """
     if config is None or not config.data.eval:
         return default
-    try:
-        from trainables.data import load_preference_pairs
+    from orchestrator.config.spec import resolve_run
+    from trainables.data import load_preference_pairs
+    from trainables.entrypoints import tokenizer_for
 
-        pairs = load_preference_pairs(config.data.eval, split=config.data.eval_split, layout=config.data.layout,
-                                      columns=dict(config.data.columns) or None)
-        return pairs[0].prompt if pairs else default
-    except Exception:  # noqa: BLE001 - any data problem only costs the nicer prompt
-        return default
+    spec = resolve_run(config)
+    pairs = load_preference_pairs(spec.data.eval, split=spec.data.eval_split, layout=spec.data.layout,
+                                  columns=spec.data.column_map, chat_template_tokenizer=tokenizer_for(spec.model))
+    return pairs[0].prompt if pairs else default
 
+
+# ---- the commands -------------------------------------------------------------------------------------
 
 def run_analyze(source: Source, args: argparse.Namespace):
-    from analysis.report import analyze
+    from analysis.report import analyze as analyze_sweep
 
-    report_dir = Path(args.report_dir) if getattr(args, "report_dir", None) else source.default_report_dir()
-    return analyze(source.uri, source.name, report_dir=report_dir, experiment=source.experiment,
-                   rule=selection_rule(args), log_to_mlflow=not getattr(args, "no_log", False))
+    report_dir = Path(args.report_dir) if getattr(args, "report_dir", None) else source.layout.analysis_dir
+    return analyze_sweep(source.uri, source.name, report_dir=report_dir, experiment=source.experiment,
+                         rule=selection_rule(args), log_to_mlflow=not getattr(args, "no_log", False))
 
 
 def run_export(source: Source, args: argparse.Namespace, out: str, sweep=None):
     from analysis.runs import load_sweep
-    from orchestrator.export import DEFAULT_PROMPT, export_trial
+    from orchestrator.workflows.export import DEFAULT_PROMPT, export_trial
 
     sweep = sweep or load_sweep(source.uri, source.name, source.experiment)
     prompt = args.prompt or first_held_out_prompt(source.config, DEFAULT_PROMPT)
     return export_trial(sweep, out, trial_id=getattr(args, "trial", None), rule=selection_rule(args),
                         include_adapter=args.adapter, register=args.register, prompt=prompt,
-                        storage_path=source.storage_path)
+                        storage_path=source.layout.storage)
 
 
 def print_export(result) -> None:
@@ -174,36 +182,28 @@ def print_export(result) -> None:
         print(f"registered in the MLflow Model Registry as {result.registered_version}")
 
 
-def run_command(args: argparse.Namespace) -> int:
-    """Dispatch analyze / export / quickstart; clear errors exit with status 2, no eligible trial with 1."""
-    from analysis.runs import SweepNotFoundError
-    from orchestrator.export import ExportError
-
-    try:
-        source = resolve_source(args, require_records=args.command != "quickstart")
-        if args.command == "analyze":
-            analysis = run_analyze(source, args)
-            print("\n".join(analysis.lines()))
-            return 0 if analysis.selection.chosen else 1
-        if args.command == "export":
-            print_export(run_export(source, args, args.out))
-            return 0
-        return run_quickstart(source, args)
-    except (SweepNotFoundError, ExportError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+def analyze(args: argparse.Namespace) -> int:
+    """Exit 0 with a chosen trial, 1 when no trial is eligible under the rule."""
+    analysis = run_analyze(resolve_source(args), args)
+    print("\n".join(analysis.lines()))
+    return 0 if analysis.selection.chosen else 1
 
 
-def run_quickstart(source: Source, args: argparse.Namespace) -> int:
+def export(args: argparse.Namespace) -> int:
+    print_export(run_export(resolve_source(args), args, args.out))
+    return 0
+
+
+def quickstart(args: argparse.Namespace) -> int:
     """sweep -> analyze -> export, then the four facts: chosen beta, report, exported directory, MLflow URL."""
-    from orchestrator.sweep import print_summary, run_sweep
+    from orchestrator.config.spec import resolve_experiment
+    from orchestrator.workflows.sweep import print_summary, run_sweep
 
-    from orchestrator.config import ConfigError
-
+    source = resolve_source(args, require_records=False)
     config = source.config
     if not config.tracking.enabled:
         raise ConfigError("tracking.enabled: quickstart reads the sweep back from MLflow; set it to true")
-    print_summary(run_sweep(config, address=args.address))
+    print_summary(run_sweep(resolve_experiment(config), address=args.address))
     analysis = run_analyze(source, args)
     print("\n".join(analysis.lines()))
     if analysis.selection.chosen is None:

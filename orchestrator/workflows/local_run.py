@@ -4,7 +4,7 @@ No Ray here: the engine runs in this process, and every report is appended as on
 `<output_dir>/metrics.jsonl` (with `step` and the metric keys) while a progress bar shows the steps.
 The resolved config is written beside it as `config.yaml`. Nothing is written before the data has been
 validated: the first file appears with the first report.
-Run: `dpo train configs/quickstart.yaml` or `dpo sft configs/quickstart.yaml`.
+Run: `dpo train configs/quickstart.yaml` or `dpo sft CONFIG` (with data.sft_train).
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from typing import Any
 
 import yaml
 
-from orchestrator import config as cfg
+from orchestrator.config import ExperimentConfig
+from orchestrator.config.layout import OutputLayout
+from orchestrator.config.spec import resolve_run
 from trainables.entrypoints import run_dpo, run_sft
 
 logger = logging.getLogger(__name__)
@@ -26,8 +28,8 @@ logger = logging.getLogger(__name__)
 class MetricsFile:
     """The `report` callable of single-process runs: appends metrics to output_dir/metrics.jsonl."""
 
-    def __init__(self, output_dir: Path, config: cfg.ExperimentConfig, *, append: bool):
-        self.output_dir = output_dir
+    def __init__(self, output: OutputLayout, config: ExperimentConfig, *, append: bool):
+        self.output = output
         self.config = config
         self.append = append
         self.opened = False
@@ -36,12 +38,12 @@ class MetricsFile:
 
     @property
     def path(self) -> Path:
-        return self.output_dir / "metrics.jsonl"
+        return self.output.metrics_file
 
     def __call__(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         if not self.opened:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.yaml").write_text(yaml.safe_dump(self.config.model_dump(), sort_keys=False))
+            Path(self.output.output_dir).mkdir(parents=True, exist_ok=True)
+            self.output.config_file.write_text(yaml.safe_dump(self.config.model_dump(), sort_keys=False))
             if not self.append:
                 self.path.write_text("")
             self.opened = True
@@ -60,24 +62,21 @@ def _summary(metrics: dict[str, Any]) -> str:
     return "  ".join(f"{k}={metrics[k]:.4f}" for k in keys if isinstance(metrics[k], float) and math.isfinite(metrics[k]))
 
 
-def _run_in_process(config: cfg.ExperimentConfig, run) -> MetricsFile:
+def _run_in_process(config: ExperimentConfig, run) -> MetricsFile:
     """Run `run(sink)` with a metrics.jsonl sink under output_dir (appending when resuming) and print the end."""
-    output_dir = Path(str(config.output_dir))
-    sink = MetricsFile(output_dir, config, append=config.train.resume_from is not None)
+    sink = MetricsFile(OutputLayout(str(config.output_dir)), config, append=config.train.resume_from is not None)
     run(sink)
-    print(f"done: {output_dir}/metrics.jsonl  {_summary(sink.last)}")
+    print(f"done: {sink.path}  {_summary(sink.last)}")
     return sink
 
 
-def train(config: cfg.ExperimentConfig) -> MetricsFile:
+def train(config: ExperimentConfig) -> MetricsFile:
     """DPO in this process; returns the metrics sink (first and last records)."""
-    return _run_in_process(config, lambda sink: run_dpo(
-        cfg.model_args(config), cfg.data_args(config), cfg.preference_args(config), cfg.loop_settings(config),
-        cfg.runtime_args(config), sink))
+    spec = resolve_run(config)
+    return _run_in_process(config, lambda sink: run_dpo(spec.model, spec.data, spec.preference, spec.loop, spec.runtime, sink))
 
 
-def sft(config: cfg.ExperimentConfig) -> MetricsFile:
+def sft(config: ExperimentConfig) -> MetricsFile:
     """SFT in this process on data.sft_train; output under output_dir."""
-    return _run_in_process(config, lambda sink: run_sft(
-        cfg.model_args(config), cfg.data_args(config, sft=True), cfg.loop_settings(config),
-        cfg.runtime_args(config), sink))
+    spec = resolve_run(config, stage="sft")
+    return _run_in_process(config, lambda sink: run_sft(spec.model, spec.data, spec.loop, spec.runtime, sink))

@@ -1,6 +1,6 @@
-"""Beta searchers for Ray Tune: the DPO notes' incremental beta procedure, and grid/random spaces.
+"""Beta searchers for Ray Tune: the incremental beta procedure (docs/method.md), and grid/random spaces.
 
-`IncrementalBetaSearcher` tunes beta in rounds as the DPO notes prescribe ("start at 0.1, raise by
+`IncrementalBetaSearcher` tunes beta in rounds as docs/method.md describes ("start at 0.1, raise by
 0.1-0.2 per round; when the loss oscillates or performance drops, lower beta or raise lambda"). A
 round trains one trial per (learning_rate, kl_weight) pair at one beta, concurrently; its result is
 its best trial by the metric. A stable round (analysis/stability.py) that beats the best metric so
@@ -18,82 +18,16 @@ from __future__ import annotations
 import copy
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any, Mapping
 
 from ray import tune
 from ray.tune.search import Searcher
 from ray.tune.search.sample import Domain
 
-from analysis.stability import (
-    DEFAULT_DIVERGENCE_RATIO,
-    DEFAULT_OSCILLATION_THRESHOLD,
-    DEFAULT_WINDOW,
-    assess_loss_curve,
-)
-
-# task prior -> (start_beta, min_beta, max_beta); DPO_NOTES.md "Heuristic priors by task complexity"
-TASK_PRIORS: dict[str | None, tuple[float, float, float]] = {
-    None: (0.1, 0.05, 1.0),
-    "simple": (0.5, 0.5, 1.0),  # e.g. binary preference classification
-    "complex": (0.1, 0.1, 0.3),  # e.g. long-form generation
-}
-BACKOFFS = ("halve_step", "raise_kl_weight")
-TUNED_KEYS = ("beta", "kl_weight", "learning_rate")
-BETA_DECIMALS = 6  # betas are rounded so that 0.1 + 0.2 compares equal to 0.3
-
-
-@dataclass(frozen=True)
-class IncrementalBetaSettings:
-    """Plain settings of the incremental beta procedure; None bounds come from the task prior."""
-
-    task: str | None = None  # None | "simple" (beta 0.5-1.0) | "complex" (beta 0.1-0.3)
-    start_beta: float | None = None  # first round's beta; default from the task prior
-    min_beta: float | None = None  # back-offs never go below this
-    max_beta: float | None = None  # climbing stops here ("reached upper bound")
-    step: float = 0.1  # beta increase per improving round, 0.1 to 0.2 as the notes prescribe
-    backoff: str = "halve_step"  # "halve_step": beta -= step / 2 | "raise_kl_weight": kl_weights *= factor
-    kl_weight_factor: float = 2.0  # multiplier of every kl_weight on a "raise_kl_weight" back-off
-    min_raised_kl_weight: float = 0.01  # a kl_weight of 0 is raised to this (0 * factor stays 0)
-    patience: int = 2  # stop after this many rounds in a row without improvement
-    max_rounds: int = 10  # hard limit on rounds
-    min_improvement: float = 0.0  # the metric must beat the best so far by more than this
-    learning_rates: tuple[float, ...] = (1e-4,)  # fan-out: one trial per (learning_rate, kl_weight)
-    kl_weights: tuple[float, ...] = (0.0,)  # fan-out, and the starting lambda values
-    loss_key: str = "train/loss"  # per-report loss, accumulated from on_trial_result
-    loss_history_key: str = "loss_history"  # full loss list in the final result; preferred if present
-    stability_window: int = DEFAULT_WINDOW  # passed to analysis.stability.assess_loss_curve
-    oscillation_threshold: float = DEFAULT_OSCILLATION_THRESHOLD  # ditto
-    divergence_ratio: float = DEFAULT_DIVERGENCE_RATIO  # ditto
-
-    def __post_init__(self) -> None:
-        where = "IncrementalBetaSettings"
-        if self.task not in TASK_PRIORS:
-            raise ValueError(f"{where}.task: expected one of None, 'simple', 'complex'; got {self.task!r}.")
-        prior_start, prior_min, prior_max = TASK_PRIORS[self.task]
-        for name, prior in (("start_beta", prior_start), ("min_beta", prior_min), ("max_beta", prior_max)):
-            value = prior if getattr(self, name) is None else getattr(self, name)
-            object.__setattr__(self, name, round(float(value), BETA_DECIMALS))
-        object.__setattr__(self, "learning_rates", tuple(float(v) for v in self.learning_rates))
-        object.__setattr__(self, "kl_weights", tuple(float(v) for v in self.kl_weights))
-        if not 0 < self.min_beta <= self.start_beta <= self.max_beta:
-            raise ValueError(
-                f"{where}: need 0 < min_beta <= start_beta <= max_beta, got {self.min_beta}, "
-                f"{self.start_beta}, {self.max_beta} (task={self.task!r}); fix the beta bounds."
-            )
-        if not 0.1 <= self.step <= 0.2:
-            raise ValueError(f"{where}.step: the notes prescribe 0.1 to 0.2 per round; got {self.step}.")
-        if self.backoff not in BACKOFFS:
-            raise ValueError(f"{where}.backoff: expected one of {BACKOFFS}; got {self.backoff!r}.")
-        if self.kl_weight_factor <= 1 or self.min_raised_kl_weight <= 0:
-            raise ValueError(f"{where}: kl_weight_factor must be > 1 and min_raised_kl_weight > 0.")
-        if self.patience < 1 or self.max_rounds < 1 or self.min_improvement < 0:
-            raise ValueError(f"{where}: need patience >= 1, max_rounds >= 1, min_improvement >= 0.")
-        if not self.learning_rates or any(v <= 0 for v in self.learning_rates):
-            raise ValueError(f"{where}.learning_rates: need at least one value, all > 0; got {self.learning_rates}.")
-        if not self.kl_weights or any(v < 0 for v in self.kl_weights):
-            raise ValueError(f"{where}.kl_weights: need at least one value, all >= 0; got {self.kl_weights}.")
-
+from analysis.stability import assess_loss_curve
+from orchestrator.config.incremental import BETA_DECIMALS, IncrementalBetaSettings
+from orchestrator.tracking.schema import SEARCHED_PARAMS
 
 def _number(value: Any) -> float | None:
     """A metric value as float (NaN and inf kept), or None when it is missing or not a number."""
@@ -147,7 +81,7 @@ class IncrementalBetaSearcher(Searcher):
         self._metric = metric or self._metric
         self._mode = mode or self._mode
         searched = [
-            key for key in TUNED_KEYS
+            key for key in SEARCHED_PARAMS
             if isinstance(config.get(key), Domain)
             or (isinstance(config.get(key), dict) and "grid_search" in config[key])
         ]

@@ -6,7 +6,7 @@ whether its DPO uses fixed hyperparameters or a sweep of its own, with per-arm o
 base model). `benchmarks:` is a list of entries, each with a `name` (its MLflow metric is
 `bench/<name>`) and a `kind` whose fields it takes (extra keys are errors). `demo:` data paths resolve
 to the embedded default's files. Overrides are checked against the sections they override when the
-config is loaded (`check_study`), so `dpo check` reports them. Used by orchestrator/config.py;
+config is loaded (`check_study`), so `dpo check` reports them. Used by orchestrator/config/schema.py;
 tested by `python -m pytest tests/test_study.py -m "not ray" -q`.
 """
 
@@ -16,6 +16,8 @@ import re
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from orchestrator.tracking.schema import NAME_PATTERN
 
 ARMS = ("sft_then_dpo", "dpo_only")
 
@@ -41,7 +43,7 @@ class StudySection(_Section):
 
 
 def _resolve_demo(value: str | None) -> str | None:
-    from orchestrator.demo_assets import DEMO_PREFIX, resolve_demo_path
+    from orchestrator.workflows.demo_assets import DEMO_PREFIX, resolve_demo_path
 
     return resolve_demo_path(value) if isinstance(value, str) and value.startswith(DEMO_PREFIX) else value
 
@@ -53,7 +55,7 @@ class _Benchmark(_Section):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", value):
+        if not re.fullmatch(NAME_PATTERN, value):
             raise ValueError("use letters, digits, '.', '_' and '-' only (it is part of an MLflow metric name)")
         return value
 
@@ -141,7 +143,7 @@ def _merged(section_class, base: BaseModel, overrides: dict[str, Any], where: st
 
 def check_study(config) -> None:
     """Every study override validates against its section, and benchmark names are unique (ValueError if not)."""
-    from orchestrator.config import DPOSection, SweepSection, TrainSection
+    from orchestrator.config.schema import DPOSection, SweepSection, TrainSection
 
     study = config.study
     _merged(TrainSection, config.train, study.sft, "study.sft")
@@ -158,7 +160,7 @@ def check_study(config) -> None:
 
 def arm_sections(config, arm: str) -> dict[str, dict[str, Any]]:
     """The dpo, train and sweep sections an arm's DPO runs with (the config's, with the arm's overrides)."""
-    from orchestrator.config import DPOSection, SweepSection, TrainSection
+    from orchestrator.config.schema import DPOSection, SweepSection, TrainSection
 
     section = getattr(config.study, arm)
     return {"dpo": _merged(DPOSection, config.dpo, section.dpo, f"study.{arm}.dpo").model_dump(),
@@ -168,6 +170,6 @@ def arm_sections(config, arm: str) -> dict[str, dict[str, Any]]:
 
 def sft_train_section(config) -> dict[str, Any]:
     """The train section of the SFT stage (the config's, with study.sft on top)."""
-    from orchestrator.config import TrainSection
+    from orchestrator.config.schema import TrainSection
 
     return _merged(TrainSection, config.train, config.study.sft, "study.sft").model_dump()

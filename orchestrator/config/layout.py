@@ -1,0 +1,168 @@
+"""The storage layout: every path of a sweep, a study and a single-process run, derived in one place.
+
+    <storage_path>/mlflow/                      the embedded MLflow server (database, artifacts, log)
+    <storage_path>/<name>/                      the Tuner's experiment folder (searcher state, Tune's files)
+    <storage_path>/<name>/sweep_summary.json    best trial, every trial's final metrics, decision log
+    <storage_path>/<name>/reference_cache/      precomputed reference log-probs (default of reference.cache_dir)
+    <storage_path>/<name>/analysis/             `dpo analyze`'s report
+    <storage_path>/<name>-trials/<trial_id>/    each trial's Ray Train run and its checkpoints
+    <storage_path>/<name>/{sft,sft_then_dpo,dpo_only}/model/   a study's stage models (+ STAGE_*.json)
+    <storage_path>/<name>/train-jobs/, evaluations/             a study's Ray Train jobs and evaluations
+    <output_dir>/metrics.jsonl, config.yaml, checkpoints/step-NNNNNN/    `dpo train` / `dpo sft`
+
+storage_path may be a local or shared folder or an object-store URI (s3://...); what needs a filesystem
+(the embedded MLflow server, the reference cache, study stages) says so with a ConfigError. Nothing
+else in the code builds one of these paths by hand. Pure Python: no torch, no ray.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from orchestrator.errors import ConfigError, TrackingConfigError
+
+DEFAULT_REFERENCE_CACHE = "~/.cache/dpo-orchestrator/reference"  # `dpo train` without reference.cache_dir
+CHECKPOINT_MANIFEST = "manifest.json"  # written last into every complete engine checkpoint (trainables/checkpointing.py)
+
+
+def is_remote(location: str) -> bool:
+    """An object-store or other URI (s3://, gs://, ...) rather than a filesystem path."""
+    return "://" in location
+
+
+def resolve_storage(storage_path: str) -> str:
+    """A URI as given; a local path absolute, with ~ expanded (so Ray and every worker agree on it)."""
+    if is_remote(storage_path):
+        return storage_path.rstrip("/")
+    return str(Path(storage_path).expanduser().resolve())
+
+
+def mlflow_root(storage_path: str) -> Path:
+    """<storage_path>/mlflow: the embedded MLflow server's database, artifacts, state and log."""
+    if is_remote(storage_path):
+        raise TrackingConfigError(
+            f"storage_path {storage_path!r} is an object store, where the embedded MLflow server cannot keep its "
+            "SQLite file: set tracking.uri (or MLFLOW_TRACKING_URI) to a running MLflow server, e.g. http://head-node:5000")
+    return Path(resolve_storage(storage_path)) / "mlflow"
+
+
+@dataclass(frozen=True)
+class StorageLayout:
+    """Where one named sweep (or study) keeps everything under its storage_path."""
+
+    storage: str  # resolve_storage(storage_path)
+    name: str
+    reference_cache_dir: str | None = None  # reference.cache_dir when set; else under the sweep's folder
+
+    @classmethod
+    def of(cls, storage_path: str, name: str, reference_cache_dir: str | None = None) -> "StorageLayout":
+        return cls(resolve_storage(storage_path), name, reference_cache_dir)
+
+    @property
+    def remote(self) -> bool:
+        return is_remote(self.storage)
+
+    @property
+    def root(self) -> str:
+        """The Tuner's experiment folder (and a study's root)."""
+        return f"{self.storage}/{self.name}"
+
+    @property
+    def trials(self) -> str:
+        """Where each trial's Ray Train run lives (one folder per trial id)."""
+        return f"{self.root}-trials"
+
+    def trial_dir(self, trial_id: str) -> str:
+        return f"{self.trials}/{trial_id}"
+
+    @property
+    def reference_cache(self) -> str:
+        if self.reference_cache_dir:
+            return self.reference_cache_dir
+        if self.remote:
+            raise ConfigError("reference.cache_dir: with an object-store storage_path, set it to a shared filesystem path")
+        return f"{self.root}/reference_cache"
+
+    @property
+    def mlflow_root(self) -> Path:
+        return mlflow_root(self.storage)
+
+    @property
+    def summary_file(self) -> Path | None:
+        """sweep_summary.json (None in object storage: it is logged to MLflow instead)."""
+        return None if self.remote else Path(self.root) / "sweep_summary.json"
+
+    @property
+    def analysis_dir(self) -> Path:
+        return Path(f"{self.name}-analysis").resolve() if self.remote else Path(self.root) / "analysis"
+
+    def searcher_states(self) -> list[Path]:
+        """The incremental searcher's saved states, oldest first by name (the name holds the session start)."""
+        return [] if self.remote else sorted(Path(self.root).glob("searcher-state-*"))
+
+    def exists(self) -> bool:
+        """Whether a sweep of this name has run here (unknown, so True, for object storage)."""
+        return self.remote or Path(self.root).is_dir()
+
+    # ---- a study's folders (filesystem only: stages hand model folders to each other) ----------------
+
+    def require_filesystem(self, what: str) -> Path:
+        if self.remote:
+            raise ConfigError(f"storage_path: {what} needs a local or shared filesystem path, not {self.storage}")
+        return Path(self.root)
+
+    @property
+    def train_jobs(self) -> Path:
+        return self.require_filesystem("`dpo study`") / "train-jobs"
+
+    @property
+    def evaluations(self) -> Path:
+        return self.require_filesystem("`dpo study`") / "evaluations"
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.require_filesystem("`dpo study`") / stage
+
+    def arm_sweep(self, arm: str) -> "StorageLayout":
+        """The sweep a study arm in `mode: sweep` runs: named <name>-<arm>, stored inside the study's folder."""
+        return StorageLayout(self.root, f"{self.name}-{arm}", self.reference_cache)
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    """What a single-process run (`dpo train`, `dpo sft`, a study stage) writes under output_dir."""
+
+    output_dir: str
+
+    @property
+    def metrics_file(self) -> Path:
+        return Path(self.output_dir) / "metrics.jsonl"
+
+    @property
+    def config_file(self) -> Path:
+        return Path(self.output_dir) / "config.yaml"
+
+    @property
+    def checkpoints(self) -> Path:
+        return Path(self.output_dir) / "checkpoints"
+
+
+def find_checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """(step, checkpoint folder) of every engine checkpoint one or two levels below `folder`, by step.
+
+    One level: a Ray Train run folder (<trial>/checkpoint_*/) or an engine output's checkpoints/; two
+    levels: a trial folder holding Ray Train runs. A checkpoint counts when its manifest names its step
+    and it holds model/; staging and hidden folders never count.
+    """
+    found = []
+    for manifest in list(folder.glob(f"*/{CHECKPOINT_MANIFEST}")) + list(folder.glob(f"*/*/{CHECKPOINT_MANIFEST}")):
+        checkpoint = manifest.parent
+        if checkpoint.name.startswith(".") or not (checkpoint / "model").is_dir():
+            continue
+        try:
+            step = int(json.loads(manifest.read_text())["step"])
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+            continue
+        found.append((step, checkpoint))
+    return sorted(found, key=lambda item: (item[0], str(item[1])))

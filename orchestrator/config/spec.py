@@ -1,0 +1,230 @@
+"""The run spec: a validated config resolved, once, into frozen, typed, torch-free values.
+
+    ExperimentConfig (schema.py, validated by loading.py)
+        -> resolve_run(...)        RunSpec: the engine's argument groups + resources + MLflow params
+        -> resolve_experiment(...) Experiment: the RunSpec, the StorageLayout, the SweepSpec, tracking
+
+These objects, not the config, cross every boundary: they are pickled into Ray tasks and Train workers,
+logged to MLflow (RunSpec.params) and written to disk. Nothing downstream re-validates them or fills in
+a default: every value comes from the config's schema. A sweep trial is the sweep's RunSpec with the
+searched values replaced (`for_trial`); a worker's is the trial's with its own folder and device
+(`on_worker`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+from orchestrator.config.incremental import IncrementalBetaSettings, settings_from_sweep
+from orchestrator.config.layout import DEFAULT_REFERENCE_CACHE, StorageLayout
+from orchestrator.config.schema import ExperimentConfig
+from orchestrator.errors import ConfigError
+from orchestrator.tracking.schema import SEARCHED_PARAMS
+from trainables.settings import DataArgs, LoopSettings, ModelArgs, PreferenceArgs, RuntimeArgs
+
+SearchValues = Any  # a number, a tuple of numbers, or a {min, max, log} range (validated by the schema)
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one trial (or training job) asks Ray for, and how it survives failures."""
+
+    num_workers: int  # Ray Train workers (data-parallel ranks)
+    use_gpu: bool
+    cpus_per_worker: float
+    gpus_per_worker: float
+    strategy: str  # ddp | fsdp
+    max_failures: int  # worker-group restarts from the last checkpoint (-1: unlimited)
+    keep_checkpoints: int | None
+
+    @property
+    def cpus(self) -> float:
+        return self.num_workers * self.cpus_per_worker
+
+    @property
+    def gpus(self) -> float:
+        return self.num_workers * self.gpus_per_worker if self.use_gpu else 0.0
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything one training run needs: what the engine takes, what Ray reserves, what MLflow records."""
+
+    name: str
+    stage: str  # dpo | sft
+    model: ModelArgs
+    data: DataArgs
+    preference: PreferenceArgs
+    loop: LoopSettings
+    runtime: RuntimeArgs
+    resources: Resources
+    params: tuple[tuple[str, Any], ...]  # the resolved config as dotted keys (MLflow params)
+
+    def param_dict(self) -> dict[str, Any]:
+        return dict(self.params)
+
+    def for_trial(self, trial_config: Mapping[str, Any]) -> "RunSpec":
+        """This spec with a trial's searched values (beta, kl_weight, learning_rate) in place."""
+        values = {key: float(trial_config[key]) for key in SEARCHED_PARAMS if key in trial_config}
+        preference = replace(self.preference, **{k: v for k, v in values.items() if k in ("beta", "kl_weight")})
+        loop = replace(self.loop, learning_rate=values.get("learning_rate", self.loop.learning_rate))
+        params = {**self.param_dict(), **{SEARCHED_PARAMS[key]: value for key, value in values.items()}}
+        return replace(self, preference=preference, loop=loop, params=tuple(params.items()))
+
+    def on_worker(self, *, output_dir: str, device: str, resume_from: str | None) -> "RunSpec":
+        """This spec as one Ray Train worker runs it: its own scratch folder and device, no progress bars."""
+        return replace(self, loop=replace(self.loop, output_dir=output_dir, show_progress=False),
+                       runtime=replace(self.runtime, device=device, resume_from=resume_from, show_progress=False))
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """How a sweep proposes trials (orchestrator/ray/tuner.py)."""
+
+    strategy: str  # incremental_beta | grid | random | optuna
+    metric: str
+    mode: str  # max | min
+    scheduler: str  # none | asha
+    max_trials: int
+    max_concurrent_trials: int | None
+    beta: SearchValues
+    kl_weight: SearchValues
+    learning_rate: SearchValues
+    incremental: IncrementalBetaSettings | None  # strategy incremental_beta only
+
+
+@dataclass(frozen=True)
+class TrackingSpec:
+    enabled: bool
+    uri: str | None  # tracking.uri as configured (None: MLFLOW_TRACKING_URI, else the embedded server)
+    experiment: str  # MLflow experiment name
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A sweep (or study) resolved: its base run, where it lives, how it searches, where it is recorded."""
+
+    name: str
+    run: RunSpec
+    layout: StorageLayout
+    sweep: SweepSpec
+    tracking: TrackingSpec
+    config_json: str  # the resolved config, for the records (config.yaml artifact of the parent run)
+
+    def resolved_config(self) -> dict[str, Any]:
+        return json.loads(self.config_json)
+
+
+# ---- resolution -------------------------------------------------------------------------------------
+
+def flatten(nested: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"dpo": {"beta": 0.1}} -> {"dpo.beta": 0.1} (an empty mapping stays a value)."""
+    flat: dict[str, Any] = {}
+    for key, value in nested.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _model(config: ExperimentConfig) -> ModelArgs:
+    model, lora = config.model, config.model.lora
+    targets = None if lora is None else (lora.target_modules if isinstance(lora.target_modules, str) else tuple(lora.target_modules))
+    return ModelArgs(path=model.path, tokenizer_path=model.tokenizer_path, revision=model.revision,
+                     trust_remote_code=model.trust_remote_code, dtype=model.dtype,
+                     attn_implementation=model.attn_implementation, disable_dropout=model.disable_dropout,
+                     lora_rank=lora.r if lora else None, lora_alpha=lora.alpha if lora else 0.0,
+                     lora_dropout=lora.dropout if lora else 0.0, lora_target_modules=targets or "all-linear")
+
+
+def _data(config: ExperimentConfig, stage: str) -> DataArgs:
+    data = config.data
+    if stage == "sft" and not data.sft_train:
+        raise ConfigError("data.sft_train: required for SFT (prompt/completion examples), e.g. data.sft_train: sft.jsonl")
+    return DataArgs(train=data.sft_train if stage == "sft" else data.train,
+                    eval=data.sft_eval if stage == "sft" else data.eval,
+                    train_split=data.train_split, eval_split=data.eval_split, layout=data.layout,
+                    columns=tuple(sorted(data.columns.items())), max_length=data.max_length,
+                    max_prompt_length=data.max_prompt_length, drop_invalid=data.drop_invalid,
+                    max_invalid_fraction=data.max_invalid_fraction, eval_holdout=data.eval_holdout)
+
+
+def _preference(config: ExperimentConfig, reference_cache: str) -> PreferenceArgs:
+    dpo, reference = config.dpo, config.reference
+    return PreferenceArgs(beta=dpo.beta, kl_weight=dpo.kl_weight, loss=dpo.loss, label_smoothing=dpo.label_smoothing,
+                          kl_estimator=dpo.kl_estimator, reference_mode=reference.mode, reference_path=reference.path,
+                          reference_cache_dir=reference_cache, reference_batch_size=reference.batch_size)
+
+
+def _loop(config: ExperimentConfig, workers: int, output_dir: str, show_progress: bool) -> LoopSettings:
+    train = config.train
+    if train.batch_size % workers:
+        raise ConfigError(f"train.batch_size: {train.batch_size} pairs per step must be divisible by the {workers} "
+                          "workers (resources.num_workers)")
+    return LoopSettings(
+        learning_rate=train.learning_rate, batch_size=train.batch_size,
+        micro_batch_size=train.micro_batch_size or train.batch_size // workers, max_steps=train.max_steps,
+        warmup_steps=train.warmup_steps, schedule=train.schedule, weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm, eval_every=train.eval_every, checkpoint_every=train.checkpoint_every,
+        keep_checkpoints=train.keep_checkpoints, log_every=train.log_every, seed=train.seed,
+        output_dir=output_dir, show_progress=show_progress)
+
+
+def _runtime(config: ExperimentConfig, show_progress: bool) -> RuntimeArgs:
+    train = config.train
+    return RuntimeArgs(device=train.device, precision=train.precision, eval_batch_size=train.eval_batch_size,
+                       padding_buckets=train.padding_buckets, share_prompt=train.share_prompt,
+                       resume_from=train.resume_from, show_progress=show_progress)
+
+
+def _resources(config: ExperimentConfig) -> Resources:
+    resources = config.resources
+    return Resources(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
+                     cpus_per_worker=resources.cpus_per_worker, gpus_per_worker=resources.gpus_per_worker,
+                     strategy=resources.strategy, max_failures=config.failure.max_failures,
+                     keep_checkpoints=config.train.keep_checkpoints)
+
+
+def resolve_run(config: ExperimentConfig, *, stage: str = "dpo", workers: int = 1, reference_cache: str | None = None,
+                output_dir: str | None = None, show_progress: bool = True) -> RunSpec:
+    """One run of the config: `dpo train` / `dpo sft` (workers=1), or the base of a sweep's trials.
+
+    reference_cache: where precomputed reference log-probs go (default reference.cache_dir, else the
+    per-user cache); output_dir: default the config's output_dir.
+    """
+    cache = reference_cache or config.reference.cache_dir or str(Path(DEFAULT_REFERENCE_CACHE).expanduser())
+    return RunSpec(name=config.name, stage=stage, model=_model(config), data=_data(config, stage),
+                   preference=_preference(config, cache),
+                   loop=_loop(config, workers, output_dir or str(config.output_dir), show_progress),
+                   runtime=_runtime(config, show_progress), resources=_resources(config),
+                   params=tuple(flatten(config.model_dump()).items()))
+
+
+def _sweep(config: ExperimentConfig) -> SweepSpec:
+    sweep = config.sweep
+    beta = sweep.beta if sweep.beta is not None else config.dpo.beta
+    kl_weight = sweep.kl_weight if sweep.kl_weight is not None else config.dpo.kl_weight
+    learning_rate = sweep.learning_rate if sweep.learning_rate is not None else config.train.learning_rate
+    as_tuple = lambda value: tuple(float(v) for v in (value if isinstance(value, list) else [value]))
+    incremental = None
+    if sweep.strategy == "incremental_beta":
+        incremental = settings_from_sweep(sweep, learning_rates=as_tuple(learning_rate), kl_weights=as_tuple(kl_weight))
+    return SweepSpec(strategy=sweep.strategy, metric=sweep.metric, mode=sweep.mode, scheduler=sweep.scheduler,
+                     max_trials=sweep.max_trials, max_concurrent_trials=sweep.max_concurrent_trials, beta=beta,
+                     kl_weight=kl_weight, learning_rate=learning_rate, incremental=incremental)
+
+
+def resolve_experiment(config: ExperimentConfig) -> Experiment:
+    """A sweep's (or study's) resolution: its trials' base RunSpec, its layout, its search, its tracking."""
+    layout = StorageLayout.of(config.storage_path, config.name, config.reference.cache_dir)
+    run = resolve_run(config, workers=config.resources.num_workers, reference_cache=layout.reference_cache,
+                      output_dir=layout.trials, show_progress=False)
+    tracking = TrackingSpec(enabled=config.tracking.enabled, uri=config.tracking.uri,
+                            experiment=config.tracking.experiment or config.name)
+    return Experiment(name=config.name, run=run, layout=layout, sweep=_sweep(config), tracking=tracking,
+                      config_json=json.dumps(config.model_dump(), default=str))

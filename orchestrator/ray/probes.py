@@ -1,0 +1,47 @@
+"""Optional timing probes of a sweep trial: where its time goes before the first optimizer step.
+
+Not on the training path: the worker wraps its reports with `StartupClock.metrics`, which adds three
+`perf/*` figures that bench/sweep.py sums into the sweep's overhead breakdown.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any
+
+
+class StartupClock:
+    """Where a trial's time goes before its first optimizer step, as `perf/*` metrics of every report.
+
+    - perf/ray_train_start_seconds: from the trial driver's TorchTrainer.fit() to train_worker starting
+      (Ray Train's controller, worker and helper processes; the trial driver's clock, so one machine or
+      synchronised clocks);
+    - perf/reference_wait_seconds: waiting for the sweep's reference task (the first trials only);
+    - perf/load_seconds: the rest of the time from train_worker starting to the first report, less the
+      first step: imports, data, reference cache, model loading and wrapping (DDP/FSDP).
+    Fixed at the first report; bench/sweep.py sums them into the sweep's overhead breakdown.
+    """
+
+    def __init__(self, fit_called_at: float | None, worker_entered_at: float):
+        self.fit_called_at = fit_called_at
+        self.entered = worker_entered_at
+        self.reference_wait = 0.0
+        self.figures: dict[str, float] | None = None
+
+    @contextlib.contextmanager
+    def waiting_for_reference(self):
+        started = time.time()
+        try:
+            yield
+        finally:
+            self.reference_wait += time.time() - started
+
+    def metrics(self, first_report: dict[str, Any]) -> dict[str, float]:
+        if self.figures is None:
+            in_steps = float(first_report.get("perf/step_seconds_total", 0.0)) + float(first_report.get("perf/eval_seconds_total", 0.0))
+            self.figures = {"perf/reference_wait_seconds": self.reference_wait,
+                            "perf/load_seconds": max(0.0, time.time() - self.entered - self.reference_wait - in_steps)}
+            if self.fit_called_at is not None:
+                self.figures["perf/ray_train_start_seconds"] = max(0.0, self.entered - self.fit_called_at)
+        return self.figures

@@ -1,0 +1,211 @@
+"""`dpo sweep`: Ray Tune over Ray Train trials, with the incremental beta procedure as a searcher.
+
+1) validate the config (done by the CLI) and every data row, before any server or Ray starts;
+2) start or join Ray; start (or reach) the MLflow server; open the sweep's parent run;
+3) compute the reference log-probs once, as a Ray task, into the sweep's cache, while Tune starts;
+4) fit the Tuner (orchestrator/ray/tuner.py): each trial is one Ray Train job of the engine;
+5) summarise: the best trial, the searcher's decision log and the reference-cache key are printed,
+   logged on the parent run and written to the layout's sweep_summary.json.
+`--resume` restores the Tuner of that name: finished trials are not rerun, unfinished ones continue
+from their last checkpoint. Run: `dpo sweep configs/quickstart.yaml [--address auto] [--resume]`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from orchestrator.config.layout import StorageLayout
+from orchestrator.config.spec import Experiment, TrackingSpec
+from orchestrator.errors import ConfigError
+from orchestrator.tracking import schema
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SweepRecords:
+    """The sweep's MLflow parent run, once opened."""
+
+    uri: str
+    experiment: str
+    experiment_id: str
+    parent_run_id: str
+    sweep: str
+
+
+def open_sweep_run(experiment: Experiment, uri: str, resume: bool) -> SweepRecords:
+    """The sweep's MLflow parent run (found again on --resume); runs a killed driver left RUNNING are closed.
+
+    The reference cache key is tagged when the sweep ends (close_sweep_run), once the reference task is done.
+    """
+    from orchestrator.tracking import records
+
+    name, mlflow_experiment, config = experiment.name, experiment.tracking.experiment, experiment.resolved_config()
+    if resume:
+        closed = records.close_stale_runs(uri, mlflow_experiment, name)
+        logger.info("closed %d MLflow runs left RUNNING by the interrupted sweep", closed)
+    experiment_id, parent_run_id = records.start_parent_run(
+        uri, mlflow_experiment, name, config,
+        search_space={"strategy": config["sweep"]["strategy"], **config["sweep"]},
+        tags=records.data_fingerprints({"train": experiment.run.data.train, "eval": experiment.run.data.eval}),
+    )
+    return SweepRecords(uri, mlflow_experiment, experiment_id, parent_run_id, name)
+
+
+def close_sweep_run(sweep: SweepRecords, summary: dict[str, Any] | None, error: str | None) -> None:
+    """Decision log and summary as artifacts; trial runs still open are closed; the parent ends."""
+    from orchestrator.tracking import records
+
+    if summary is not None:
+        records.set_tags(sweep.uri, sweep.parent_run_id, {schema.REFERENCE_CACHE_KEY_TAG: summary["reference_cache_key"] or ""})
+        records.log_text_artifact(sweep.uri, sweep.parent_run_id, schema.DECISION_LOG_ARTIFACT,
+                                  json.dumps(summary["decision_log"], indent=1, default=str))
+        records.log_text_artifact(sweep.uri, sweep.parent_run_id, schema.SWEEP_SUMMARY_ARTIFACT,
+                                  json.dumps(summary, indent=1, default=str))
+    records.close_stale_runs(sweep.uri, sweep.experiment, sweep.sweep, keep=[sweep.parent_run_id])
+    records.end_run(sweep.uri, sweep.parent_run_id, "FAILED" if error else "FINISHED", error=error)
+
+
+def summarize(results, experiment: Experiment, cache_key: str | None) -> dict[str, Any]:
+    """Best trial, every trial's final metrics and the searcher's decision log, as plain data (sweep_summary.json)."""
+    sweep = experiment.sweep
+    trials = []
+    for result in results:
+        metrics = result.metrics or {}
+        trials.append({
+            "trial_id": metrics.get("trial_id"), "config": {k: v for k, v in (result.config or {}).items()},
+            "metric": metrics.get(sweep.metric), "step": metrics.get("step"),
+            "error": str(result.error) if result.error else None, "path": result.path,
+            "step_seconds": metrics.get("perf/step_seconds_total"), "eval_seconds": metrics.get("perf/eval_seconds_total"),
+            "ray_train_start_seconds": metrics.get("perf/ray_train_start_seconds"),
+            "reference_wait_seconds": metrics.get("perf/reference_wait_seconds"), "load_seconds": metrics.get("perf/load_seconds"),
+            "trial_seconds": metrics.get("time_total_s"),  # Tune: from the trial's start to its last report
+        })
+    scored = [t for t in trials if isinstance(t["metric"], (int, float)) and math.isfinite(t["metric"]) and not t["error"]]
+    reverse = sweep.mode == "max"
+    best = sorted(scored, key=lambda t: t["metric"], reverse=reverse)[0] if scored else None
+    return {"name": experiment.name, "metric": sweep.metric, "mode": sweep.mode, "best": best,
+            "trials": trials, "reference_cache_key": cache_key,
+            "decision_log": read_decision_log(experiment.layout), "storage": experiment.layout.root}
+
+
+def read_decision_log(layout: StorageLayout) -> list[dict[str, Any]]:
+    """The incremental searcher's decision log from its newest saved state in the sweep folder.
+
+    Newest by name, as Tune's own restore picks it (the name holds the session's start time): after
+    `--resume` Tune's storage sync copies the first session's file again, so modification times mislead.
+    """
+    for state in reversed(layout.searcher_states()):
+        try:
+            return json.loads(state.read_text()).get("decision_log", [])
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+    return []
+
+
+def start_tracking(tracking: TrackingSpec, layout: StorageLayout) -> Callable[[], str | None]:
+    """Resolve the tracking URI; returns a call that gives it (None when tracking is off) once it is usable.
+
+    A server the user named (tracking.uri, MLFLOW_TRACKING_URI) is checked now, so an unreachable one fails
+    before any Ray work. The embedded server boots in a background thread (several seconds of imports)
+    while Ray starts and the reference log-probs are computed; the returned call waits for it.
+    """
+    if not tracking.enabled:
+        return lambda: None
+    from orchestrator.tracking.server import prepare_tracking_uri, resolve_tracking_uri
+
+    if not resolve_tracking_uri(tracking.uri, layout.storage)[1]:
+        uri = prepare_tracking_uri(tracking.uri, layout.storage)
+        return lambda: uri
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedded-mlflow")
+    booting = pool.submit(prepare_tracking_uri, tracking.uri, layout.storage)
+    pool.shutdown(wait=False)  # the thread ends when the server is up (or failed); result() waits for it
+    return booting.result
+
+
+def run_sweep(experiment: Experiment, *, address: str | None = None, resume: bool = False) -> dict[str, Any]:
+    """The whole `dpo sweep` of a resolved experiment; returns the summary."""
+    import ray
+
+    from orchestrator.ray.cluster import check_cluster_fits, local_resources, start_ray
+    from orchestrator.ray.reference_task import ReferenceTask
+    from orchestrator.ray.trial import SharedRefs, TrialTracking
+    from orchestrator.ray.tuner import build_tuner
+    from trainables.entrypoints import load_preference_data
+
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # eval metrics arrive every eval_every steps
+    spec, layout = experiment.run, experiment.layout
+    # 1) Bad data fails first: before a server or Ray starts and before anything is written.
+    data = load_preference_data(spec.model, spec.data)
+    logger.info("data ok: %d training pairs, %d held-out pairs", len(data.train), len(data.eval))
+    if resume and not layout.exists():
+        raise ConfigError(f"--resume: no sweep named {experiment.name!r} under {layout.storage} ({layout.root})")
+    started_here = not ray.is_initialized()
+    if started_here and not address:
+        check_cluster_fits(spec.resources, local_resources())  # a local Ray's size is known before it starts
+    tracking_uri_when_ready = start_tracking(experiment.tracking, layout)  # an unreachable given server fails here
+    # 2) Ray, MLflow
+    if started_here:
+        start_ray(address, spec.resources)
+    sweep_records = None
+    try:
+        data_ref = ray.put(data)  # trials and the reference task read the validated, tokenised data from here
+        # 3) the reference pass, overlapping Tune's start
+        precomputed = spec.preference.reference_mode == "precomputed"
+        reference = ReferenceTask(spec, data_ref) if precomputed else None
+        tracking_uri = tracking_uri_when_ready()
+        if tracking_uri:
+            sweep_records = open_sweep_run(experiment, tracking_uri, resume)
+        if reference is not None:
+            reference.watch()
+        # 4) the trials
+        tracking = TrialTracking(sweep_records.uri, sweep_records.experiment_id, sweep_records.parent_run_id,
+                                 sweep_records.sweep) if sweep_records else None
+        shared = SharedRefs(data=data_ref, reference_ready=reference.ref if reference else None)
+        results = build_tuner(experiment, resume, tracking, shared).fit()
+        # 5) the summary
+        cache_key = reference.result() if reference is not None else None  # raises the task's error, if any
+        summary = summarize(results, experiment, cache_key)
+        if sweep_records:
+            close_sweep_run(sweep_records, summary, error=None)
+            summary["mlflow"] = {"uri": tracking_uri, "parent_run_id": sweep_records.parent_run_id}
+    except BaseException as error:
+        if sweep_records:
+            close_sweep_run(sweep_records, None, error=f"{type(error).__name__}: {error}")
+        raise
+    finally:
+        if started_here:
+            ray.shutdown()
+    if layout.summary_file is not None:
+        layout.summary_file.write_text(json.dumps(summary, indent=1, default=str))
+    return summary
+
+
+def read_summary(layout: StorageLayout) -> dict[str, Any] | None:
+    """The summary a finished sweep wrote (None if it has not finished here)."""
+    if layout.summary_file is None or not layout.summary_file.is_file():
+        return None
+    return json.loads(layout.summary_file.read_text())
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    print(f"sweep {summary['name']}: {len(summary['trials'])} trials, reference cache key {summary['reference_cache_key']}")
+    for entry in summary["decision_log"]:
+        print(f"  round {entry.get('round')}: beta {entry.get('beta')} -> {entry.get('action')}: {entry.get('reason')}")
+    best = summary["best"]
+    if best is None:
+        print("no trial produced a finite " + summary["metric"])
+        return
+    values = {k: best["config"].get(k) for k in schema.SEARCHED_PARAMS if k in best["config"]}
+    print(f"best trial {best['trial_id']}: {summary['metric']}={best['metric']:.4f} {values}")
+    print(f"results: {summary['storage']}/{schema.SWEEP_SUMMARY_ARTIFACT}")
+    if summary.get("mlflow"):
+        from orchestrator.tracking.records import redact
+
+        print(f"MLflow: {redact(summary['mlflow']['uri'])} (parent run {summary['mlflow']['parent_run_id']})")
