@@ -40,21 +40,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from orchestrator import config as cfg  # noqa: E402
-from orchestrator.sweep import run_sweep  # noqa: E402
+from orchestrator.config import ExperimentConfig, load_config  # noqa: E402
+from orchestrator.config.spec import resolve_experiment, resolve_run  # noqa: E402
+from orchestrator.workflows.sweep import run_sweep  # noqa: E402
 from trainables.entrypoints import load_preference_data, precompute_reference  # noqa: E402
 
 TARGET = 0.15  # issue #3: Ray overhead at most 15% of the sweep's wall time
 
 
-def cold_reference_seconds(config: cfg.ExperimentConfig) -> float:
+def cold_reference_seconds(config: ExperimentConfig) -> float:
     """One reference pass over train + eval pairs into an empty cache, as the sweep's Ray task does it."""
     with tempfile.TemporaryDirectory() as cache_dir:
-        config = config.model_copy(deep=True)
-        config.reference.cache_dir = cache_dir
-        data = load_preference_data(cfg.model_args(config), cfg.data_args(config))
+        spec = resolve_run(config, reference_cache=cache_dir, show_progress=False)
+        data = load_preference_data(spec.model, spec.data)
         started = time.perf_counter()
-        precompute_reference(cfg.model_args(config), cfg.preference_args(config), data, cfg.runtime_args(config, show_progress=False))
+        precompute_reference(spec.model, spec.preference, data, spec.runtime)
         return time.perf_counter() - started
 
 
@@ -125,18 +125,18 @@ class RayProcessCpu:
         return dict(sorted(totals.items(), key=lambda item: -item[1]))
 
 
-def ray_train_floor(config: cfg.ExperimentConfig, storage: str, fits: int = 3) -> tuple[list[float], dict[str, float]]:
+def ray_train_floor(config: ExperimentConfig, storage: str, fits: int = 3) -> tuple[list[float], dict[str, float]]:
     """Wall seconds of `fits` TorchTrainer.fit() calls of an empty loop (the trial's scaling, local Ray),
     and the CPU seconds per fit that Ray's processes spent in them, by actor class (RayProcessCpu)."""
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from orchestrator.sweep import start_ray
+    from orchestrator.ray.cluster import start_ray
 
     resources = config.resources
     per_worker = {"CPU": resources.cpus_per_worker} | ({"GPU": resources.gpus_per_worker} if resources.use_gpu else {})
-    start_ray(None, config)
+    start_ray(None, resolve_run(config).resources)
     try:
         seconds, cpu = [], RayProcessCpu()
         with cpu:
@@ -176,9 +176,9 @@ def main() -> None:
     args = parser.parse_args()
 
     storage = tempfile.mkdtemp(prefix="dpo-bench-sweep-")
-    config = cfg.load_config(args.config, args.overrides + [f"storage_path={storage}"])
+    config = load_config(args.config, args.overrides + [f"storage_path={storage}"])
     started = time.perf_counter()
-    summary = run_sweep(config)
+    summary = run_sweep(resolve_experiment(config))
     wall = time.perf_counter() - started
 
     cpus = os.cpu_count() or 1
@@ -189,9 +189,10 @@ def main() -> None:
     eval_seconds = sum(t.get("eval_seconds") or 0.0 for t in trials)
     overhead = 1.0 - (step_seconds + eval_seconds) / (wall * slots)
     if config.tracking.enabled and not config.tracking.uri and not os.environ.get("MLFLOW_TRACKING_URI"):
-        from orchestrator.mlflow_server import EmbeddedServer
+        from orchestrator.config.layout import mlflow_root
+        from orchestrator.tracking.server import EmbeddedServer
 
-        EmbeddedServer(Path(storage) / "mlflow").stop()  # the sweep's embedded server; this folder is temporary
+        EmbeddedServer(mlflow_root(storage)).stop()  # the sweep's embedded server; this folder is temporary
     reference_seconds = cold_reference_seconds(config)
     floor, floor_cpu = ray_train_floor(config, storage)
     # The overhead is a fixed cost (per sweep and per trial), so the fraction falls as trials train longer:

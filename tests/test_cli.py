@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.cli import EXIT_BAD_INPUT, main
+from orchestrator.cli.main import EXIT_BAD_INPUT, main
 from tests.tiny_world import build_model_dir, pair_rows, write_jsonl
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

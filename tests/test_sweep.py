@@ -17,8 +17,17 @@ from typing import Any
 
 import pytest
 
-from orchestrator import config as cfg
-from orchestrator.sweep import check_cluster_fits, run_sweep, start_ray
+from orchestrator.config import ConfigError, ExperimentConfig, load_config
+from orchestrator.config.layout import mlflow_root
+from orchestrator.config.spec import resolve_experiment, resolve_run
+from orchestrator.ray.cluster import check_cluster_fits, start_ray
+from orchestrator.ray.trial import WorkerJob
+from orchestrator.workflows.sweep import run_sweep as run_resolved_sweep
+
+
+def run_sweep(config: ExperimentConfig, **options: Any) -> dict[str, Any]:
+    """`dpo sweep` of a validated config: resolved once, as the CLI does."""
+    return run_resolved_sweep(resolve_experiment(config), **options)
 from tests.tiny_world import build_model_dir, pair_rows, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,25 +71,25 @@ def tiny_raw(world: dict[str, str], tmp_path: Path, **sections: dict[str, Any]) 
     return raw
 
 
-def tiny_config(world: dict[str, str], tmp_path: Path, **sections: dict[str, Any]) -> cfg.ExperimentConfig:
-    return cfg.ExperimentConfig.model_validate(tiny_raw(world, tmp_path, **sections))
+def tiny_config(world: dict[str, str], tmp_path: Path, **sections: dict[str, Any]) -> ExperimentConfig:
+    return ExperimentConfig.model_validate(tiny_raw(world, tmp_path, **sections))
 
 
 # ---- no Ray needed --------------------------------------------------------------------------------
 
 def test_a_trial_larger_than_the_cluster_is_a_config_error(world, tmp_path):
     fits = tiny_config(world, tmp_path, resources={"num_workers": 2, "cpus_per_worker": 1})
-    check_cluster_fits(fits, {"CPU": 2.0})  # exactly full is fine
+    check_cluster_fits(resolve_run(fits).resources, {"CPU": 2.0})  # exactly full is fine
 
     too_many_workers = tiny_config(world, tmp_path, resources={"num_workers": 4, "cpus_per_worker": 1})
-    with pytest.raises(cfg.ConfigError, match=r"num_workers x resources.cpus_per_worker = 4 CPUs, the cluster has 2"):
-        check_cluster_fits(too_many_workers, {"CPU": 2.0})
+    with pytest.raises(ConfigError, match=r"num_workers x resources.cpus_per_worker = 4 CPUs, the cluster has 2"):
+        check_cluster_fits(resolve_run(too_many_workers).resources, {"CPU": 2.0})
 
     too_many_gpus = tiny_config(world, tmp_path, resources={"num_workers": 2, "use_gpu": True})
-    with pytest.raises(cfg.ConfigError, match=r"use_gpu: 2 GPUs needed, the cluster has 1"):
-        check_cluster_fits(too_many_gpus, {"CPU": 8.0, "GPU": 1.0})
-    with pytest.raises(cfg.ConfigError, match=r"the cluster has 0"):
-        check_cluster_fits(too_many_gpus, {"CPU": 8.0})  # a CPU-only cluster
+    with pytest.raises(ConfigError, match=r"use_gpu: 2 GPUs needed, the cluster has 1"):
+        check_cluster_fits(resolve_run(too_many_gpus).resources, {"CPU": 8.0, "GPU": 1.0})
+    with pytest.raises(ConfigError, match=r"the cluster has 0"):
+        check_cluster_fits(resolve_run(too_many_gpus).resources, {"CPU": 8.0})  # a CPU-only cluster
 
 
 # ---- real Ray -------------------------------------------------------------------------------------
@@ -100,7 +109,7 @@ def test_two_ddp_workers_give_the_losses_of_one_worker(world, tmp_path, local_ra
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from orchestrator.ray_trial import train_worker
+    from orchestrator.ray.trial import train_worker
     from trainables.entrypoints import run_dpo
 
     steps = 4
@@ -109,14 +118,13 @@ def test_two_ddp_workers_give_the_losses_of_one_worker(world, tmp_path, local_ra
                          resources={"num_workers": 2, "cpus_per_worker": 1})
 
     one_worker: list[dict[str, Any]] = []  # the engine in this process, as `dpo train` runs it
-    run_dpo(cfg.model_args(config), cfg.data_args(config), cfg.preference_args(config),
-            cfg.loop_settings(config, output_dir=str(tmp_path / "one-worker"), workers=1, show_progress=False),
-            cfg.runtime_args(config, show_progress=False), lambda metrics, _: one_worker.append(metrics))
+    one = resolve_run(config, output_dir=str(tmp_path / "one-worker"), show_progress=False)
+    run_dpo(one.model, one.data, one.preference, one.loop, one.runtime, lambda metrics, _: one_worker.append(metrics))
 
-    start_ray(None, config)
-    trainer = TorchTrainer(  # what orchestrator.ray_trial.run_trial builds, without the Tune wrapper
+    start_ray(None, resolve_run(config).resources)
+    trainer = TorchTrainer(  # what orchestrator.ray.trial.run_trial builds, without the Tune wrapper
         train_worker,
-        train_loop_config={"experiment": config.model_dump()},
+        train_loop_config={"job": WorkerJob(spec=resolve_experiment(config).run)},
         scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
         # A checkpoint every step keeps every step's metrics in Result.metrics_dataframe.
         run_config=RunConfig(name="two-workers", storage_path=str(tmp_path / "train-runs"),
@@ -142,13 +150,13 @@ def test_two_ddp_workers_give_the_losses_of_one_worker(world, tmp_path, local_ra
 def two_node_cluster():
     """Two Ray nodes of 1 CPU each on this machine (ray.cluster_utils), removed after the test.
 
-    Both nodes listen on 127.0.0.1 only (orchestrator.sweep.bind_local_ray_to_loopback: otherwise Ray 2.60
+    Both nodes listen on 127.0.0.1 only (orchestrator.ray.cluster.bind_local_ray_to_loopback: otherwise Ray 2.60
     rewrites 127.0.0.1 to the machine's routable address).
     """
     import ray
     from ray.cluster_utils import Cluster
 
-    from orchestrator.sweep import bind_local_ray_to_loopback
+    from orchestrator.ray.cluster import bind_local_ray_to_loopback
 
     bind_local_ray_to_loopback()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
@@ -184,20 +192,20 @@ def test_a_trial_spreads_its_two_workers_over_two_nodes(world, tmp_path, two_nod
 @pytest.mark.ray
 def test_incremental_beta_starts_at_01_climbs_and_stops_by_its_rule(tmp_path, local_ray):
     """The embedded default (demo model and task), shortened: 2 rounds at most (beta 0.1, then 0.2)."""
-    config = cfg.load_config(REPO / "configs/quickstart.yaml", [
+    config = load_config(REPO / "configs/quickstart.yaml", [
         f"output_dir={tmp_path / 'outputs'}", f"storage_path={tmp_path / 'runs'}",
         "train.max_steps=24", "train.warmup_steps=4", "train.log_every=3", "train.eval_every=24",
         "train.checkpoint_every=24", "train.eval_batch_size=64",
         "sweep.max_beta=0.2", "sweep.patience=1", "sweep.max_trials=4",
     ])
 
-    from orchestrator.mlflow_server import EmbeddedServer, embedded_root
+    from orchestrator.tracking.server import EmbeddedServer
 
     try:
         summary = run_sweep(config)  # tracking on: the embedded MLflow server under storage_path
         check_mlflow_runs(summary)
     finally:
-        EmbeddedServer(embedded_root(config.storage_path)).stop()
+        EmbeddedServer(mlflow_root(config.storage_path)).stop()
 
     log = summary["decision_log"]
     assert log, "the searcher's decision log is empty"
