@@ -24,6 +24,8 @@ import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from orchestrator.tracking.schema import BENCH_PREFIX, LOSS_METRIC  # noqa: E402
+
 ACTION_COLOURS = {"climb": "tab:green", "back_off_halve_step": "tab:orange", "back_off_raise_kl_weight": "tab:orange",
                   "stop": "tab:red"}
 FIGURE_DPI = 110
@@ -57,7 +59,7 @@ def metrics_vs_beta(table: pd.DataFrame, chosen: dict[str, Any] | None, metric: 
     """One panel per quantity against beta: the score, eval/reward_margin, the KL peak and each bench/* score."""
     panels = [(metric, metric), ("eval/reward_margin", "eval/reward_margin"), ("kl_peak", f"{kl_metric} (peak)")]
     panels += [(column, column) for column in sorted(table.columns)
-               if column.startswith("bench/") and "." not in column.split("/", 1)[1]]
+               if column.startswith(BENCH_PREFIX) and "." not in column.split("/", 1)[1]]
     panels = [(column, label) for column, label in panels
               if column in table.columns and table[column].map(lambda v: isinstance(v, float) and math.isfinite(v)).any()]
     if not panels:
@@ -87,11 +89,11 @@ def training_curves(curves: pd.DataFrame, table: pd.DataFrame, chosen: dict[str,
         label = f"{trial_id} beta={first['beta']:g}" + ("" if verdict.get(trial_id, True) else " (excluded)")
         style = {"linewidth": 2.6 if trial_id == _chosen_id(chosen) else 1.2,
                  "linestyle": "-" if verdict.get(trial_id, True) else "--"}
-        for axis, key in ((loss_axis, "train/loss"), (margin_axis, margin_key)):
+        for axis, key in ((loss_axis, LOSS_METRIC), (margin_axis, margin_key)):
             curve = trial_curves[trial_curves["key"] == key].sort_values("step")
             if not curve.empty:
                 axis.plot(curve["step"], curve["value"], label=label, **style)
-    for axis, title in ((loss_axis, "train/loss"), (margin_axis, margin_key)):
+    for axis, title in ((loss_axis, LOSS_METRIC), (margin_axis, margin_key)):
         axis.set_xlabel("step")
         axis.set_title(title, fontsize=10)
         axis.grid(alpha=0.3)

@@ -34,8 +34,10 @@ import pandas as pd
 from analysis import plots
 from analysis.runs import SweepRuns, load_sweep
 from analysis.selection import Selection, SelectionRule, select_trial
+from orchestrator.tracking.schema import (ANALYSIS_ARTIFACT_FOLDER, ANALYSIS_CHOSEN_BETA_TAG, ANALYSIS_CHOSEN_TRIAL_TAG,
+                                          ANALYSIS_METRIC_TAG, ANALYSIS_REASON_TAG, DATA_TAG_PREFIX, GIT_COMMIT_TAG,
+                                          LOSS_METRIC, REFERENCE_CACHE_KEY_TAG)
 
-ARTIFACT_FOLDER = "analysis"
 TABLE_COLUMNS = ["trial_id", "arm", "beta", "kl_weight", "learning_rate", "status", "steps", "score", "eval/reward_margin",
                  "kl_peak", "stable", "oscillation_score", "eligible", "excluded_because"]
 PLOT_TITLES = {"metrics_vs_beta": "Final metrics against beta", "training_curves": "Loss and margin curves",
@@ -92,8 +94,9 @@ def _facts(sweep: SweepRuns, selection: Selection) -> list[tuple[str, str]]:
     tags = sweep.parent_tags
     facts = [("tracking URI", sweep.uri), ("experiment id", sweep.experiment_id),
              ("parent run", sweep.parent_run_id or "(none found)"), ("trials", str(len(sweep.trials))),
-             ("score", selection.metric), ("git commit", tags.get("git.commit", ""))]
-    facts += [(key, value) for key, value in sorted(tags.items()) if key.startswith("data.") or key == "reference_cache_key"]
+             ("score", selection.metric), ("git commit", tags.get(GIT_COMMIT_TAG, ""))]
+    facts += [(key, value) for key, value in sorted(tags.items())
+              if key.startswith(DATA_TAG_PREFIX) or key == REFERENCE_CACHE_KEY_TAG]
     return [(name, value) for name, value in facts if value]
 
 
@@ -118,7 +121,7 @@ def _rule_lines(selection: Selection) -> list[str]:
 def _write_plots(sweep: SweepRuns, selection: Selection, directory: Path) -> dict[str, Path]:
     table, chosen, rule = selection.table, selection.chosen, selection.rule
     margin = "eval/reward_margin"
-    curves = sweep.curves(["train/loss", margin, "train/reward_margin"])
+    curves = sweep.curves([LOSS_METRIC, margin, "train/reward_margin"])
     return {
         "metrics_vs_beta": plots.metrics_vs_beta(table, chosen, selection.metric, rule.kl_metric,
                                                  directory / "metrics_vs_beta.png"),
@@ -181,11 +184,11 @@ def log_report(sweep: SweepRuns, selection: Selection, report: Report, *, client
     from mlflow.tracking import MlflowClient
 
     client = client or MlflowClient(tracking_uri=sweep.uri)
-    client.log_artifacts(sweep.parent_run_id, str(report.directory), ARTIFACT_FOLDER)
+    client.log_artifacts(sweep.parent_run_id, str(report.directory), ANALYSIS_ARTIFACT_FOLDER)
     chosen = selection.chosen
-    tags = {"analysis.metric": selection.metric, "analysis.reason": selection.reason[:4000],
-            "analysis.chosen_trial": chosen["trial_id"] if chosen else "none",
-            "analysis.chosen_beta": f"{chosen['beta']:g}" if chosen else "none"}
+    tags = {ANALYSIS_METRIC_TAG: selection.metric, ANALYSIS_REASON_TAG: selection.reason[:4000],
+            ANALYSIS_CHOSEN_TRIAL_TAG: chosen["trial_id"] if chosen else "none",
+            ANALYSIS_CHOSEN_BETA_TAG: f"{chosen['beta']:g}" if chosen else "none"}
     for key, value in tags.items():
         client.set_tag(sweep.parent_run_id, key, value)
     return sweep.parent_run_id

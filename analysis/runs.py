@@ -7,9 +7,10 @@ The Python API behind `dpo analyze`, usable in a notebook:
     sweep.trials                                   # one row per trial: params, final/best metrics, stability
     sweep.curves(["train/loss", "eval/kl"])        # long frame: trial_id, beta, key, step, value
 
-Runs are found as the sweep writes them (orchestrator/tracking.py): the experiment (default: the sweep
-name), the parent run tagged `sweep=<name>, dpo.role=parent`, and one child run per trial tagged
-`trial_id`, `sweep` and `dpo.role=trial`. For a study (`dpo study`, tag `study=<name>`), the trials of
+Runs are found as the sweep writes them, by the names of the records schema that writer and reader
+share (orchestrator/tracking/schema.py): the experiment (default: the sweep name), the parent run tagged
+`sweep=<name>, dpo.role=parent`, and one child run per trial tagged `trial_id`, `sweep` and
+`dpo.role=trial`. For a study (`dpo study`, tag `study=<name>`), the trials of
 every arm's sweep hung under the study's parent run, each with its `arm`.
 A restarted trial may log a step twice; each curve keeps the last value logged per step.
 Columns of `trials`: `run_id trial_id sweep status stage arm beta kl_weight learning_rate steps checkpoint_dir
@@ -36,18 +37,21 @@ from typing import Any
 import pandas as pd
 
 from analysis.stability import assess_loss_curve
+from orchestrator.errors import NotFoundError
+from orchestrator.tracking.schema import (ARM_TAG, CHECKPOINT_DIR_TAG, DATA_TAG_PREFIX, DECISION_LOG_ARTIFACT,
+                                          DECISION_TAG, ERROR_TAG, LOSS_METRIC, NAME_PATTERN, PARENT_ROLE,
+                                          PARENT_RUN_TAG, REFERENCE_CACHE_KEY_TAG, ROLE_TAG, ROUND_TAG,
+                                          SEARCHED_PARAMS, STAGE_TAG, STUDY_ROLE, STUDY_TAG, SWEEP_TAG, TRIAL_ID_TAG,
+                                          TRIAL_ROLE, search_all_runs, tag_filter)
 
-LOSS_KEY = "train/loss"
 # Curves whose NaN or inf means the trial's training broke (besides the loss curve judged for stability).
-NON_FINITE_KEYS = ("train/loss", "train/preference_loss", "eval/loss", "eval/preference_loss")
+NON_FINITE_KEYS = (LOSS_METRIC, "train/preference_loss", "eval/loss", "eval/preference_loss")
 NON_FINITE_ERROR = re.compile(r"non-finite|\bnan\b|\binf\b", re.IGNORECASE)  # the error tag of a trial whose loss broke
 LOWER_IS_BETTER_WORDS = ("loss", "kl", "perplexity", "grad_norm", "seconds", "dropped")
-SEARCHED_PARAMS = {"beta": "dpo.beta", "kl_weight": "dpo.kl_weight", "learning_rate": "train.learning_rate"}
-ROLE_TAG, PARENT_ROLE, TRIAL_ROLE, STUDY_ROLE = "dpo.role", "parent", "trial", "study"
 
 
-class SweepNotFoundError(LookupError):
-    """No experiment, parent run or trial runs for the sweep name at the tracking URI."""
+class SweepNotFoundError(NotFoundError):
+    """No experiment, parent run or trial runs for the sweep name at the tracking URI (a user error, exit 2)."""
 
 
 def lower_is_better(key: str) -> bool:
@@ -95,7 +99,7 @@ class SweepRuns:
             raise SweepNotFoundError(f"no trial {trial_id!r} in sweep {self.name!r} at {self.uri}; its trials: {known}")
         return str(match.iloc[0]["run_id"])
 
-    def curves(self, keys: Iterable[str] = (LOSS_KEY,)) -> pd.DataFrame:
+    def curves(self, keys: Iterable[str] = (LOSS_METRIC,)) -> pd.DataFrame:
         """Long frame of the given metric curves: trial_id, beta, kl_weight, learning_rate, key, step, value."""
         keys = list(keys)
         parts = []
@@ -123,19 +127,19 @@ def _float_param(params: dict[str, str], name: str) -> float:
 def trial_row(run: Any, curves: dict[str, pd.Series]) -> dict[str, Any]:
     """The table row of one trial run from its MLflow run object and deduplicated curves."""
     tags, params = run.data.tags, run.data.params
-    loss = curves.get(LOSS_KEY, pd.Series(dtype=float))
+    loss = curves.get(LOSS_METRIC, pd.Series(dtype=float))
     verdict = assess_loss_curve(loss.tolist())
     broken_curves = [key for key in NON_FINITE_KEYS
                      if key in curves and not all(math.isfinite(v) for v in curves[key].tolist())]
-    error = tags.get("error")
+    error = tags.get(ERROR_TAG)
     error_non_finite = bool(error) and NON_FINITE_ERROR.search(error) is not None
     row: dict[str, Any] = {
-        "run_id": run.info.run_id, "trial_id": tags.get("trial_id", run.info.run_name), "sweep": tags.get("sweep"),
+        "run_id": run.info.run_id, "trial_id": tags.get(TRIAL_ID_TAG, run.info.run_name), "sweep": tags.get(SWEEP_TAG),
         "status": run.info.status,
-        "stage": tags.get("dpo.stage"), "arm": tags.get("dpo.arm"),
+        "stage": tags.get(STAGE_TAG), "arm": tags.get(ARM_TAG),
         **{name: _float_param(params, name) for name in SEARCHED_PARAMS},
         "steps": int(loss.index.max()) if not loss.empty else 0,
-        "checkpoint_dir": tags.get("checkpoint_dir"), "decision": tags.get("decision"), "round": tags.get("round"),
+        "checkpoint_dir": tags.get(CHECKPOINT_DIR_TAG), "decision": tags.get(DECISION_TAG), "round": tags.get(ROUND_TAG),
         "error": error, "start_time": run.info.start_time,
         "stable": verdict.stable and not broken_curves and not error_non_finite,
         "oscillating": verdict.oscillating, "diverging": verdict.diverging,
@@ -161,27 +165,16 @@ def _run_curves(client: Any, run: Any) -> dict[str, pd.Series]:
     return {key: curve_from_points(client.get_metric_history(run.info.run_id, key)) for key in sorted(run.data.metrics)}
 
 
-def _search_all(client: Any, experiment_id: str, filter_string: str) -> list[Any]:
-    runs, token = [], None
-    while True:
-        page = client.search_runs([experiment_id], filter_string, max_results=1000, page_token=token,
-                                  order_by=["attributes.start_time ASC"])
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
-
-
 def _decision_log(client: Any, parent_run_id: str | None) -> list[dict[str, Any]]:
     """The parent run's decision_log.json artifact (the incremental searcher's rounds), or []."""
     if parent_run_id is None:
         return []
     names = {item.path for item in client.list_artifacts(parent_run_id)}
-    if "decision_log.json" not in names:
+    if DECISION_LOG_ARTIFACT not in names:
         return []
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one small file: no progress bar
     with tempfile.TemporaryDirectory(prefix="dpo-decision-log-") as folder:
-        path = client.download_artifacts(parent_run_id, "decision_log.json", folder)
+        path = client.download_artifacts(parent_run_id, DECISION_LOG_ARTIFACT, folder)
         try:
             log = json.loads(Path(path).read_text())
         except json.JSONDecodeError:
@@ -189,30 +182,27 @@ def _decision_log(client: Any, parent_run_id: str | None) -> list[dict[str, Any]
     return log if isinstance(log, list) else []
 
 
-def _filter(**tags: str) -> str:
-    return " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
-
-
 def _find_runs(client: Any, experiment_id: str, name: str) -> tuple[Any, list[Any], list[tuple[Any, str | None]]]:
     """(the run the report belongs to, the trial runs, [(sweep parent run, arm)]) of sweep or study `name`.
 
     A sweep: its parent (sweep=<name>, dpo.role=parent) and trials (sweep=<name>, dpo.role=trial). A study
-    (orchestrator/study_records.py): its parent (study=<name>, dpo.role=study), the arm sweeps' parent runs
-    hung under it, and their trials, each carrying its `dpo.arm`.
+    (orchestrator/workflows/study_records.py): its parent (study=<name>, dpo.role=study), the arm sweeps'
+    parent runs hung under it, and their trials, each carrying its `dpo.arm`.
     """
-    parents = _search_all(client, experiment_id, _filter(sweep=name, **{ROLE_TAG: PARENT_ROLE}))
-    trials = _search_all(client, experiment_id, _filter(sweep=name, **{ROLE_TAG: TRIAL_ROLE}))
+    def search(**tags: str) -> list[Any]:
+        return search_all_runs(client, [experiment_id], tag_filter(tags))
+
+    parents = search(**{SWEEP_TAG: name, ROLE_TAG: PARENT_ROLE})
+    trials = search(**{SWEEP_TAG: name, ROLE_TAG: TRIAL_ROLE})
     if parents or trials:
         return (parents[0] if parents else None), trials, [(parent, None) for parent in parents[:1]]
-    studies = _search_all(client, experiment_id, _filter(study=name, **{ROLE_TAG: STUDY_ROLE}))
+    studies = search(**{STUDY_TAG: name, ROLE_TAG: STUDY_ROLE})
     if not studies:
         return None, [], []
-    arm_sweeps = _search_all(client, experiment_id, _filter(**{"mlflow.parentRunId": studies[0].info.run_id,
-                                                                ROLE_TAG: PARENT_ROLE}))
+    arm_sweeps = search(**{PARENT_RUN_TAG: studies[0].info.run_id, ROLE_TAG: PARENT_ROLE})
     for sweep_parent in arm_sweeps:
-        trials += _search_all(client, experiment_id, _filter(sweep=sweep_parent.data.tags.get("sweep", ""),
-                                                             **{ROLE_TAG: TRIAL_ROLE}))
-    return studies[0], trials, [(run, run.data.tags.get("dpo.arm")) for run in arm_sweeps]
+        trials += search(**{SWEEP_TAG: sweep_parent.data.tags.get(SWEEP_TAG, ""), ROLE_TAG: TRIAL_ROLE})
+    return studies[0], trials, [(run, run.data.tags.get(ARM_TAG)) for run in arm_sweeps]
 
 
 def load_sweep(uri: str, name: str, experiment: str | None = None, *, client: Any = None) -> SweepRuns:
@@ -222,7 +212,7 @@ def load_sweep(uri: str, name: str, experiment: str | None = None, *, client: An
     """
     from mlflow.tracking import MlflowClient
 
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+    if not re.fullmatch(NAME_PATTERN, name):
         raise SweepNotFoundError(f"sweep name {name!r}: sweep and study names are letters, digits, '.', '_' and '-'")
     client = client or MlflowClient(tracking_uri=uri)
     experiment_name = experiment or name
@@ -246,7 +236,7 @@ def load_sweep(uri: str, name: str, experiment: str | None = None, *, client: An
     decision_log: list[dict[str, Any]] = []
     for sweep_parent, arm in sweep_parents:  # a study's arms: their data fingerprints and searcher logs
         for key, value in sweep_parent.data.tags.items():
-            if key.startswith("data.") or key == "reference_cache_key":
+            if key.startswith(DATA_TAG_PREFIX) or key == REFERENCE_CACHE_KEY_TAG:
                 parent_tags.setdefault(key, value)
         decision_log += [{**entry, "arm": arm} if arm else entry
                          for entry in _decision_log(client, sweep_parent.info.run_id)]

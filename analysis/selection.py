@@ -35,10 +35,11 @@ from typing import Any
 import pandas as pd
 
 from analysis.runs import lower_is_better
+from orchestrator.tracking.schema import BENCH_DELTA_PREFIX, BENCH_PREFIX, DEFAULT_SCORE_METRIC, KL_METRIC, WIN_RATE_METRIC
 
 AUTO_METRIC = "auto"
-AUTO_METRIC_ORDER = ("eval/win_rate", "bench/win_rate", "eval/preference_accuracy")
-DEFAULT_KL_METRIC = "eval/kl"
+AUTO_METRIC_ORDER = (WIN_RATE_METRIC, f"{BENCH_PREFIX}win_rate", DEFAULT_SCORE_METRIC)
+DEFAULT_KL_METRIC = KL_METRIC
 # No default budget: with kl_weight 0 the k3 estimate on dataset tokens grows without bound (the quickstart's
 # best trial ends near 4e9), so any fixed number would be arbitrary. Set one for trials with kl_weight > 0
 # or the exact estimator (README "Choosing beta and exporting the model").
@@ -118,11 +119,11 @@ def benchmark_regressions(row: dict[str, Any]) -> dict[str, float]:
     """{benchmark: regression as a fraction of its starting score (absolute change without one); > 0 is worse}."""
     regressions = {}
     for key, delta in row.items():
-        if not key.startswith("bench_delta/") or "." in key.split("/", 1)[1] or not _finite(delta):
+        if not key.startswith(BENCH_DELTA_PREFIX) or "." in key.split("/", 1)[1] or not _finite(delta):
             continue
         benchmark = key.split("/", 1)[1]
         worse = float(delta) if lower_is_better(benchmark) else -float(delta)
-        after = row.get(f"bench/{benchmark}")
+        after = row.get(f"{BENCH_PREFIX}{benchmark}")
         before = float(after) - float(delta) if _finite(after) else math.nan
         regressions[benchmark] = worse / abs(before) if _finite(before) and abs(before) > 1e-12 else worse
     return regressions
@@ -158,7 +159,7 @@ def _exclusion(row: dict[str, Any], rule: SelectionRule, metric: str) -> tuple[s
             return f"{rule.kl_metric} reached {kl_peak:.4g}, over the KL budget {rule.kl_budget:g}", ""
     for benchmark, regression in sorted(benchmark_regressions(row).items()):
         if regression > rule.benchmark_tolerance:
-            return (f"bench/{benchmark} regressed by {regression:.1%} of its starting score "
+            return (f"{BENCH_PREFIX}{benchmark} regressed by {regression:.1%} of its starting score "
                     f"(tolerance {rule.benchmark_tolerance:.1%})"), ""
     return None, "; ".join(notes)
 

@@ -47,11 +47,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from throughput import METHODS, Inputs, Measurement, machine_info, run_method, summarize  # noqa: E402
+from throughput import METHODS, Inputs, Measurement, engine_run, machine_info, run_method, summarize  # noqa: E402
 from trainables.data import PreferencePair  # noqa: E402
 from trainables.entrypoints import tokenizer_for  # noqa: E402
 from trainables.modeling import load_causal_lm, resolve_device  # noqa: E402
-from trainables.settings import ModelArgs  # noqa: E402
 from trainables.tokenization import pair_token_count, tokenize_pairs  # noqa: E402
 
 MODEL_SHAPES: dict[str, dict[str, int]] = {  # LlamaConfig arguments
@@ -232,7 +231,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_inputs(args: argparse.Namespace, model_dir: Path, config) -> BenchInputs:
     write_model_and_tokenizer(model_dir, config, args.device)
-    tokenizer = tokenizer_for(ModelArgs(path=str(model_dir)))
+    tokenizer = tokenizer_for(engine_run(str(model_dir)).model)
     pairs = synthetic_pairs(args.batch_size * (args.warmup + args.steps + 1), args.seq_len, config.vocab_size)
     tokenized = tokenize_pairs(pairs, tokenizer, args.seq_len)  # (prompt, chosen + eos, rejected + eos) ids
     if any(pair_token_count(pair) != 2 * args.seq_len for pair in tokenized):

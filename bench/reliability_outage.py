@@ -26,10 +26,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from orchestrator import config as cfg  # noqa: E402
-from orchestrator.mlflow_server import EmbeddedServer  # noqa: E402
-from orchestrator.sweep import run_sweep  # noqa: E402
-from orchestrator.trial_tracker import DROPPED_METRIC, OUTAGE_METRIC  # noqa: E402
+from orchestrator.config.loading import load_config  # noqa: E402
+from orchestrator.config.spec import resolve_experiment  # noqa: E402
+from orchestrator.tracking.schema import DROPPED_METRIC, OUTAGE_METRIC, TRIAL_ID_TAG  # noqa: E402
+from orchestrator.tracking.server import EmbeddedServer  # noqa: E402
+from orchestrator.workflows.sweep import run_sweep  # noqa: E402
 
 NOT_METRICS = {"step", "perf/step_seconds_total", "perf/eval_seconds_total"}
 
@@ -89,16 +90,17 @@ def main() -> None:
     storage = Path(tempfile.mkdtemp(prefix="dpo-bench-outage-"))
     server = EmbeddedServer(storage / "mlflow-server")
     url = server.start_or_reuse()
-    config = cfg.load_config(args.config, [
+    config = load_config(args.config, [
         f"storage_path={storage / 'runs'}", f"output_dir={storage / 'outputs'}", f"tracking.uri={url}",
         "sweep.strategy=grid", "sweep.beta=[0.2]", f"train.max_steps={args.steps}", "train.log_every=1",
         f"train.eval_every={max(1, args.steps // 6)}", f"train.checkpoint_every={max(1, args.steps // 3)}",
         *args.overrides])
-    outage = Outage(server, url, storage / "runs" / config.name, down_at_step=20, seconds=args.outage_seconds)
+    experiment = resolve_experiment(config)
+    outage = Outage(server, url, Path(experiment.layout.root), down_at_step=20, seconds=args.outage_seconds)
     outage.start()
     started = time.time()
     try:
-        summary = run_sweep(config)
+        summary = run_sweep(experiment)
     finally:
         outage.finished.set()
         outage.join(args.outage_seconds + 360)
@@ -109,8 +111,8 @@ def main() -> None:
         client = MlflowClient(tracking_uri=url)
         [trial] = summary["trials"]
         results = tune_results(Path(trial["path"]))
-        [run] = [r for r in client.search_runs([client.get_experiment_by_name(config.tracking.experiment or config.name).experiment_id])
-                 if r.data.tags.get("trial_id") == trial["trial_id"]]
+        [run] = [r for r in client.search_runs([client.get_experiment_by_name(experiment.tracking.experiment).experiment_id])
+                 if r.data.tags.get(TRIAL_ID_TAG) == trial["trial_id"]]
         logged: dict[str, int] = {}
         for result in results:
             for key in logged_keys(result):

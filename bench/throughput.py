@@ -45,13 +45,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from orchestrator.config.spec import RunSpec  # noqa: E402
+from tests.tiny_world import engine_args  # noqa: E402
 from trainables.data import PreferencePair, load_preference_pairs  # noqa: E402
 from trainables.dpo_objective import CachedReference, DPOObjective, LiveReference  # noqa: E402
 from trainables.entrypoints import PreferenceData, precompute_reference, tokenizer_for  # noqa: E402
-from trainables.loop import LoopSettings, global_batch_indices, run_training_loop  # noqa: E402
+from trainables.loop import global_batch_indices, run_training_loop  # noqa: E402
 from trainables.losses import preference_loss_by_name  # noqa: E402
 from trainables.modeling import load_causal_lm, parameter_count, resolve_device  # noqa: E402
-from trainables.settings import ModelArgs, PreferenceArgs, RuntimeArgs  # noqa: E402
 from trainables.tokenization import TokenizedPair, pair_token_count, tokenize_pairs  # noqa: E402
 
 METHODS = ("engine-precomputed", "engine-precomputed-unbucketed", "engine-precomputed-unshared", "engine-live",
@@ -121,6 +122,13 @@ class TimedDPOObjective(DPOObjective):
         return super().token_count(indices)
 
 
+def engine_run(model_dir: str, data: str = "in-memory pairs", **settings: Any) -> RunSpec:
+    """The engine's argument groups as `dpo train` resolves them from a config with `settings` (config keys, "__"
+    for the dot; every other key takes the config's default). data: data.train, never read here: the pairs are
+    loaded and tokenised before any timing."""
+    return engine_args(model_dir, data, **settings)
+
+
 def run_engine(inputs: Inputs, args: argparse.Namespace, repeat: int, variant: str) -> Measurement:
     """The engine as `dpo train` runs it, minus eval and checkpoints inside the timed window."""
     reference_mode, _, modifier = variant.partition("-")  # e.g. "precomputed-unbucketed", "precomputed-unshared"
@@ -128,14 +136,20 @@ def run_engine(inputs: Inputs, args: argparse.Namespace, repeat: int, variant: s
     share_prompt = False if modifier == "unshared" else "auto"
     precision = "bf16" if inputs.autocast_dtype is not None else "fp32"
     with tempfile.TemporaryDirectory() as scratch:
+        spec = engine_run(  # the extra last step (final eval + checkpoint) is not timed
+            inputs.model_dir, reference_cache=scratch, output_dir=scratch, dpo__beta=args.beta, dpo__loss="sigmoid",
+            reference__batch_size=args.batch_size, train__device=str(inputs.device), train__precision=precision,
+            train__learning_rate=args.learning_rate, train__batch_size=args.batch_size,
+            train__micro_batch_size=args.batch_size, train__max_steps=args.warmup + args.steps + 1,
+            train__warmup_steps=0, train__schedule="linear", train__weight_decay=0.0, train__max_grad_norm=1.0,
+            train__eval_every=10**9, train__checkpoint_every=10**9, train__keep_checkpoints=1, train__log_every=10,
+            train__seed=repeat)
         precompute_seconds = None
         if reference_mode == "precomputed":
             started = time.perf_counter()  # a fresh cache folder: the pass really runs
             train_values, _, _, _ = precompute_reference(
-                ModelArgs(path=inputs.model_dir),
-                PreferenceArgs(reference_cache_dir=scratch, reference_batch_size=args.batch_size),
-                PreferenceData(tokenizer=inputs.tokenizer, train=inputs.tokenized, eval=[]),
-                RuntimeArgs(device=str(inputs.device), precision=precision, show_progress=False),
+                spec.model, spec.preference, PreferenceData(tokenizer=inputs.tokenizer, train=inputs.tokenized, eval=[]),
+                spec.runtime,
             )
             precompute_seconds = time.perf_counter() - started
             reference = CachedReference(train_values, None)
@@ -147,18 +161,13 @@ def run_engine(inputs: Inputs, args: argparse.Namespace, repeat: int, variant: s
         model = inputs.load_model().to(inputs.device)
         objective = TimedDPOObjective(
             clock, train_pairs=inputs.tokenized, eval_pairs=[], reference=reference,
-            loss_fn=preference_loss_by_name("sigmoid"), beta=args.beta, kl_weight=0.0, exact_kl=False,
+            loss_fn=preference_loss_by_name(spec.preference.loss, spec.preference.label_smoothing), beta=args.beta,
+            kl_weight=0.0, exact_kl=False,
             length_normalize=False, pad_token_id=inputs.tokenizer.pad_token_id, device=inputs.device,
             autocast_dtype=inputs.autocast_dtype, eval_batch_size=args.batch_size, padding_buckets=padding_buckets,
             share_prompt=share_prompt,
         )
-        settings = LoopSettings(  # the extra last step (final eval + checkpoint) is not timed
-            learning_rate=args.learning_rate, batch_size=args.batch_size, micro_batch_size=args.batch_size,
-            max_steps=args.warmup + args.steps + 1, warmup_steps=0, schedule="linear", weight_decay=0.0,
-            max_grad_norm=1.0, eval_every=10**9, checkpoint_every=10**9, keep_checkpoints=1, log_every=10,
-            seed=repeat, output_dir=scratch, show_progress=False,
-        )
-        run_training_loop(model=model, tokenizer=inputs.tokenizer, objective=objective, settings=settings,
+        run_training_loop(model=model, tokenizer=inputs.tokenizer, objective=objective, settings=spec.loop,
                           report=lambda metrics, checkpoint: None, device=inputs.device)
     return clock.measure(f"engine-{variant}", repeat, args.warmup, args.steps, args.batch_size,
                          precompute_seconds=precompute_seconds)
@@ -272,10 +281,10 @@ def run_bound(inputs: Inputs, args: argparse.Namespace, repeat: int, layout: str
 def load_inputs(args: argparse.Namespace) -> Inputs:
     model_dir, data_path = args.model, args.data
     if model_dir is None or data_path is None:
-        from orchestrator.demo_assets import build_demo_assets  # the embedded demo, built on first use
+        from orchestrator.workflows.demo_assets import build_demo_assets  # the embedded demo, built on first use
         demo = build_demo_assets()
         model_dir, data_path = model_dir or str(demo.model_dir), data_path or str(demo.data_files["preference_train"])
-    tokenizer = tokenizer_for(ModelArgs(path=model_dir))
+    tokenizer = tokenizer_for(engine_run(model_dir, data_path).model)
     pairs = load_preference_pairs(data_path, layout=args.layout, chat_template_tokenizer=tokenizer)[: args.max_pairs]
     if len(pairs) < args.batch_size:
         raise ValueError(f"{data_path} has {len(pairs)} valid pairs, fewer than --batch-size {args.batch_size}")

@@ -129,7 +129,7 @@ def test_trial_rows_carry_final_best_and_stability_columns():
 def mlflow_server(tmp_path_factory):
     """One real server for this module and tests/test_export.py (which imports this fixture): both start
     it on the same root, so the second finds it running and reuses it; it stops at the end of the session."""
-    from orchestrator.mlflow_server import EmbeddedServer
+    from orchestrator.tracking.server import EmbeddedServer
 
     storage = tmp_path_factory.getbasetemp() / "analysis-export-storage"
     embedded = EmbeddedServer(storage / "mlflow")
@@ -146,7 +146,7 @@ def log_sweep(url: str, sweep: str, trials: list[dict], decision_log: list[dict]
     restarted_curves (logged again later, as a restarted trial does), status, checkpoint_dir}. Returns the parent id."""
     from mlflow.entities import Metric
 
-    from orchestrator import tracking
+    from orchestrator.tracking import records as tracking
 
     experiment_id, parent = tracking.start_parent_run(
         url, experiment or sweep, sweep, {"name": sweep, "dpo": {"beta": 0.1}},
@@ -185,7 +185,7 @@ def synthetic_trial(trial_id: str, beta: float, accuracy: float, kl: float, loss
 def test_analyze_real_mlflow_runs_picks_by_the_rule_and_writes_a_report_with_plots(mlflow_server, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.cli import main
+    from orchestrator.cli.main import main
 
     url = mlflow_server["url"]
     low = synthetic_trial("t-low", 0.1, 0.880, 4.0, smooth_loss(0.50))
@@ -235,7 +235,7 @@ def test_analyze_real_mlflow_runs_picks_by_the_rule_and_writes_a_report_with_plo
 
 @pytest.mark.mlflow
 def test_analyze_names_the_sweep_and_uri_when_nothing_is_there(mlflow_server, capsys):
-    from orchestrator.cli import main
+    from orchestrator.cli.main import main
 
     assert main(["analyze", "no-such-sweep", "--tracking-uri", mlflow_server["url"]]) == 2
     error = capsys.readouterr().err
@@ -245,7 +245,7 @@ def test_analyze_names_the_sweep_and_uri_when_nothing_is_there(mlflow_server, ca
 @pytest.mark.mlflow
 def test_a_studys_arm_sweeps_are_read_through_the_study_parent_run(mlflow_server):
     from analysis.runs import load_sweep
-    from orchestrator import study_records
+    from orchestrator.workflows import study_records
 
     url = mlflow_server["url"]
     experiment_id, study_parent = study_records.open_study_run(url, "arms", "arms", {"name": "arms"})

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from orchestrator.demo_assets import build_tokenizer
+from orchestrator.workflows.demo_assets import build_tokenizer
 from trainables import synthetic_task
 from trainables.benchmarks import ComparisonModels, build_benchmark, run_benchmarks
 from trainables.benchmarks.base import evaluate_model
@@ -185,7 +185,7 @@ def test_perplexity_of_the_uniform_model_is_the_vocabulary_size_and_of_a_model_t
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(task) -> Path:
-    from orchestrator.demo_assets import build_model
+    from orchestrator.workflows.demo_assets import build_model
 
     directory = task.root / "policy"
     build_model(task.tokenizer, seed=3).save_pretrained(directory, safe_serialization=True)

@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import itertools
 import random
-from dataclasses import replace
 
 import pytest
 import torch
 
 import trainables.logprobs as logprobs
-from tests.tiny_world import build_model_dir, far_apart_pairs, four_step_loop, pair_rows, write_jsonl
-from trainables.bucketing import FORWARD_COST_TOKENS, check_padding_buckets, padded_tokens, plan_buckets
+from tests.tiny_world import FOUR_STEP_LOOP, build_model_dir, engine_args, far_apart_pairs, pair_rows, write_jsonl
+from trainables.bucketing import FORWARD_COST_TOKENS, padded_tokens, plan_buckets
 from trainables.entrypoints import run_dpo
 from trainables.modeling import load_causal_lm
-from trainables.settings import DataArgs, ModelArgs, PreferenceArgs, RuntimeArgs
+from trainables.settings import check_padding_buckets
 from trainables.tokenization import collate_pairs
 
 
@@ -98,12 +97,13 @@ def test_bad_padding_buckets_are_rejected(bad):
 
 @pytest.mark.parametrize("bad", ["0", "-2", "lots", "2.5", "true", "null", "'3'"])
 def test_config_rejects_bad_padding_buckets_and_names_the_key(tmp_path, bad):
-    from orchestrator.config import ConfigError, load_config, runtime_args
+    from orchestrator.config import ConfigError, load_config
+    from orchestrator.config.spec import resolve_run
     from tests.tiny_world import minimal_config_file
 
     path = minimal_config_file(tmp_path)
-    assert runtime_args(load_config(path)).padding_buckets == "auto"
-    assert runtime_args(load_config(path, ["train.padding_buckets=3"])).padding_buckets == 3
+    assert resolve_run(load_config(path)).runtime.padding_buckets == "auto"
+    assert resolve_run(load_config(path, ["train.padding_buckets=3"])).runtime.padding_buckets == 3
     with pytest.raises(ConfigError, match=r"train\.padding_buckets: .*\"auto\" or an integer >= 1"):
         load_config(path, [f"train.padding_buckets={bad}"])
 
@@ -146,8 +146,8 @@ def test_bucketed_forward_really_runs_several_smaller_forwards(world):
 
 
 @pytest.mark.parametrize("preference", [
-    PreferenceArgs(beta=0.1, kl_weight=0.5),  # cached reference, k3 KL
-    PreferenceArgs(beta=0.1, kl_weight=0.5, kl_estimator="exact", reference_mode="live"),  # live reference, exact KL
+    dict(dpo__beta=0.1, dpo__kl_weight=0.5),  # cached reference, k3 KL
+    dict(dpo__beta=0.1, dpo__kl_weight=0.5, dpo__kl_estimator="exact", reference__mode="live"),  # live reference, exact KL
 ], ids=["precomputed-k3", "live-exact"])
 def test_training_losses_are_the_same_bucketed_or_not(world, tmp_path, monkeypatch, preference):
     plans: list[int] = []
@@ -158,14 +158,14 @@ def test_training_losses_are_the_same_bucketed_or_not(world, tmp_path, monkeypat
         return plan
 
     monkeypatch.setattr(logprobs, "plan_buckets", counting)
-    preference = replace(preference, reference_cache_dir=str(tmp_path / "cache"))
     runs = {}
     for buckets in (1, 4):
         reports: list[dict] = []
-        run_dpo(ModelArgs(path=world["model"]), DataArgs(train=world["train"], eval=world["train"], max_length=64),
-                preference, four_step_loop(tmp_path / str(buckets)),
-                RuntimeArgs(device="cpu", show_progress=False, padding_buckets=buckets, eval_batch_size=8,
-                            share_prompt=False),  # the standard forward's buckets; shared rows: test_shared_prompt.py
+        spec = engine_args(world["model"], world["train"], world["train"], reference_cache=tmp_path / "cache",
+                           output_dir=tmp_path / str(buckets), data__max_length=64, **preference, **FOUR_STEP_LOOP,
+                           train__device="cpu", train__padding_buckets=buckets, train__eval_batch_size=8,
+                           train__share_prompt=False)  # the standard forward's buckets; shared rows: test_shared_prompt.py
+        run_dpo(spec.model, spec.data, spec.preference, spec.loop, spec.runtime,
                 lambda metrics, checkpoint: reports.append(metrics))
         runs[buckets] = reports
     assert plans and max(plans) > 1  # the bucketed run did split its micro-batches

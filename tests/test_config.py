@@ -12,7 +12,9 @@ from typing import Any
 import pytest
 import yaml
 
-from orchestrator.config import ConfigError, data_args, flatten, load_config, parse_override
+from orchestrator.config import ConfigError, load_config
+from orchestrator.config.loading import parse_override
+from orchestrator.config.spec import flatten, resolve_run
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 
@@ -24,7 +26,7 @@ def _demo_cache_for_module(demo_cache) -> Path:
 
 @pytest.fixture(scope="module")
 def demo_assets(demo_cache):
-    from orchestrator.demo_assets import build_demo_assets
+    from orchestrator.workflows.demo_assets import build_demo_assets
 
     return build_demo_assets()  # ~4 s the first time in a session; reused (hash-checked) after that
 
@@ -224,7 +226,7 @@ def test_name_that_cannot_name_a_folder_is_rejected(local_world):
 
 def test_flatten_gives_dotted_leaf_keys(local_world):
     config = load(local_world, ["dpo.beta=0.3", "sweep.beta=[0.1, 0.2]"])
-    flat = flatten(config)
+    flat = flatten(config.model_dump())
     assert flat["dpo.beta"] == 0.3 and flat["dpo.kl_weight"] == 0.0
     assert flat["train.learning_rate"] == config.train.learning_rate
     assert flat["model.path"] == local_world["model"] and flat["name"] == "unit"
@@ -235,7 +237,7 @@ def test_flatten_gives_dotted_leaf_keys(local_world):
 
 def test_sft_arguments_need_sft_data(local_world):
     with pytest.raises(ConfigError, match="data.sft_train"):
-        data_args(load(local_world), sft=True)
+        resolve_run(load(local_world), stage="sft")
 
 
 # ---- demo: paths ------------------------------------------------------------------------------
@@ -263,16 +265,16 @@ def test_unknown_demo_name_is_a_config_error_listing_valid_names(demo_assets, lo
     assert "demo:preference_train" in message  # the valid names are listed
 
 
-def test_readme_config_reference_lists_every_key_as_the_typed_config_defines_it():
-    """README's "Config reference" is the generated table: a new or changed key without a README update fails."""
-    from orchestrator.config_reference import config_reference_markdown, reference_rows
+def test_docs_config_reference_lists_every_key_as_the_typed_config_defines_it():
+    """docs/configuration.md's "Config reference" is the generated table: a new or changed key without a docs update fails."""
     from orchestrator.config import ExperimentConfig
+    from orchestrator.config.reference import config_reference_markdown, reference_rows
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    page = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
     start, end = "<!-- config-reference:start -->\n", "<!-- config-reference:end -->"
-    assert start in readme and end in readme, "README.md lost its config-reference markers"
-    documented = readme.split(start, 1)[1].split(end, 1)[0]
-    assert documented == config_reference_markdown(), "README 'Config reference' is stale: python -m orchestrator.config_reference"
+    assert start in page and end in page, "docs/configuration.md lost its config-reference markers"
+    documented = page.split(start, 1)[1].split(end, 1)[0]
+    assert documented == config_reference_markdown(), "docs/configuration.md 'Config reference' is stale: dpo config-reference"
     keys = {key for key, _, _ in reference_rows(ExperimentConfig)}
     assert {"dpo.beta", "dpo.kl_weight", "train.learning_rate", "sweep.strategy", "resources.num_workers",
             "tracking.uri", "study.arms", "benchmarks[].kind"} <= keys

@@ -1,4 +1,4 @@
-"""Tests for orchestrator/demo_assets.py: the embedded default model, tokenizer and data build locally,
+"""Tests for orchestrator/workflows/demo_assets.py: the embedded default model, tokenizer and data build locally,
 deterministically, load through the normal Hugging Face paths, and resolve from `demo:` names.
 
 Two builds of a few seconds each, shared by the whole module. Run: `python -m pytest tests/test_demo_assets.py -q`.
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.demo_assets import (
+from orchestrator.workflows.demo_assets import (
     DEMO_PREFIX,
     MARKER_FILE,
     DemoAssets,

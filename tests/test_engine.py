@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.tiny_world import build_model_dir, pair_rows, write_jsonl
+from orchestrator.config.spec import RunSpec
+from tests.tiny_world import build_model_dir, engine_args, pair_rows, write_jsonl
 from trainables.checkpointing import latest_checkpoint, list_checkpoints
 from trainables.entrypoints import load_preference_data, precompute_reference, run_dpo, run_sft
 from trainables.logprobs import forward_logps, split_chosen_rejected, token_logps_from_logits
-from trainables.loop import LoopSettings, NonFiniteLossError, global_batch_indices
+from trainables.loop import NonFiniteLossError, global_batch_indices
 from trainables.modeling import load_causal_lm
-from trainables.settings import DataArgs, ModelArgs, PreferenceArgs, RuntimeArgs
 from trainables.tokenization import collate_pairs
 
 
@@ -31,18 +31,23 @@ def world(tmp_path_factory) -> dict:
     return {"root": root, "model": str(model_dir), "train": str(train), "eval": str(eval_)}
 
 
-def settings(output_dir: Path, **overrides) -> LoopSettings:
-    base = LoopSettings(learning_rate=5e-3, batch_size=8, micro_batch_size=8, max_steps=6, warmup_steps=0,
-                        schedule="cosine", weight_decay=0.0, max_grad_norm=1.0, eval_every=3, checkpoint_every=3,
-                        keep_checkpoints=None, log_every=1, seed=0, output_dir=str(output_dir), show_progress=False)
-    return replace(base, **overrides)
+# The config of these tests: 48 tokens, beta 0.1, on the CPU, 6 steps of 8 pairs, eval and checkpoints every 3 steps.
+TINY_RUN = dict(data__max_length=48, dpo__beta=0.1, train__device="cpu", train__learning_rate=5e-3,
+                train__batch_size=8, train__micro_batch_size=8, train__max_steps=6, train__warmup_steps=0,
+                train__schedule="cosine", train__weight_decay=0.0, train__max_grad_norm=1.0, train__eval_every=3,
+                train__checkpoint_every=3, train__keep_checkpoints=None, train__log_every=1, train__seed=0)
 
 
-def run(world, output_dir, *, preference=None, runtime=None, **loop_overrides) -> list[dict]:
+def tiny_run(world, output_dir: Path, *, reference_cache: Path | None = None, stage: str = "dpo", **settings) -> RunSpec:
+    """TINY_RUN on the world's pairs, with `settings` (config keys, "__" for the dot) on top."""
+    return engine_args(world["model"], world["train"], world["eval"], stage=stage, output_dir=output_dir,
+                       reference_cache=reference_cache or world["root"] / "cache", **{**TINY_RUN, **settings})
+
+
+def run(world, output_dir, **settings) -> list[dict]:
     reports: list[dict] = []
-    run_dpo(ModelArgs(path=world["model"]), DataArgs(train=world["train"], eval=world["eval"], max_length=48),
-            preference or PreferenceArgs(beta=0.1, reference_cache_dir=str(world["root"] / "cache")),
-            settings(output_dir, **loop_overrides), runtime or RuntimeArgs(device="cpu", show_progress=False),
+    spec = tiny_run(world, output_dir, **settings)
+    run_dpo(spec.model, spec.data, spec.preference, spec.loop, spec.runtime,
             lambda metrics, checkpoint: reports.append({**metrics, "checkpoint": checkpoint}))
     return reports
 
@@ -60,7 +65,8 @@ def test_token_logps_equal_full_log_softmax_gather(monkeypatch):
 
 
 def test_padding_never_changes_sequence_logps(world):
-    data = load_preference_data(ModelArgs(path=world["model"]), DataArgs(train=world["train"], max_length=48))
+    spec = engine_args(world["model"], world["train"], data__max_length=48)
+    data = load_preference_data(spec.model, spec.data)
     model = load_causal_lm(world["model"]).eval()
     lengths = [len(p.prompt_ids) + len(p.chosen_ids) for p in data.train]
     short, long = lengths.index(min(lengths)), lengths.index(max(lengths))
@@ -73,7 +79,7 @@ def test_padding_never_changes_sequence_logps(world):
 
 
 def test_first_loss_is_ln2_and_metrics_use_architecture_names(world, tmp_path):
-    reports = run(world, tmp_path / "out", max_steps=3)
+    reports = run(world, tmp_path / "out", train__max_steps=3)
     first = reports[0]
     assert first["step"] == 1
     assert abs(first["train/loss"] - math.log(2)) < 1e-4
@@ -87,7 +93,7 @@ def test_first_loss_is_ln2_and_metrics_use_architecture_names(world, tmp_path):
 
 
 def test_training_moves_margin_up(world, tmp_path):
-    reports = run(world, tmp_path / "out", max_steps=12, eval_every=12, checkpoint_every=12)
+    reports = run(world, tmp_path / "out", train__max_steps=12, train__eval_every=12, train__checkpoint_every=12)
     assert reports[-1]["eval/reward_margin"] > 0
     assert reports[-1]["train/loss"] < math.log(2)
 
@@ -95,10 +101,10 @@ def test_training_moves_margin_up(world, tmp_path):
 def test_resume_reproduces_uninterrupted_losses(world, tmp_path):
     straight = run(world, tmp_path / "straight")
     partial_dir = tmp_path / "partial"
-    run(world, partial_dir, max_steps=6, checkpoint_every=3, keep_checkpoints=None)
+    run(world, partial_dir, train__max_steps=6, train__checkpoint_every=3, train__keep_checkpoints=None)
     step3 = partial_dir / "checkpoints" / "step-000003"
     assert step3.is_dir()
-    resumed = run(world, tmp_path / "resumed", runtime=RuntimeArgs(device="cpu", show_progress=False, resume_from=str(step3)))
+    resumed = run(world, tmp_path / "resumed", train__resume_from=str(step3))
     assert [r["step"] for r in resumed][0] == 4
     straight_losses = {r["step"]: r["train/loss"] for r in straight}
     for record in resumed:
@@ -106,33 +112,33 @@ def test_resume_reproduces_uninterrupted_losses(world, tmp_path):
 
 
 def test_gradient_accumulation_matches_full_batch(world, tmp_path):
-    full = run(world, tmp_path / "full", max_steps=3)
-    accumulated = run(world, tmp_path / "accumulated", max_steps=3, micro_batch_size=2)
+    full = run(world, tmp_path / "full", train__max_steps=3)
+    accumulated = run(world, tmp_path / "accumulated", train__max_steps=3, train__micro_batch_size=2)
     for a, b in zip(full, accumulated):
         assert abs(a["train/loss"] - b["train/loss"]) < 1e-5
 
 
 def test_precomputed_reference_is_cached_and_equals_live(world, tmp_path):
     cache = tmp_path / "cache"
-    args = PreferenceArgs(beta=0.1, reference_cache_dir=str(cache))
-    data = load_preference_data(ModelArgs(path=world["model"]), DataArgs(train=world["train"], eval=world["eval"], max_length=48))
-    runtime = RuntimeArgs(device="cpu", show_progress=False)
-    _, _, key, reused = precompute_reference(ModelArgs(path=world["model"]), args, data, runtime)
+    spec = tiny_run(world, tmp_path / "out", reference_cache=cache)
+    args, runtime = spec.preference, spec.runtime
+    data = load_preference_data(spec.model, spec.data)
+    _, _, key, reused = precompute_reference(spec.model, args, data, runtime)
     assert not reused and len(list(cache.glob("*.safetensors"))) == 1
-    _, _, key_again, reused_again = precompute_reference(ModelArgs(path=world["model"]), args, data, runtime)
+    _, _, key_again, reused_again = precompute_reference(spec.model, args, data, runtime)
     assert reused_again and key_again == key
-    shorter = load_preference_data(ModelArgs(path=world["model"]), DataArgs(train=world["train"], eval=world["eval"], max_length=12))
-    _, _, key_short, _ = precompute_reference(ModelArgs(path=world["model"]), args, shorter, runtime)
+    shorter = load_preference_data(spec.model, replace(spec.data, max_length=12))
+    _, _, key_short, _ = precompute_reference(spec.model, args, shorter, runtime)
     assert key_short != key
-    cached = run(world, tmp_path / "cached", preference=args, max_steps=3)
-    live = run(world, tmp_path / "live", preference=replace(args, reference_mode="live"), max_steps=3)
+    cached = run(world, tmp_path / "cached", reference_cache=cache, train__max_steps=3)
+    live = run(world, tmp_path / "live", reference_cache=cache, reference__mode="live", train__max_steps=3)
     for a, b in zip(cached, live):
         assert abs(a["train/loss"] - b["train/loss"]) < 1e-5
 
 
 def test_kl_weight_adds_penalty_after_policy_moves(world, tmp_path):
-    args = PreferenceArgs(beta=0.1, kl_weight=1.0, reference_cache_dir=str(world["root"] / "cache"))
-    reports = run(world, tmp_path / "kl", preference=args, max_steps=4, eval_every=4, checkpoint_every=4)
+    reports = run(world, tmp_path / "kl", dpo__kl_weight=1.0, train__max_steps=4, train__eval_every=4,
+                  train__checkpoint_every=4)
     assert reports[0]["train/kl"] < 1e-6
     last = reports[-1]
     assert last["train/kl"] > 0
@@ -140,8 +146,8 @@ def test_kl_weight_adds_penalty_after_policy_moves(world, tmp_path):
 
 
 def test_exact_kl_with_live_reference(world, tmp_path):
-    args = PreferenceArgs(beta=0.1, kl_weight=0.5, kl_estimator="exact", reference_mode="live")
-    reports = run(world, tmp_path / "exact", preference=args, max_steps=3)
+    reports = run(world, tmp_path / "exact", dpo__kl_weight=0.5, dpo__kl_estimator="exact", reference__mode="live",
+                  train__max_steps=3)
     assert reports[0]["train/kl"] < 1e-6 and reports[-1]["train/kl"] > 0
 
 
@@ -151,14 +157,15 @@ def test_non_finite_loss_stops_without_checkpoint(world, tmp_path):
     with torch.no_grad():
         model.get_input_embeddings().weight.fill_(float("nan"))
     model.save_pretrained(broken)
-    load_preference_data(ModelArgs(path=world["model"]), DataArgs(train=world["train"])).tokenizer.save_pretrained(broken)
+    spec = engine_args(world["model"], world["train"])
+    load_preference_data(spec.model, spec.data).tokenizer.save_pretrained(broken)
     with pytest.raises(NonFiniteLossError, match="step 1"):
-        run({**world, "model": str(broken)}, tmp_path / "out", preference=PreferenceArgs(reference_mode="live"))
+        run({**world, "model": str(broken)}, tmp_path / "out", reference__mode="live")
     assert latest_checkpoint(tmp_path / "out" / "checkpoints") is None
 
 
 def test_corrupt_checkpoint_is_ignored(world, tmp_path):
-    run(world, tmp_path / "out", max_steps=6, checkpoint_every=3, keep_checkpoints=None)
+    run(world, tmp_path / "out", train__max_steps=6, train__checkpoint_every=3, train__keep_checkpoints=None)
     checkpoints = list_checkpoints(tmp_path / "out" / "checkpoints")
     assert [c.name for c in checkpoints] == ["step-000003", "step-000006"]
     (checkpoints[-1] / "training_state.pt").write_bytes(b"truncated")
@@ -176,30 +183,25 @@ def test_sft_lowers_answer_loss(world, tmp_path):
     rows = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in pair_rows("explicit", 32, seed=5)]
     sft_file = write_jsonl(tmp_path / "sft.jsonl", rows)
     reports: list[dict] = []
-    run_sft(ModelArgs(path=world["model"]), DataArgs(train=str(sft_file), eval=str(sft_file), max_length=48),
-            settings(tmp_path / "sft", max_steps=10, eval_every=10, checkpoint_every=10, learning_rate=1e-2),
-            RuntimeArgs(device="cpu", show_progress=False), lambda m, c: reports.append(m))
+    spec = tiny_run(world, tmp_path / "sft", stage="sft", data__sft_train=str(sft_file), data__sft_eval=str(sft_file),
+                    train__max_steps=10, train__eval_every=10, train__checkpoint_every=10, train__learning_rate=1e-2)
+    run_sft(spec.model, spec.data, spec.loop, spec.runtime, lambda m, c: reports.append(m))
     assert reports[-1]["train/loss"] < reports[0]["train/loss"]
     assert "eval/perplexity" in reports[-1]
 
 
 def test_lora_trains_adapters_and_resumes(world, tmp_path):
     """LoRA: only adapters train; the live reference is the adapter-disabled policy; resume is exact."""
-    lora = ModelArgs(path=world["model"], lora_rank=4, lora_alpha=8.0)
-    live = PreferenceArgs(beta=0.1, reference_mode="live")
+    def run_lora(output_dir, resume_from=None):
+        return run(world, output_dir, model__lora={"r": 4, "alpha": 8.0}, reference__mode="live",
+                   train__resume_from=resume_from)
 
-    def run_lora(output_dir, runtime):
-        reports: list[dict] = []
-        run_dpo(lora, DataArgs(train=world["train"], eval=world["eval"], max_length=48), live,
-                settings(output_dir), runtime, lambda m, c: reports.append(m))
-        return reports
-
-    straight = run_lora(tmp_path / "straight", RuntimeArgs(device="cpu", show_progress=False))
+    straight = run_lora(tmp_path / "straight")
     assert abs(straight[0]["train/loss"] - math.log(2)) < 1e-4
     assert straight[-1]["train/reward_margin"] != 0
     step3 = tmp_path / "straight" / "checkpoints" / "step-000003"
     assert (step3 / "model" / "adapter_config.json").is_file()
-    resumed = run_lora(tmp_path / "resumed", RuntimeArgs(device="cpu", show_progress=False, resume_from=str(step3)))
+    resumed = run_lora(tmp_path / "resumed", resume_from=str(step3))
     by_step = {r["step"]: r["train/loss"] for r in straight}
     assert resumed[0]["step"] == 4
     for record in resumed:

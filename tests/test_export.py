@@ -20,9 +20,11 @@ import pandas as pd
 import pytest
 import torch
 
-from orchestrator.export import LINEAGE_FILE, ExportError, choose_checkpoint, find_checkpoints, prepare_output
+from orchestrator.config.layout import find_checkpoints
+from orchestrator.errors import ExportError
+from orchestrator.workflows.export import LINEAGE_FILE, choose_checkpoint, prepare_output
 from tests.test_analysis import log_sweep, mlflow_server  # noqa: F401 - the shared real server fixture
-from tests.tiny_world import build_model_dir, pair_rows, write_jsonl
+from tests.tiny_world import build_model_dir, engine_args, pair_rows, write_jsonl
 
 
 def fake_checkpoint(folder: Path, step: int) -> Path:
@@ -82,17 +84,16 @@ def world(tmp_path_factory) -> dict:
 def train_trial(world: dict, trial_dir: Path, *, lora: bool) -> dict[str, dict[int, float]]:
     """6 DPO steps in this process, checkpoints at steps 3 and 6 in trial_dir; returns the metric curves."""
     from trainables.entrypoints import run_dpo
-    from trainables.loop import LoopSettings
-    from trainables.settings import DataArgs, ModelArgs, PreferenceArgs, RuntimeArgs
 
-    model = ModelArgs(path=world["model"], lora_rank=4, lora_alpha=8.0) if lora else ModelArgs(path=world["model"])
-    loop = LoopSettings(learning_rate=5e-3, batch_size=8, micro_batch_size=8, max_steps=6, warmup_steps=0,
-                        schedule="cosine", weight_decay=0.0, max_grad_norm=1.0, eval_every=3, checkpoint_every=3,
-                        keep_checkpoints=None, log_every=1, seed=0, output_dir=str(trial_dir), show_progress=False)
+    spec = engine_args(world["model"], world["train"], world["eval"], reference_cache=world["root"] / "cache",
+                       output_dir=trial_dir, data__max_length=48, dpo__beta=0.2, train__device="cpu",
+                       train__learning_rate=5e-3, train__batch_size=8, train__micro_batch_size=8, train__max_steps=6,
+                       train__warmup_steps=0, train__schedule="cosine", train__weight_decay=0.0,
+                       train__max_grad_norm=1.0, train__eval_every=3, train__checkpoint_every=3,
+                       train__keep_checkpoints=None, train__log_every=1, train__seed=0,
+                       **({"model__lora": {"r": 4, "alpha": 8.0}} if lora else {}))
     reports: list[dict] = []
-    run_dpo(model, DataArgs(train=world["train"], eval=world["eval"], max_length=48),
-            PreferenceArgs(beta=0.2, reference_cache_dir=str(world["root"] / "cache")), loop,
-            RuntimeArgs(device="cpu", show_progress=False), lambda metrics, _: reports.append(metrics))
+    run_dpo(spec.model, spec.data, spec.preference, spec.loop, spec.runtime, lambda metrics, _: reports.append(metrics))
     curves: dict[str, dict[int, float]] = {}
     for report in reports:
         for key, value in report.items():
@@ -112,7 +113,7 @@ def test_export_round_trips_the_chosen_trials_best_checkpoint_and_registers_it(w
     from mlflow.tracking import MlflowClient
     from transformers import AutoModelForCausalLM
 
-    from orchestrator.cli import main
+    from orchestrator.cli.main import main
 
     url, storage = mlflow_server["url"], tmp_path / "runs"
     trial_dir = storage / "tiny-full-trials" / "t-full"
@@ -160,7 +161,7 @@ def test_a_lora_trial_exports_merged_weights_and_its_adapter(world, mlflow_serve
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from orchestrator.cli import main
+    from orchestrator.cli.main import main
 
     url, storage = mlflow_server["url"], tmp_path / "runs"
     trial_dir = storage / "tiny-lora-trials" / "t-lora"

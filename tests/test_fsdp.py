@@ -7,7 +7,7 @@ needed or the run hangs). FSDP checkpoints are single-process checkpoints: the s
 from_pretrained and equal the weights gathered from the shards, the optimizer state matches one
 process's, and resuming under FSDP, from an FSDP or a single-process checkpoint, continues the
 uninterrupted losses. One test runs the engine in 2 processes (torch.multiprocessing, gloo), one runs
-a trial's TorchTrainer on a local Ray with 2 workers (orchestrator/ray_trial.py's FSDP path).
+a trial's TorchTrainer on a local Ray with 2 workers (orchestrator/ray/trial.py's FSDP path).
 Run: `python -m pytest tests/test_fsdp.py -q --durations=5` (about 1.5 minutes on 2 busy CPU cores).
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,8 @@ from typing import Any
 import pytest
 import torch
 
-from orchestrator import config as cfg
+from orchestrator.config.schema import ExperimentConfig
+from orchestrator.config.spec import resolve_run
 from tests.tiny_world import build_model_dir, pair_rows, write_jsonl
 
 TOLERANCE = 1e-5  # CPU float32: 2 FSDP ranks vs 1 process, same global batch
@@ -52,13 +54,12 @@ def run_engine(raw: dict[str, Any], output_dir: Path, *, workers: int, resume_fr
     """run_dpo as a worker runs it; returns what it reported (rank 0's view)."""
     from trainables.entrypoints import run_dpo
 
-    config = cfg.ExperimentConfig.model_validate(raw)
-    runtime = cfg.runtime_args(config, show_progress=False)
-    runtime = type(runtime)(**{**runtime.__dict__, "resume_from": resume_from})
+    config = ExperimentConfig.model_validate(raw)
+    spec = resolve_run(config, workers=workers, output_dir=str(output_dir), show_progress=False)
+    runtime = replace(spec.runtime, resume_from=resume_from)
     reports: list[dict[str, Any]] = []
-    run_dpo(cfg.model_args(config), cfg.data_args(config), cfg.preference_args(config),
-            cfg.loop_settings(config, output_dir=str(output_dir), workers=workers, show_progress=False),
-            runtime, lambda metrics, checkpoint: reports.append({**metrics, "checkpoint": checkpoint}),
+    run_dpo(spec.model, spec.data, spec.preference, spec.loop, runtime,
+            lambda metrics, checkpoint: reports.append({**metrics, "checkpoint": checkpoint}),
             prepare_model=prepare_model)
     return reports
 
@@ -188,18 +189,19 @@ def local_ray():
 
 @pytest.mark.ray
 def test_a_trial_with_two_fsdp_workers_on_ray_gives_the_losses_of_one_process(world, tmp_path, local_ray):
-    """orchestrator.ray_trial.train_worker with strategy fsdp: Ray's gloo group, our sharding, Ray checkpoints."""
+    """orchestrator.ray.trial.train_worker with strategy fsdp: Ray's gloo group, our sharding, Ray checkpoints."""
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from orchestrator.ray_trial import train_worker
-    from orchestrator.sweep import start_ray
+    from orchestrator.config.spec import resolve_experiment
+    from orchestrator.ray.cluster import start_ray
+    from orchestrator.ray.trial import WorkerJob, train_worker
 
-    config = cfg.ExperimentConfig.model_validate(world["raw"])
-    start_ray(None, config)  # 127.0.0.1, this machine's CPUs
+    spec = resolve_experiment(ExperimentConfig.model_validate(world["raw"])).run  # a sweep's trials' run spec
+    start_ray(None, spec.resources)  # 127.0.0.1, this machine's CPUs
     trainer = TorchTrainer(  # what run_trial builds, without the Tune wrapper
         train_worker,
-        train_loop_config={"experiment": config.model_dump()},
+        train_loop_config={"job": WorkerJob(spec=spec)},
         scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
         run_config=RunConfig(name="fsdp-workers", storage_path=str(tmp_path / "train-runs"),
                              checkpoint_config=CheckpointConfig(num_to_keep=None)),

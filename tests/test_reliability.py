@@ -20,22 +20,20 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from orchestrator import config as cfg
-from orchestrator.cli import EXIT_BAD_INPUT, main
+from orchestrator.cli.main import EXIT_BAD_INPUT, main
+from orchestrator.config.schema import ExperimentConfig
+from orchestrator.config.spec import RunSpec, resolve_run
 from tests.test_data import BAD_LINES
-from tests.tiny_world import build_model_dir, pair_rows, write_jsonl
+from tests.tiny_world import build_model_dir, engine_args, pair_rows, write_jsonl
 from trainables.checkpointing import MANIFEST, STATE_FILE, CheckpointError, latest_checkpoint, load_training_state
 from trainables.entrypoints import run_dpo
-from trainables.loop import LoopSettings
 from trainables.modeling import load_causal_lm, load_tokenizer
-from trainables.settings import DataArgs, ModelArgs, PreferenceArgs, RuntimeArgs
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "pa55-w0rd-never-logged"
@@ -58,7 +56,7 @@ def no_ray_and_no_server(monkeypatch):
     """Starting Ray or the embedded MLflow server fails the test at once (and starts nothing)."""
     import ray
 
-    from orchestrator.mlflow_server import EmbeddedServer
+    from orchestrator.tracking.server import EmbeddedServer
 
     def forbidden(what: str):
         def fail(*args, **kwargs):
@@ -161,18 +159,22 @@ def test_bad_config_stops_the_sweep_naming_the_field_before_any_work(world, tmp_
 
 # ---- item 4: a crash while a checkpoint is being written -----------------------------------------
 
-def loop_settings(output_dir: Path, **overrides) -> LoopSettings:
-    base = LoopSettings(learning_rate=5e-3, batch_size=8, micro_batch_size=8, max_steps=6, warmup_steps=0,
-                        schedule="cosine", weight_decay=0.0, max_grad_norm=1.0, eval_every=3, checkpoint_every=3,
-                        keep_checkpoints=None, log_every=1, seed=0, output_dir=str(output_dir), show_progress=False)
-    return replace(base, **overrides)
+# The config of these runs: 48 tokens, beta 0.1, on the CPU, 6 steps of 8 pairs, checkpoints every 3 steps.
+RUN = dict(data__max_length=48, dpo__beta=0.1, train__device="cpu", train__learning_rate=5e-3, train__batch_size=8,
+           train__micro_batch_size=8, train__max_steps=6, train__warmup_steps=0, train__schedule="cosine",
+           train__weight_decay=0.0, train__max_grad_norm=1.0, train__eval_every=3, train__checkpoint_every=3,
+           train__keep_checkpoints=None, train__log_every=1, train__seed=0)
+
+
+def run_spec(world: dict[str, str], output_dir: Path, resume_from: str | None = None) -> RunSpec:
+    return engine_args(world["model"], world["train"], world["eval"], output_dir=output_dir,
+                       reference_cache=Path(world["root"]) / "reference-cache", train__resume_from=resume_from, **RUN)
 
 
 def train(world: dict[str, str], output_dir: Path, resume_from: str | None = None) -> list[dict[str, Any]]:
     reports: list[dict[str, Any]] = []
-    run_dpo(ModelArgs(path=world["model"]), DataArgs(train=world["train"], eval=world["eval"], max_length=48),
-            PreferenceArgs(beta=0.1, reference_cache_dir=str(Path(world["root"]) / "reference-cache")),
-            loop_settings(output_dir), RuntimeArgs(device="cpu", show_progress=False, resume_from=resume_from),
+    spec = run_spec(world, output_dir, resume_from)
+    run_dpo(spec.model, spec.data, spec.preference, spec.loop, spec.runtime,
             lambda metrics, checkpoint: reports.append(metrics))
     return reports
 
@@ -182,9 +184,8 @@ CRASH_DURING_SAVE = r"""
 import io, json, os, signal, sys
 import torch
 import trainables.checkpointing as checkpointing
+from tests.tiny_world import engine_args
 from trainables.entrypoints import run_dpo
-from trainables.loop import LoopSettings
-from trainables.settings import DataArgs, ModelArgs, PreferenceArgs, RuntimeArgs
 
 job = json.loads(sys.argv[1])
 crash_step, crash_point = job["crash_step"], job["crash_point"]
@@ -208,9 +209,9 @@ if crash_point == "torn state file":
     checkpointing.torch.save = torn_state_file
 else:
     checkpointing.os.replace = die_before_rename
-run_dpo(ModelArgs(path=job["model"]), DataArgs(train=job["train"], eval=job["eval"], max_length=48),
-        PreferenceArgs(beta=0.1, reference_cache_dir=job["cache"]), LoopSettings(**job["settings"]),
-        RuntimeArgs(device="cpu", show_progress=False), lambda metrics, checkpoint: None)
+spec = engine_args(job["model"], job["train"], job["eval"], reference_cache=job["cache"], output_dir=job["output_dir"],
+                   **job["settings"])
+run_dpo(spec.model, spec.data, spec.preference, spec.loop, spec.runtime, lambda metrics, checkpoint: None)
 print("the crash was not injected", flush=True)
 """
 
@@ -228,7 +229,7 @@ def test_a_crash_while_a_checkpoint_is_written_leaves_it_ignored_and_resume_take
     output_dir = tmp_path / "crashed"
     job = {"crash_step": 6, "crash_point": crash_point, "model": world["model"], "train": world["train"],
            "eval": world["eval"], "cache": str(Path(world["root"]) / "reference-cache"),
-           "settings": asdict(loop_settings(output_dir))}
+           "output_dir": str(output_dir), "settings": RUN}
     child = subprocess.run([sys.executable, "-c", CRASH_DURING_SAVE, json.dumps(job)], cwd=REPO, capture_output=True,
                            text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert child.returncode == -signal.SIGKILL, child.stdout + child.stderr[-3000:]
@@ -321,9 +322,9 @@ def test_code_shipped_with_a_model_never_runs_unless_the_config_allows_it(world,
         settings = json.loads((model_dir / name).read_text())
         (model_dir / name).write_text(json.dumps({**settings, **update}))
 
-    experiment = cfg.ExperimentConfig.model_validate({"name": "safe", "model": {"path": str(model_dir)},
-                                                      "data": {"train": world["train"]}})
-    trust_remote_code = cfg.model_args(experiment).trust_remote_code  # what the engine receives by default
+    experiment = ExperimentConfig.model_validate({"name": "safe", "model": {"path": str(model_dir)},
+                                                  "data": {"train": world["train"]}})
+    trust_remote_code = resolve_run(experiment).model.trust_remote_code  # what the engine receives by default
     assert trust_remote_code is False
     with pytest.raises(OSError, match="custom code"):
         load_causal_lm(str(model_dir), trust_remote_code=trust_remote_code)
@@ -335,7 +336,7 @@ def test_code_shipped_with_a_model_never_runs_unless_the_config_allows_it(world,
 def test_tracker_log_lines_never_show_the_tracking_password(caplog):
     import socket
 
-    from orchestrator.trial_tracker import TrialTracker
+    from orchestrator.tracking.trial_tracker import TrialTracker
 
     with socket.socket() as probe:  # a port nobody listens on: every request fails
         probe.bind(("127.0.0.1", 0))
@@ -353,7 +354,7 @@ def test_tracker_log_lines_never_show_the_tracking_password(caplog):
 
 
 def test_the_sweep_summary_never_prints_the_tracking_password(capsys):
-    from orchestrator.sweep import print_summary
+    from orchestrator.workflows.sweep import print_summary
 
     print_summary({"name": "s", "trials": [], "reference_cache_key": "k", "decision_log": [], "metric": "m",
                    "best": {"trial_id": "t1", "metric": 0.9, "config": {"beta": 0.1}}, "storage": "/runs/s",

@@ -1,7 +1,7 @@
 """Reliability (issue 7, item 7; issue 4): the MLflow server is down for 30 s in the middle of a training run.
 
 The engine trains in this process and reports through the same TrialTracker, with the same defaults, that
-rank 0 of a Ray Train worker uses (orchestrator/ray_trial.py). The test stops the real `mlflow server` (on
+rank 0 of a Ray Train worker uses (orchestrator/ray/trial.py). The test stops the real `mlflow server` (on
 127.0.0.1, SQLite backend in pytest's tmp folder) at step 10, keeps it down for 30 s while training goes
 on, then starts it again on the same port and the same backend store. Training must never wait on the
 server, at least 99% of the metric points must reach the run, and the outage must be logged and recorded
@@ -20,13 +20,12 @@ from typing import Any
 
 import pytest
 
-from orchestrator import tracking
-from orchestrator.mlflow_server import EmbeddedServer
-from orchestrator.trial_tracker import DROPPED_METRIC, OUTAGE_METRIC, TrialTracker
-from tests.tiny_world import build_model_dir, pair_rows, write_jsonl
+from orchestrator.tracking import records as tracking
+from orchestrator.tracking.schema import DROPPED_METRIC, OUTAGE_METRIC
+from orchestrator.tracking.server import EmbeddedServer
+from orchestrator.tracking.trial_tracker import TrialTracker
+from tests.tiny_world import build_model_dir, engine_args, pair_rows, write_jsonl
 from trainables.entrypoints import run_dpo
-from trainables.loop import LoopSettings
-from trainables.settings import DataArgs, ModelArgs, PreferenceArgs, RuntimeArgs
 
 OUTAGE_S = 30.0
 MAX_STEPS = 100
@@ -92,7 +91,7 @@ def test_a_30_second_server_outage_mid_training_loses_no_metric_points_and_is_lo
     run_id = tracking.find_or_create_trial_run(url, experiment_id, parent, "trial-1", "outage", {"beta": 0.1})
     tracker = TrialTracker(url, run_id)  # the defaults rank 0 of a Train worker uses
     outage = Outage(embedded, url)
-    caplog.set_level(logging.WARNING, logger="orchestrator.trial_tracker")
+    caplog.set_level(logging.WARNING, logger="orchestrator.tracking.trial_tracker")
     logged: dict[str, int] = {}
     reports: list[dict[str, Any]] = []
 
@@ -109,15 +108,17 @@ def test_a_30_second_server_outage_mid_training_loses_no_metric_points_and_is_lo
             outage.wait_until_over()
         time.sleep(STEP_PACE_S)
 
-    settings = LoopSettings(learning_rate=5e-3, batch_size=8, micro_batch_size=8, max_steps=MAX_STEPS, warmup_steps=0,
-                            schedule="cosine", weight_decay=0.0, max_grad_norm=1.0, eval_every=25,
-                            checkpoint_every=50, keep_checkpoints=1, log_every=1, seed=0,
-                            output_dir=str(Path(world["root"]) / "outputs"), show_progress=False)
-    run_dpo(ModelArgs(path=world["model"]), DataArgs(train=world["train"], eval=world["eval"], max_length=48),
-            PreferenceArgs(beta=0.1, reference_cache_dir=str(Path(world["root"]) / "reference-cache")), settings,
-            RuntimeArgs(device="cpu", show_progress=False), report)
+    spec = engine_args(world["model"], world["train"], world["eval"],
+                       reference_cache=Path(world["root"]) / "reference-cache",
+                       output_dir=Path(world["root"]) / "outputs", data__max_length=48, dpo__beta=0.1,
+                       train__device="cpu", train__learning_rate=5e-3, train__batch_size=8, train__micro_batch_size=8,
+                       train__max_steps=MAX_STEPS, train__warmup_steps=0, train__schedule="cosine",
+                       train__weight_decay=0.0, train__max_grad_norm=1.0, train__eval_every=25,
+                       train__checkpoint_every=50, train__keep_checkpoints=1, train__log_every=1, train__seed=0)
+    run_dpo(spec.model, spec.data, spec.preference, spec.loop, spec.runtime, report)
     outage.wait_until_over()
-    assert tracker.finish("FINISHED", timeout_s=120) is True
+    assert tracker.close(timeout_s=120) is True
+    tracking.end_run(url, run_id, "FINISHED")
 
     during = [r for r in reports if outage.down_at < r["at"] < outage.up_at]
     print(f"{len(during)} of {MAX_STEPS} steps reported while the server was down "

@@ -1,4 +1,4 @@
-"""Tests of orchestrator/searchers.py, driving the searcher by hand as Ray Tune would (no Ray cluster).
+"""Tests of orchestrator/ray/searchers.py, driving the searcher by hand as Ray Tune would (no Ray cluster).
 
 Run with `python -m pytest tests/test_searchers.py -q`.
 """
@@ -13,7 +13,8 @@ import pytest
 from ray.tune.search import Searcher
 from ray.tune.search.sample import Domain
 
-from orchestrator.searchers import IncrementalBetaSearcher, IncrementalBetaSettings, grid_or_random_search_space
+from orchestrator.config.incremental import IncrementalBetaSettings
+from orchestrator.ray.searchers import IncrementalBetaSearcher, grid_or_random_search_space
 
 METRIC = "eval/preference_accuracy"
 STABLE_LOSSES = [float(v) for v in 0.69 * np.exp(-np.arange(40) / 10) + 0.2]

@@ -20,13 +20,12 @@ import pytest
 import torch
 
 import trainables.shared_prompt as shared_prompt
-from tests.tiny_world import build_model_dir, far_apart_pairs, four_step_loop, pair_rows, write_jsonl
+from tests.tiny_world import FOUR_STEP_LOOP, build_model_dir, engine_args, far_apart_pairs, pair_rows, write_jsonl
 from trainables.entrypoints import run_dpo
 from trainables.logprobs import forward_logps
 from trainables.modeling import load_causal_lm
-from trainables.settings import DataArgs, ModelArgs, PreferenceArgs, RuntimeArgs
-from trainables.shared_prompt import (check_share_prompt, collate_shared, decide_share_prompt,
-                                      shared_forward_logps)
+from trainables.settings import check_share_prompt
+from trainables.shared_prompt import collate_shared, decide_share_prompt, shared_forward_logps
 from trainables.tokenization import TokenizedPair, collate_pairs
 
 PAD = 3
@@ -104,22 +103,22 @@ def test_shared_forward_gives_the_same_logps_and_gradients(models, arch, padding
 
 
 @pytest.mark.parametrize("preference", [
-    PreferenceArgs(beta=0.1, kl_weight=0.5),  # cached reference, k3 KL
-    PreferenceArgs(beta=0.1, kl_weight=0.5, reference_mode="live"),  # live reference (shared too), k3 KL
+    dict(dpo__beta=0.1, dpo__kl_weight=0.5),  # cached reference, k3 KL
+    dict(dpo__beta=0.1, dpo__kl_weight=0.5, reference__mode="live"),  # live reference (shared too), k3 KL
 ], ids=["precomputed-k3", "live-k3"])
 def test_training_losses_are_the_same_shared_or_not(world, tmp_path, monkeypatch, preference):
     forwards: list[int] = []  # rows of every shared-layout forward
     real_collate = shared_prompt.collate_shared
     monkeypatch.setattr(shared_prompt, "collate_shared",
                         lambda pairs, pad: forwards.append(len(pairs)) or real_collate(pairs, pad))
-    preference = replace(preference, reference_cache_dir=str(tmp_path / "cache"))
     runs = {}
     for share in (False, True):
         reports: list[dict] = []
         forwards.clear()
-        run_dpo(ModelArgs(path=world["model"]), DataArgs(train=world["train"], eval=world["train"], max_length=64),
-                preference, four_step_loop(tmp_path / str(share)),
-                RuntimeArgs(device="cpu", show_progress=False, share_prompt=share, eval_batch_size=8),
+        spec = engine_args(world["model"], world["train"], world["train"], reference_cache=tmp_path / "cache",
+                           output_dir=tmp_path / str(share), data__max_length=64, **preference, **FOUR_STEP_LOOP,
+                           train__device="cpu", train__share_prompt=share, train__eval_batch_size=8)
+        run_dpo(spec.model, spec.data, spec.preference, spec.loop, spec.runtime,
                 lambda metrics, checkpoint: reports.append(metrics))
         runs[share] = (reports, len(forwards))
     assert runs[False][1] == 0 and runs[True][1] > 8  # the shared run really used the shared layout
@@ -203,9 +202,11 @@ def test_a_run_with_a_mask_ignoring_model_falls_back_and_trains(world, tmp_path,
     monkeypatch.setattr(entrypoints, "load_causal_lm", lambda *a, **k: ignoring_custom_masks(real_load(*a, **k)))
     reports: list[dict] = []
     with caplog.at_level(logging.WARNING, logger="trainables.shared_prompt"):
-        run_dpo(ModelArgs(path=world["model"]), DataArgs(train=world["train"], max_length=64),
-                PreferenceArgs(beta=0.1, reference_mode="live"), replace(four_step_loop(tmp_path), max_steps=1),
-                RuntimeArgs(device="cpu", show_progress=False), lambda metrics, checkpoint: reports.append(metrics))
+        spec = engine_args(world["model"], world["train"], reference_cache=tmp_path / "cache", output_dir=tmp_path,
+                           data__max_length=64, dpo__beta=0.1, reference__mode="live", **FOUR_STEP_LOOP,
+                           train__device="cpu")
+        run_dpo(spec.model, spec.data, spec.preference, replace(spec.loop, max_steps=1), spec.runtime,
+                lambda metrics, checkpoint: reports.append(metrics))
     assert "policy: standard forward" in caplog.text and "live reference: standard forward" in caplog.text
     assert abs(reports[0]["train/reward_margin"]) < 1e-6  # policy == reference at step 1, both standard
 
@@ -237,13 +238,14 @@ def test_every_rank_makes_the_same_choice(models, tmp_path):
 
 @pytest.mark.parametrize("bad", ["yes please", "2", "null", "'true'", "1.5"])
 def test_config_rejects_bad_share_prompt_and_names_the_key(tmp_path, bad):
-    from orchestrator.config import ConfigError, load_config, runtime_args
+    from orchestrator.config import ConfigError, load_config
+    from orchestrator.config.spec import resolve_run
     from tests.tiny_world import minimal_config_file
 
     path = minimal_config_file(tmp_path)
-    assert runtime_args(load_config(path)).share_prompt == "auto"
-    assert runtime_args(load_config(path, ["train.share_prompt=false"])).share_prompt is False
-    assert runtime_args(load_config(path, ["train.share_prompt=true"])).share_prompt is True
+    assert resolve_run(load_config(path)).runtime.share_prompt == "auto"
+    assert resolve_run(load_config(path, ["train.share_prompt=false"])).runtime.share_prompt is False
+    assert resolve_run(load_config(path, ["train.share_prompt=true"])).runtime.share_prompt is True
     with pytest.raises(ConfigError, match=r"train\.share_prompt: .*\"auto\""):
         load_config(path, [f"train.share_prompt={bad}"])
 

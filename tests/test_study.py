@@ -16,11 +16,12 @@ from pathlib import Path
 import pytest
 
 from orchestrator import config as cfg
-from orchestrator.cli import main
-from orchestrator.study import (COMPLETE_FILE, STARTED_FILE, StudyPaths, _check_same_settings, run_study,
-                                stage_experiment, stage_fingerprint)
-from orchestrator.study_config import arm_sections, sft_train_section
-from orchestrator.study_records import bench_metrics, deltas, study_table
+from orchestrator.cli.main import main
+from orchestrator.config.layout import StorageLayout
+from orchestrator.config.study_schema import arm_sections, sft_train_section
+from orchestrator.workflows.study import (COMPLETE_FILE, STARTED_FILE, StudyTracking, _check_same_settings, run_study,
+                                          stage_experiment, stage_fingerprint)
+from orchestrator.workflows.study_records import bench_metrics, deltas, study_table
 
 REPO = Path(__file__).resolve().parents[1]
 STUDY_CONFIG = REPO / "configs/quickstart-study.yaml"
@@ -80,12 +81,12 @@ def test_bad_study_overrides_and_benchmark_entries_are_config_errors(tmp_path, o
 def test_each_stage_starts_from_and_is_referenced_to_the_model_before_it(tmp_path):
     config = load(tmp_path)
     root = tmp_path / "runs" / config.name
-    paths = StudyPaths(root, root / "train-jobs", root / "reference_cache", root / "evaluations")
+    layout = StorageLayout.of(str(tmp_path / "runs"), config.name)
     tracking = {"uri": "http://127.0.0.1:5000", "experiment": "quickstart-study"}
-    sft = stage_experiment(config, "sft", config.model.path, paths, tracking)
+    sft = stage_experiment(config, "sft", config.model.path, layout, StudyTracking(**tracking))
     assert sft.model.path == config.model.path and sft.train.max_steps == 400 and sft.train.learning_rate == 1e-3
-    arm = stage_experiment(config, "sft_then_dpo", str(root / "sft/model"), paths, tracking)
-    assert arm.model.path == arm.reference.path == str(root / "sft/model")  # DPO_NOTES: reference = the SFT model
+    arm = stage_experiment(config, "sft_then_dpo", str(root / "sft/model"), layout, StudyTracking(**tracking))
+    assert arm.model.path == arm.reference.path == str(root / "sft/model")  # the reference is the SFT model
     assert (arm.dpo.beta, arm.train.learning_rate, arm.train.max_steps) == (0.5, 1e-4, 450)
     assert arm.name == "quickstart-study-sft_then_dpo" and arm.storage_path == str(root)
     assert arm.tracking.uri == tracking["uri"] and arm.tracking.experiment == "quickstart-study"
@@ -95,10 +96,9 @@ def test_each_stage_starts_from_and_is_referenced_to_the_model_before_it(tmp_pat
 def test_a_stage_fingerprint_follows_what_changes_its_model_and_nothing_else(tmp_path):
     def fingerprints(*overrides: str) -> tuple[str, str]:
         config = load(tmp_path, *overrides)
-        root = tmp_path / "runs" / config.name
-        paths = StudyPaths(root, root / "train-jobs", root / "reference_cache", root / "evaluations")
-        sft = stage_experiment(config, "sft", config.model.path, paths, None)
-        arm = stage_experiment(config, "dpo_only", config.model.path, paths, None)
+        layout = StorageLayout.of(str(tmp_path / "runs"), config.name)
+        sft = stage_experiment(config, "sft", config.model.path, layout, None)
+        arm = stage_experiment(config, "dpo_only", config.model.path, layout, None)
         return stage_fingerprint(sft, "sft", "fixed"), stage_fingerprint(arm, "dpo_only", "fixed")
 
     sft, dpo_only = fingerprints()
@@ -168,7 +168,8 @@ def tiny_study(tmp_path):
     import ray
     import yaml
 
-    from orchestrator.mlflow_server import EmbeddedServer, embedded_root
+    from orchestrator.config.layout import mlflow_root
+    from orchestrator.tracking.server import EmbeddedServer
 
     raw = yaml.safe_load(STUDY_CONFIG.read_text())
     for entry in raw["benchmarks"]:
@@ -178,7 +179,7 @@ def tiny_study(tmp_path):
     config = cfg.load_config(source, [f"storage_path={tmp_path / 'runs'}", f"output_dir={tmp_path / 'out'}", *TINY])
     yield config
     ray.shutdown()
-    EmbeddedServer(embedded_root(config.storage_path)).stop()
+    EmbeddedServer(mlflow_root(config.storage_path)).stop()
 
 
 @pytest.mark.ray

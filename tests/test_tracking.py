@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import tracking
-from orchestrator.mlflow_server import (EmbeddedServer, TrackingConfigError, TrackingUnavailableError, ensure_reachable,
-                                        prepare_tracking_uri, resolve_tracking_uri)
-from orchestrator.trial_tracker import DROPPED_METRIC, TrialTracker
+from orchestrator.errors import TrackingConfigError, TrackingUnavailableError
+from orchestrator.tracking import records as tracking
+from orchestrator.tracking.schema import DROPPED_METRIC
+from orchestrator.tracking.server import EmbeddedServer, ensure_reachable, prepare_tracking_uri, resolve_tracking_uri
+from orchestrator.tracking.trial_tracker import TrialTracker
 
 SECRET_PASSWORD = "s3cr3t-pa55"
 SECRET_TOKEN = "hf_abcdefghijklmnopqrstuvwxyz0123"
@@ -214,8 +215,9 @@ def test_tracker_returns_at_once_and_every_point_arrives_after_finish(server):
         tracker.log_metrics({"train/loss": 1.0 / step, "train/preference_accuracy": step / 300,
                              "eval/reward_margin": float(step), "trial_id": "t1"}, step=step)  # strings are skipped
     assert time.monotonic() - started < 0.5  # the loop never waits on the server
-    tracker.set_tags({"checkpoint_latest": "/runs/t1/checkpoint_000003"})
-    assert tracker.finish("FINISHED") is True
+    tracking.set_tags(url, run_id, {"checkpoint_latest": "/runs/t1/checkpoint_000003"})
+    assert tracker.close() is True
+    tracking.end_run(url, run_id, "FINISHED")
     loss = history(client, run_id, "train/loss")
     assert len(loss) == 300 and loss[7] == pytest.approx(1 / 7)
     assert len(history(client, run_id, "eval/reward_margin")) == 300
@@ -237,7 +239,8 @@ def test_many_trials_log_concurrently_without_losing_points(server):
             for step in range(200):
                 tracker.log_metrics({"train/loss": step * 0.5, "train/kl": step * 0.01}, step)
                 time.sleep(0.002)
-            assert tracker.finish() is True
+            assert tracker.close() is True
+            tracking.end_run(url, run_id, "FINISHED")
         except BaseException as error:  # noqa: BLE001 - re-raised in the test thread
             errors.append(error)
 
@@ -271,7 +274,7 @@ def test_server_outage_is_buffered_and_losses_are_counted(server):
             time.sleep(0.01)
     finally:
         embedded.start_or_reuse(port=port)  # the next tests need it
-    assert roomy.finish() is True and tight.finish() is True  # no exception reached the training loop
+    assert roomy.close() is True and tight.close() is True  # no exception reached the training loop
     assert len(history(client, roomy_run, "train/loss")) >= 0.99 * 600
     assert client.get_run(roomy_run).data.metrics[DROPPED_METRIC] == 0
     delivered = len(history(client, tight_run, "train/loss"))
@@ -285,7 +288,8 @@ def test_failed_trial_ends_failed_with_its_error_and_stale_runs_are_closed_then_
     experiment_id, parent, failed = parent_and_trial_run(url, "sweep-e", "bad")
     tracker = TrialTracker(url, failed, flush_every_s=0.2)
     tracker.log_metrics({"train/loss": 0.69}, step=1)
-    tracker.finish("FAILED", error="RuntimeError: loss is NaN at step 2")
+    tracker.close()
+    tracking.end_run(url, failed, "FAILED", error="RuntimeError: loss is NaN at step 2")
     run = client.get_run(failed)
     assert run.info.status == "FAILED" and "loss is NaN" in run.data.tags["error"]
 

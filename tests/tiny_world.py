@@ -2,8 +2,9 @@
 
 Models are random-init transformers of three architectures saved with save_pretrained; the tokenizer
 is a word-level one trained with `tokenizers` and given a chat template; pair files come in the three
-layouts the loader accepts. Everything loads through the same code path as a user's real model and data.
-Used by tests/test_engine.py and the CLI tests; not run on its own.
+layouts the loader accepts. Everything loads through the same code path as a user's real model and data,
+and the engine's argument groups come from a config, as a user's do (`engine_args`).
+Used by the engine and CLI tests and by bench/; not run on its own.
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from trainables.loop import LoopSettings
+from orchestrator.config.schema import ExperimentConfig
+from orchestrator.config.spec import RunSpec, resolve_run
 
 WORDS = "the cat dog sat ran on mat rug red blue big small yes no good bad answer question".split()
 CHAT_TEMPLATE = (
@@ -120,8 +123,30 @@ def far_apart_pairs():
     return [TokenizedPair(ids(p), ids(c) + (2,), ids(r) + (2,)) for p, c, r in shapes]
 
 
-def four_step_loop(output_dir: Path) -> LoopSettings:
-    """4 optimizer steps of 8 pairs in 2 micro-batches, logged every step: for forward-equivalence training tests."""
-    return LoopSettings(learning_rate=5e-3, batch_size=8, micro_batch_size=4, max_steps=4, warmup_steps=0,
-                        schedule="cosine", weight_decay=0.0, max_grad_norm=1.0, eval_every=4, checkpoint_every=4,
-                        keep_checkpoints=1, log_every=1, seed=0, output_dir=str(output_dir), show_progress=False)
+# 4 optimizer steps of 8 pairs in 2 micro-batches, logged every step: for forward-equivalence training tests.
+FOUR_STEP_LOOP = dict(train__learning_rate=5e-3, train__batch_size=8, train__micro_batch_size=4, train__max_steps=4,
+                      train__warmup_steps=0, train__schedule="cosine", train__weight_decay=0.0, train__max_grad_norm=1.0,
+                      train__eval_every=4, train__checkpoint_every=4, train__keep_checkpoints=1, train__log_every=1,
+                      train__seed=0)
+
+
+def engine_args(model: str, train: str, eval: str | None = None, *, reference_cache: str | Path | None = None,
+                output_dir: str | Path | None = None, stage: str = "dpo", **settings: Any) -> RunSpec:
+    """The engine's argument groups as a user's config gives them: .model .data .preference .loop .runtime.
+
+    A config {name, model.path: model, data.train: train, data.eval: eval} plus `settings`, config keys with
+    "__" for the dot (`data__max_length=48`, `train__device="cpu"`, `model__lora={"r": 4}`: what
+    `--set data.max_length=48` would set), validated by the schema and resolved as `dpo train` resolves it
+    (no progress bars). Every key not given takes the config's default. reference_cache and output_dir: where
+    precomputed log-probs and checkpoints go (None: the config's defaults, outside the test's folders).
+    """
+    raw: dict[str, Any] = {"name": "tiny", "model": {"path": str(model)}, "data": {"train": str(train), "eval": eval}}
+    for dotted, value in settings.items():
+        *sections, key = dotted.split("__")
+        node = raw
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[key] = value
+    config = ExperimentConfig.model_validate(raw)
+    return resolve_run(config, stage=stage, reference_cache=None if reference_cache is None else str(reference_cache),
+                       output_dir=None if output_dir is None else str(output_dir), show_progress=False)

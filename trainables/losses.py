@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from trainables.settings import PREFERENCE_LOSS_NAMES, check_loss_choice
+
 
 @dataclass(frozen=True)
 class PreferenceLossOutput:
@@ -55,7 +57,7 @@ def _log_ratio_margin(
     }
     if len(set(shapes.values())) != 1 or policy_chosen_logps.dim() != 1:
         raise ValueError(
-            f"trainables/losses.py: preference losses need four (batch,) log-prob tensors of the same shape, "
+            f"preference losses need four (batch,) log-prob tensors of the same shape, "
             f"got {shapes}. Sum (or average) the per-token log-probs over the answer tokens first."
         )
     chosen_log_ratios = policy_chosen_logps - reference_chosen_logps  # (batch,)
@@ -118,7 +120,7 @@ def ipo_loss(
     function uses whatever log-probs the caller passes, so the caller decides.
     """
     if beta <= 0:
-        raise ValueError(f"trainables/losses.py: ipo_loss needs beta > 0 (target is 1/(2 beta)), got beta={beta}.")
+        raise ValueError(f"ipo_loss needs beta > 0 (target is 1/(2 beta)), got beta={beta}.")
     margin = _log_ratio_margin(
         policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
     )  # (batch,)
@@ -188,14 +190,16 @@ PREFERENCE_LOSSES: dict[str, PreferenceLossFn] = {
     "cdpo": conservative_dpo_loss,
     "hinge": hinge_loss,
 }
+assert set(PREFERENCE_LOSSES) == set(PREFERENCE_LOSS_NAMES), "register every loss name of trainables.settings here"
 
 
-def preference_loss_by_name(name: str, label_smoothing: float) -> PreferenceLossFn:
+def preference_loss_by_name(name: str, label_smoothing: float = 0.0) -> PreferenceLossFn:
     """Pick a loss function once, outside the train loop; "cdpo" gets its label_smoothing bound.
 
-    Which names exist and which label_smoothing goes with which loss are rules of the config
-    (orchestrator/config/schema.py, `dpo.loss` and `dpo.label_smoothing`), checked there once.
+    Which names exist and which label_smoothing goes with which loss is one rule,
+    trainables.settings.check_loss_choice, which the config applies first (naming the key).
     """
+    check_loss_choice(name, label_smoothing)
     if name == "cdpo":
         return functools.partial(conservative_dpo_loss, label_smoothing=label_smoothing)
     return PREFERENCE_LOSSES[name]
@@ -218,7 +222,7 @@ def k3_token_kl(
     """
     if policy_token_logps.shape != reference_token_logps.shape or policy_token_logps.shape != answer_mask.shape:
         raise ValueError(
-            f"trainables/losses.py: k3_token_kl needs policy_token_logps, reference_token_logps and "
+            f"k3_token_kl needs policy_token_logps, reference_token_logps and "
             f"answer_mask of the same (sequences, seq_len) shape, got {tuple(policy_token_logps.shape)}, "
             f"{tuple(reference_token_logps.shape)}, {tuple(answer_mask.shape)}."
         )
@@ -257,12 +261,12 @@ def exact_token_kl(
     """
     if policy_logits.shape != reference_logits.shape or policy_logits.shape[:2] != answer_mask.shape:
         raise ValueError(
-            f"trainables/losses.py: exact_token_kl needs policy_logits and reference_logits of the same "
+            f"exact_token_kl needs policy_logits and reference_logits of the same "
             f"(sequences, seq_len, vocab) shape and answer_mask of shape (sequences, seq_len), got "
             f"{tuple(policy_logits.shape)}, {tuple(reference_logits.shape)}, {tuple(answer_mask.shape)}."
         )
     if chunk_size < 1:
-        raise ValueError(f"trainables/losses.py: exact_token_kl chunk_size must be >= 1, got {chunk_size}.")
+        raise ValueError(f"exact_token_kl chunk_size must be >= 1, got {chunk_size}.")
     sequences, seq_len, _ = policy_logits.shape
     positions_per_chunk = max(1, chunk_size // max(1, sequences))
     reference_logits = reference_logits.detach()
@@ -293,7 +297,7 @@ def masked_token_mean(
     """
     if values.shape != answer_mask.shape:
         raise ValueError(
-            f"trainables/losses.py: masked_token_mean needs values and answer_mask of the same shape, "
+            f"masked_token_mean needs values and answer_mask of the same shape, "
             f"got {tuple(values.shape)} and {tuple(answer_mask.shape)}."
         )
     mask = answer_mask.to(values.dtype)  # (sequences, seq_len)
@@ -302,7 +306,7 @@ def masked_token_mean(
         return masked_sum / mask.sum().clamp_min(1.0)
     if token_count <= 0:
         raise ValueError(
-            f"trainables/losses.py: masked_token_mean token_count must be > 0, got {token_count}. "
+            f"masked_token_mean token_count must be > 0, got {token_count}. "
             f"Pass the number of answer tokens across all workers, or None to use this batch's mask."
         )
     return masked_sum / token_count

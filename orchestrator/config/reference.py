@@ -1,8 +1,8 @@
 """The config reference: every key of the experiment config, its default and its description, as Markdown.
 
-Generated from the typed config (orchestrator/config.py, orchestrator/study_config.py), so it cannot drift:
-README.md's "Config reference" section is this output, and tests/test_config.py checks that they match.
-Print it: `python -m orchestrator.config_reference` (or `dpo config-reference`).
+Generated from the typed config (orchestrator/config/schema.py, orchestrator/config/study_schema.py), so it
+cannot drift: the table of the "Config reference" section of docs/configuration.md is this output, and
+tests/test_config.py checks that they match. Print it with `dpo config-reference`.
 """
 
 from __future__ import annotations

@@ -9,16 +9,16 @@ takes. Importing it imports no torch.
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from orchestrator.config.incremental import STEP_RANGE, default_of
+from orchestrator.config.search_values import check_search_values
 from orchestrator.config.study_schema import BenchmarkEntry, StudySection, check_study
 from orchestrator.tracking.schema import NAME_PATTERN
-from trainables.settings import check_padding_buckets, check_share_prompt
+from trainables.settings import PREFERENCE_LOSS_NAMES, check_loss_choice, check_padding_buckets, check_share_prompt
 
 
 class Section(BaseModel):
@@ -62,7 +62,7 @@ class DataSection(Section):
 class DPOSection(Section):
     beta: float = Field(0.1, gt=0, description="Inverse temperature of the implicit reward (docs/method.md, 'What beta does')")
     kl_weight: float = Field(0.0, ge=0, description="lambda: weight of the explicit KL(pi || pi_ref) term on answer tokens")
-    loss: Literal["sigmoid", "ipo", "cdpo", "hinge"] = Field("sigmoid", description="Preference loss variant")
+    loss: Literal[PREFERENCE_LOSS_NAMES] = Field("sigmoid", description="Preference loss variant")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="cdpo: assumed fraction of flipped labels")
     kl_estimator: Literal["k3", "exact"] = Field("k3", description="k3 works with cached reference log-probs; exact needs reference.mode=live")
 
@@ -109,7 +109,7 @@ class TrainSection(Section):
 class ReferenceSection(Section):
     mode: Literal["precomputed", "live", "none"] = Field("precomputed", description="precomputed: cached once; live: reference model in memory; none: reference-free")
     path: str | None = Field(None, description="Reference model (default: model.path, the model DPO starts from)")
-    cache_dir: str | None = Field(None, description="Where precomputed log-probs are cached (default ~/.cache/dpo-orchestrator/reference)")
+    cache_dir: str | None = Field(None, description="Where precomputed log-probs are cached (default: <storage_path>/<name>/reference_cache in sweeps and studies, ~/.cache/dpo-orchestrator/reference for dpo train)")
     batch_size: int = Field(32, gt=0, description="Pairs per reference forward while precomputing")
 
 
@@ -139,20 +139,8 @@ class SweepSection(Section):
     @field_validator("beta", "kl_weight", "learning_rate")
     @classmethod
     def _searched_values(cls, value: SearchValues, info) -> SearchValues:
-        """Every value a trial could get is > 0 (kl_weight: >= 0), checked here rather than inside a trial."""
-        if value is None:
-            return value
-        numbers = value if isinstance(value, list) else [value]
-        if isinstance(value, dict):
-            if not {"min", "max"} <= set(value) or set(value) - {"min", "max", "log"}:
-                raise ValueError(f"a range needs exactly the keys min and max (and optional log), got {sorted(value)}")
-            numbers = [value["min"], value["max"]]
-        zero_ok = info.field_name == "kl_weight"
-        for number in numbers:
-            if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number) or (
-                    number < 0 if zero_ok else number <= 0):
-                raise ValueError(f"{number!r} is not a finite number {'>= 0' if zero_ok else '> 0'}")
-        return value
+        """Every value a trial could get is checked here (orchestrator/config/search_values.py), not inside a trial."""
+        return value if value is None else check_search_values(info.field_name, value, info.data.get("strategy"))
 
 
 class ResourcesSection(Section):
@@ -200,10 +188,7 @@ class ExperimentConfig(Section):
     def _consistent(self) -> "ExperimentConfig":
         if self.dpo.kl_estimator == "exact" and self.reference.mode != "live":
             raise ValueError("dpo.kl_estimator: exact needs reference.mode: live (cached log-probs hold no full distributions)")
-        if self.dpo.loss == "cdpo" and self.dpo.label_smoothing == 0:
-            raise ValueError("dpo.label_smoothing: cdpo needs a value in (0, 0.5), e.g. 0.1 (0 is plain sigmoid DPO)")
-        if self.dpo.loss != "cdpo" and self.dpo.label_smoothing > 0:
-            raise ValueError(f"dpo.label_smoothing: only used by dpo.loss=cdpo, not {self.dpo.loss}")
+        check_loss_choice(self.dpo.loss, self.dpo.label_smoothing)
         if self.reference.mode == "none" and self.dpo.kl_weight > 0:
             raise ValueError("dpo.kl_weight: must be 0 with reference.mode: none (there is no reference to stay close to)")
         if self.output_dir is None:

@@ -1,102 +1,71 @@
-"""The study's training jobs on Ray: SFT and fixed-hyperparameter DPO as Ray Train jobs, DPO sweeps.
+"""A study's training stages on Ray: one Ray Train job per fixed-value stage, or an arm's own sweep.
 
-Each training stage of `dpo study` is one TorchTrainer named after the stage (no timestamps: a rerun
-finds the job's checkpoints again and continues from the last one). Both run
-orchestrator.ray_trial.train_worker, the worker function a sweep trial runs (the SFT stage with
-`"stage": "sft"`, which calls the engine's run_sft). An arm in `mode: sweep` runs `dpo sweep`
-(orchestrator.sweep.run_sweep) on the arm's derived config, inside the study's Ray, and keeps the best
-trial's final model. Whatever ran, the stage's result is copied to a stable `model/` folder.
-This module and ray_trial.py are the only ones that touch ray.train. Exercised by
-`python -m pytest tests/test_study.py -m ray -q`.
+The SFT stage and a DPO arm in `mode: fixed` are each one TorchTrainer of trial.py's worker, named after
+the stage and stored under the study's `train-jobs/` (no timestamps: a rerun of the study finds the
+same run and continues from its last checkpoint). A DPO arm in `mode: sweep` is a whole `dpo sweep`
+(orchestrator/workflows/sweep.py) inside the study's Ray; its best trial's last checkpoint is the arm's
+model. Either way the caller gets a model folder (a checkpoint's model/). This module and trial.py are
+the only ones that touch ray.train. Exercised by `python -m pytest tests/test_study.py -m ray -q`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from ray.train import CheckpointConfig, FailureConfig, RunConfig
-from ray.train.torch import TorchTrainer
-
-from orchestrator import config as cfg
-from orchestrator.ray_trial import scaling_for, train_worker
+from orchestrator.config.layout import StorageLayout, find_checkpoints
+from orchestrator.config.schema import ExperimentConfig
+from orchestrator.config.spec import RunSpec, resolve_experiment
+from orchestrator.errors import NotFoundError
+from orchestrator.ray.trial import WorkerJob, train_job
 
 logger = logging.getLogger(__name__)
 
 
-def fit_training_job(stage: str, experiment: cfg.ExperimentConfig, *, name: str, storage: str,
-                     tracking: dict[str, str] | None = None) -> str:
-    """Train one stage (`sft` or `dpo`) as a TorchTrainer named `name` under `storage`; returns the final
-    checkpoint's model directory. tracking: {"uri", "run_id"} of the MLflow run that gets the step metrics."""
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={"experiment": experiment.model_dump(), "tracking": tracking, "stage": stage},
-        scaling_config=scaling_for(experiment.resources),
-        run_config=RunConfig(name=name, storage_path=storage,
-                             failure_config=FailureConfig(max_failures=experiment.failure.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=experiment.train.keep_checkpoints)),
-    )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"the {stage} job {name} finished without a checkpoint; see its log under {storage}/{name}")
+def fit_training_job(spec: RunSpec, *, name: str, storage: str, tracking_uri: str | None = None,
+                     run_id: str | None = None) -> str:
+    """Train one stage (spec.stage: sft or dpo) as a Ray Train job named `name` under `storage`; returns
+    the final checkpoint's model folder. tracking_uri + run_id: the MLflow run that gets the step metrics."""
+    job = WorkerJob(spec=spec, tracking_uri=tracking_uri, run_id=run_id)
+    result = train_job(job, name=name, storage=storage).fit()
+    if result.checkpoint is None:  # the engine always checkpoints its last step: not the user's doing
+        raise RuntimeError(f"the {spec.stage} job {name} finished without a checkpoint; see its log under {storage}/{name}")
     return checkpoint_model_dir(Path(result.checkpoint.path))
 
 
 def checkpoint_model_dir(checkpoint: Path) -> str:
-    """The HF model folder inside a reported engine checkpoint (checkpoint/model)."""
+    """The Hugging Face model folder inside an engine checkpoint (checkpoint/model)."""
     model_dir = checkpoint / "model"
     if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"checkpoint {checkpoint} holds no model/config.json; it is not an engine checkpoint")
+        raise NotFoundError(f"checkpoint {checkpoint} holds no model/config.json; it is not a complete engine "
+                            "checkpoint (was the folder changed or partly deleted?)")
     return str(model_dir)
 
 
-def final_trial_model_dir(trials_storage: str, trial_id: str) -> str:
-    """The model of a sweep trial's last checkpoint (highest step in its manifest)."""
-    candidates = []
-    for manifest in Path(trials_storage, trial_id).glob("checkpoint_*/manifest.json"):
-        try:
-            candidates.append((int(json.loads(manifest.read_text())["step"]), manifest.parent))
-        except (OSError, ValueError, KeyError):
-            continue
-    if not candidates:
-        raise FileNotFoundError(f"sweep trial {trial_id} left no complete checkpoint under {trials_storage}/{trial_id}")
-    return checkpoint_model_dir(max(candidates)[1])
+def final_trial_model_dir(layout: StorageLayout, trial_id: str) -> str:
+    """The model of a sweep trial's last complete checkpoint (the highest step)."""
+    checkpoints = find_checkpoints(Path(layout.trial_dir(trial_id)))
+    if not checkpoints:
+        raise NotFoundError(f"sweep {layout.name}: trial {trial_id} left no complete checkpoint under "
+                            f"{layout.trial_dir(trial_id)}")
+    return checkpoint_model_dir(checkpoints[-1][1])
 
 
-def run_arm_sweep(experiment: cfg.ExperimentConfig) -> tuple[str, dict[str, Any]]:
-    """`dpo sweep` of one arm inside the study's Ray; (best trial's final model directory, sweep summary).
+def run_arm_sweep(arm_config: ExperimentConfig) -> tuple[str, dict[str, Any]]:
+    """`dpo sweep` of one arm inside the study's Ray; (best trial's final model folder, sweep summary).
 
     A sweep that already finished is read back from its summary; one that was interrupted resumes.
     """
-    from orchestrator.sweep import SUMMARY_FILE, run_sweep, sweep_paths
+    from orchestrator.workflows.sweep import read_summary, run_sweep
 
-    paths = sweep_paths(experiment)
-    summary_file = Path(paths.root, SUMMARY_FILE)
-    if summary_file.is_file():
-        summary = json.loads(summary_file.read_text())
-    else:
-        summary = run_sweep(experiment, resume=Path(paths.root).is_dir())
+    experiment = resolve_experiment(arm_config)
+    layout = experiment.layout
+    summary = read_summary(layout)
+    if summary is None:
+        summary = run_sweep(experiment, resume=layout.exists())
     best = summary.get("best")
     if not best:
-        raise RuntimeError(f"the sweep {experiment.name} produced no trial with a finite {summary.get('metric')}; "
-                           f"see {paths.root}")
-    return final_trial_model_dir(paths.trials, best["trial_id"]), summary
-
-
-def copy_model(source: str, destination: Path) -> str:
-    """Copy a model folder into place atomically (staging folder, then rename); returns the destination."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}-", dir=destination.parent))
-    try:
-        shutil.copytree(source, staging / "model")
-        if destination.exists():
-            shutil.rmtree(destination)
-        os.replace(staging / "model", destination)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return str(destination)
+        raise NotFoundError(f"the sweep {experiment.name} produced no trial with a finite {summary.get('metric')} "
+                            f"(every trial failed or diverged); see {layout.root} and {layout.trials}")
+    return final_trial_model_dir(layout, best["trial_id"]), summary

@@ -6,7 +6,7 @@ TCPStore on MASTER_ADDR:MASTER_PORT. torch binds that store's listening socket t
 `dpo sweep` starts itself, MASTER_ADDR is 127.0.0.1, and this module makes the store listen there only:
 it hands TCPStore a socket already bound to the loopback address (TCPStore's public `master_listen_fd`
 argument). Hosts that are not loopback (a real cluster) are left alone.
-`orchestrator.sweep.start_ray` installs `bind_torch_to_loopback` as the runtime_env
+`orchestrator.ray.cluster.start_ray` installs `bind_torch_to_loopback` as the runtime_env
 `worker_process_setup_hook` of a local Ray, so it runs in every Ray worker process. It imports nothing
 heavy: the patch is applied when (and if) the process imports torch.distributed.rendezvous.
 Tested by `python -m pytest tests/test_reliability_ray.py -q` (every listening socket is on 127.0.0.1).

@@ -27,6 +27,7 @@ from ray.tune.search.sample import Domain
 
 from analysis.stability import assess_loss_curve
 from orchestrator.config.incremental import BETA_DECIMALS, IncrementalBetaSettings
+from orchestrator.config.search_values import check_search_values
 from orchestrator.tracking.schema import SEARCHED_PARAMS
 
 def _number(value: Any) -> float | None:
@@ -304,30 +305,20 @@ def grid_or_random_search_space(
 
     Each argument is a number (fixed), a list of values (grid: tune.grid_search; random:
     tune.choice), or, for strategy "random" only, a range {"min": a, "max": b, "log": bool}
-    (tune.loguniform when log is true, else tune.uniform).
+    (tune.loguniform when log is true, else tune.uniform). The values are checked by the same rule
+    the config applies (orchestrator/config/search_values.py).
     """
     if strategy not in ("grid", "random"):
         raise ValueError(f"grid_or_random_search_space: strategy must be 'grid' or 'random', got {strategy!r}.")
     space: dict[str, Any] = {}
     for name, value in (("beta", beta), ("kl_weight", kl_weight), ("learning_rate", learning_rate)):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            space[name] = float(value)
-        elif isinstance(value, (list, tuple)) and value:
+        check_search_values(name, value, strategy)
+        if isinstance(value, Mapping):
+            low, high = float(value["min"]), float(value["max"])
+            space[name] = tune.loguniform(low, high) if value.get("log", False) else tune.uniform(low, high)
+        elif isinstance(value, (list, tuple)):
             values = [float(v) for v in value]
             space[name] = tune.grid_search(values) if strategy == "grid" else tune.choice(values)
-        elif isinstance(value, Mapping):
-            unknown = set(value) - {"min", "max", "log"}
-            if strategy == "grid" or unknown or not {"min", "max"} <= set(value):
-                raise ValueError(
-                    f"search space {name}: a range needs strategy 'random' and exactly the keys min, max "
-                    f"(and optional log); got {dict(value)} with strategy {strategy!r}. For a grid give a list."
-                )
-            low, high, log = float(value["min"]), float(value["max"]), bool(value.get("log", False))
-            if not low < high or (log and low <= 0):
-                raise ValueError(f"search space {name}: need min < max (and min > 0 with log); got {dict(value)}.")
-            space[name] = tune.loguniform(low, high) if log else tune.uniform(low, high)
         else:
-            raise ValueError(
-                f"search space {name}: expected a number, a non-empty list, or {{min, max, log}}; got {value!r}."
-            )
+            space[name] = float(value)
     return space

@@ -1,11 +1,13 @@
 """MLflow records of a sweep: one parent run per sweep, one child run per trial, secrets redacted.
 
-Every call takes an explicit tracking URI (no global mlflow state). Runs are found again by their tags, so
-`dpo sweep --resume` continues the same parent run (tags `sweep`, `dpo.role=parent`) and each trial its own
-child run (tags `trial_id`, `sweep`), never a duplicate. `close_stale_runs` ends runs left RUNNING by a
-killed driver. Params are the resolved config flattened to dotted keys (values cut at MLflow's 6000
-characters, sent 100 per call); keys that look like secrets and passwords inside URIs are replaced by
-`***` before anything is logged. Step metrics go through orchestrator/trial_tracker.py (asynchronous).
+Every call takes an explicit tracking URI (no global mlflow state). Tag, role and artifact names come from
+orchestrator/tracking/schema.py, which the readers (analysis/, `dpo export`) import too. Runs are found
+again by their tags, so `dpo sweep --resume` continues the same parent run (tags `sweep`,
+`dpo.role=parent`) and each trial its own child run (tags `trial_id`, `sweep`), never a duplicate.
+`close_stale_runs` ends runs left RUNNING by a killed driver. Params are the resolved config flattened to
+dotted keys (values cut at MLflow's 6000 characters, sent 100 per call); keys that look like secrets and
+passwords inside URIs are replaced by `***` before anything is logged. Step metrics go through
+orchestrator/tracking/trial_tracker.py (asynchronous).
 Tests: `python -m pytest tests/test_tracking.py -q` (server tests marked `mlflow`).
 """
 
@@ -24,6 +26,12 @@ from typing import Any
 
 import yaml
 
+from orchestrator.tracking.schema import (ARM_TAG, CHECKPOINT_DIR_TAG, CLOSED_BY_TAG, CONFIG_ARTIFACT, DATA_TAG_PREFIX,
+                                          ERROR_TAG, GIT_COMMIT_TAG, MLFLOW_GIT_COMMIT_TAG, PARENT_ROLE, PARENT_RUN_TAG,
+                                          RESUMED_AT_TAG, ROLE_TAG, SEARCH_SPACE_ARTIFACT, STAGE_TAG, SWEEP_TAG,
+                                          TERMINAL_STATUSES, TRACKING_URI_TAG, TRIAL_ID_TAG, TRIAL_ROLE,
+                                          VERSION_TAG_PREFIX, search_all_runs, tag_filter)
+
 logger = logging.getLogger(__name__)
 
 MAX_PARAM_VALUE_LENGTH = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
@@ -37,8 +45,6 @@ URI_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^/\s:@]*:)(?P<password
 QUERY_SECRET = re.compile(r"(?P<head>[?&](?:[a-z_]*token|password|secret|api[_-]?key|sig|signature)=)[^&\s]+", re.I)
 TOKEN_LIKE = re.compile(r"\b(?:hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|AKIA[0-9A-Z]{16})\b")
 PACKAGES = ("torch", "transformers", "ray", "mlflow", "datasets", "tokenizers", "peft", "trl")
-ROLE_TAG, PARENT_ROLE, TRIAL_ROLE = "dpo.role", "parent", "trial"
-TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
 
 
 # ---- redaction and flattening (pure) ----------------------------------------------------------
@@ -108,15 +114,6 @@ def config_yaml(config: Mapping[str, Any]) -> str:
     return yaml.safe_dump(redact(dict(config)), sort_keys=False)
 
 
-def _filter_value(value: str) -> str:
-    """A quoted literal for an MLflow filter string."""
-    if "'" not in value:
-        return f"'{value}'"
-    if '"' not in value:
-        return f'"{value}"'
-    raise ValueError(f"cannot search MLflow for {value!r}: it contains both quote characters")
-
-
 # ---- environment --------------------------------------------------------------------------------
 
 def package_versions(names: Iterable[str] = PACKAGES) -> dict[str, str]:
@@ -143,11 +140,11 @@ def git_commit(path: str | Path | None = None) -> str | None:
 
 def environment_tags() -> dict[str, str]:
     """`git.commit`, `mlflow.source.git.commit` (shown by the UI) and `version.<package>` tags."""
-    tags = {f"version.{name}": version for name, version in package_versions().items()}
+    tags = {f"{VERSION_TAG_PREFIX}{name}": version for name, version in package_versions().items()}
     commit = git_commit()
     if commit:
-        tags["git.commit"] = commit
-        tags["mlflow.source.git.commit"] = commit.removesuffix("-dirty")
+        tags[GIT_COMMIT_TAG] = commit
+        tags[MLFLOW_GIT_COMMIT_TAG] = commit.removesuffix("-dirty")
     return tags
 
 
@@ -161,14 +158,14 @@ def data_fingerprints(sources: Mapping[str, str | None]) -> dict[str, str]:
             continue
         path = Path(source).expanduser()
         if not path.is_file():
-            tags[f"data.{name}.source"] = str(redact(source))
+            tags[f"{DATA_TAG_PREFIX}{name}.source"] = str(redact(source))
             continue
         digest = hashlib.sha256()
         with path.open("rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
-        tags[f"data.{name}.sha256"] = digest.hexdigest()
-        tags[f"data.{name}.path"] = str(path.resolve())
+        tags[f"{DATA_TAG_PREFIX}{name}.sha256"] = digest.hexdigest()
+        tags[f"{DATA_TAG_PREFIX}{name}.path"] = str(path.resolve())
     return tags
 
 
@@ -215,34 +212,20 @@ def log_params(client, run_id: str, params: Mapping[str, Any], tags: Mapping[str
 
 def find_runs(uri: str, experiment_id: str, tags: Mapping[str, str], status: str | None = None) -> list:
     """Runs of the experiment carrying all these tags (optionally in this status), oldest first."""
-    return _search(client_for(uri), experiment_id, tags, status)
-
-
-def _search(client, experiment_id: str, tags: Mapping[str, str], status: str | None = None) -> list:
-    clauses = [f"tags.`{key}` = {_filter_value(value)}" for key, value in tags.items()]
-    if status:
-        clauses.append(f"attributes.status = '{status}'")
-    runs, token = [], None
-    while True:
-        page = client.search_runs([experiment_id], " and ".join(clauses), max_results=1000, page_token=token,
-                                  order_by=["attributes.start_time ASC"])
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
+    return search_all_runs(client_for(uri), [experiment_id], tag_filter(tags, status))
 
 
 def _find_or_create(client, experiment_id: str, key_tags: dict[str, str], run_name: str,
                     params: Mapping[str, Any], tags: dict[str, Any]) -> tuple[str, bool]:
     """(run_id, created): the oldest run with key_tags, reopened as RUNNING, or a new one."""
-    found = _search(client, experiment_id, key_tags)
+    found = search_all_runs(client, [experiment_id], tag_filter(key_tags))
     if found:
         run_id = found[0].info.run_id
         if len(found) > 1:
             logger.warning("%d runs carry tags %s; continuing the oldest, %s", len(found), key_tags, run_id)
         if found[0].info.status != "RUNNING":
             client.update_run(run_id, status="RUNNING")
-        tags = {**tags, "resumed_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        tags = {**tags, RESUMED_AT_TAG: time.strftime("%Y-%m-%dT%H:%M:%S")}
         created = False
     else:
         run_id = client.create_run(experiment_id, run_name=run_name, tags={**key_tags}).info.run_id
@@ -262,11 +245,11 @@ def start_parent_run(uri: str, experiment: str, sweep: str, config: Mapping[str,
     """
     client = client_for(uri)
     experiment_id = get_or_create_experiment(uri, experiment, client)
-    all_tags = {**environment_tags(), **(tags or {}), "tracking_uri": uri}
-    run_id, _ = _find_or_create(client, experiment_id, {"sweep": sweep, ROLE_TAG: PARENT_ROLE}, sweep, config, all_tags)
-    files = {"config.yaml": config_yaml(config), **(artifacts or {})}
+    all_tags = {**environment_tags(), **(tags or {}), TRACKING_URI_TAG: uri}
+    run_id, _ = _find_or_create(client, experiment_id, {SWEEP_TAG: sweep, ROLE_TAG: PARENT_ROLE}, sweep, config, all_tags)
+    files = {CONFIG_ARTIFACT: config_yaml(config), **(artifacts or {})}
     if search_space is not None:
-        files["search_space.json"] = json.dumps(redact(dict(search_space)), indent=1, default=str)
+        files[SEARCH_SPACE_ARTIFACT] = json.dumps(redact(dict(search_space)), indent=1, default=str)
     for name, text in files.items():
         client.log_text(run_id, str(redact(text)), name)
     return experiment_id, run_id
@@ -282,9 +265,10 @@ def find_or_create_trial_run(uri: str, experiment_id: str, parent_run_id: str, t
     checkpoints). Calling it again (worker restart, --resume) returns the same run, reopened as RUNNING.
     """
     client = client_for(uri)
-    all_tags = {**environment_tags(), **(tags or {}), "mlflow.parentRunId": parent_run_id, ROLE_TAG: TRIAL_ROLE,
-                "dpo.stage": stage, "dpo.arm": arm, "checkpoint_dir": checkpoint_dir}
-    run_id, _ = _find_or_create(client, experiment_id, {"trial_id": trial_id, "sweep": sweep}, trial_id, params, all_tags)
+    all_tags = {**environment_tags(), **(tags or {}), PARENT_RUN_TAG: parent_run_id, ROLE_TAG: TRIAL_ROLE,
+                STAGE_TAG: stage, ARM_TAG: arm, CHECKPOINT_DIR_TAG: checkpoint_dir}
+    run_id, _ = _find_or_create(client, experiment_id, {TRIAL_ID_TAG: trial_id, SWEEP_TAG: sweep}, trial_id, params,
+                                all_tags)
     return run_id
 
 
@@ -304,7 +288,7 @@ def end_run(uri: str, run_id: str, status: str = "FINISHED", error: str | None =
         raise ValueError(f"status must be one of {TERMINAL_STATUSES}, got {status!r}")
     client = client_for(uri)
     if error:
-        client.set_tag(run_id, "error", tag_text(error, "error"))
+        client.set_tag(run_id, ERROR_TAG, tag_text(error, ERROR_TAG))
     client.set_terminated(run_id, status=status)
 
 
@@ -322,9 +306,10 @@ def close_stale_runs(uri: str, experiment: str, sweep: str, status: str = "KILLE
     if found is None:
         return 0
     keep = set(keep)
-    stale = [run for run in _search(client, found.experiment_id, {"sweep": sweep}, status="RUNNING") if run.info.run_id not in keep]
+    stale = [run for run in search_all_runs(client, [found.experiment_id], tag_filter({SWEEP_TAG: sweep}, "RUNNING"))
+             if run.info.run_id not in keep]
     for run in stale:
-        client.set_tag(run.info.run_id, "closed_by", f"close_stale_runs at {time.strftime('%Y-%m-%dT%H:%M:%S')}")
+        client.set_tag(run.info.run_id, CLOSED_BY_TAG, f"close_stale_runs at {time.strftime('%Y-%m-%dT%H:%M:%S')}")
         client.set_terminated(run.info.run_id, status=status)
     if stale:
         logger.info("marked %d stale RUNNING runs of sweep %s as %s", len(stale), sweep, status)

@@ -35,9 +35,17 @@ ERROR_TAG = "error"  # the message of a failed run
 DECISION_TAG, ROUND_TAG = "decision", "round"  # the incremental searcher's reason and round for a trial
 REFERENCE_CACHE_KEY_TAG = "reference_cache_key"  # on the sweep's parent run
 STUDY_FINGERPRINT_TAG = "study.fingerprint"
-EXPORT_DIR_TAG, EXPORT_STEP_TAG = "export.dir", "export.checkpoint_step"
-GIT_COMMIT_TAG = "git.commit"
+EXPORT_DIR_TAG, EXPORT_STEP_TAG = "export.dir", "export.checkpoint_step"  # on a trial run `dpo export` exported
+GIT_COMMIT_TAG = "git.commit"  # HEAD of the code (with -dirty when files changed)
+MLFLOW_GIT_COMMIT_TAG = "mlflow.source.git.commit"  # MLflow's own: the commit the UI shows
+VERSION_TAG_PREFIX = "version."  # version.<package> (python, torch, transformers, ray, mlflow, ...)
+TRACKING_URI_TAG = "tracking_uri"  # on a parent run: where its runs were logged
+RESUMED_AT_TAG = "resumed_at"  # on a run found again and reopened (--resume, a worker restart)
+CLOSED_BY_TAG = "closed_by"  # on a run left RUNNING by a killed driver and ended by the next one
 DATA_TAG_PREFIX = "data."  # data.<split>.sha256 / .path / .source on the parent run
+# `dpo analyze`'s choice, on the sweep's parent run
+ANALYSIS_METRIC_TAG, ANALYSIS_REASON_TAG = "analysis.metric", "analysis.reason"
+ANALYSIS_CHOSEN_TRIAL_TAG, ANALYSIS_CHOSEN_BETA_TAG = "analysis.chosen_trial", "analysis.chosen_beta"
 
 # ---- run roles (values of ROLE_TAG) -------------------------------------------------------------------
 PARENT_ROLE = "parent"  # a sweep's parent run
@@ -66,6 +74,8 @@ DECISION_LOG_ARTIFACT = "decision_log.json"
 SWEEP_SUMMARY_ARTIFACT = "sweep_summary.json"
 CONFIG_ARTIFACT = "config.yaml"
 SEARCH_SPACE_ARTIFACT = "search_space.json"
+ANALYSIS_ARTIFACT_FOLDER = "analysis"  # `dpo analyze`'s report, on the sweep's parent run
+EXPORTED_MODEL_ARTIFACT_FOLDER = "exported_model"  # `dpo export --register`'s model, on the trial run
 
 
 def filter_value(value: str) -> str:

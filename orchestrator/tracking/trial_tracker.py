@@ -6,8 +6,9 @@ is waiting. When the server is down the points stay buffered and are retried wit
 `max_backoff_s` apart, so a server that comes back is found within seconds; the buffer is bounded by
 `max_buffer`; on overflow the oldest points are dropped and counted). The outage is logged when it starts
 and when it ends, and recorded in the run as the metric `tracking/outage_seconds` (one point per outage);
-lost points are logged and recorded as `tracking/dropped_points`. Log lines show the URI with any
-password redacted. `close()` flushes (bounded by a timeout); `finish()` also ends the run FINISHED or FAILED.
+lost points are logged and recorded as `tracking/dropped_points` (both names from
+orchestrator/tracking/schema.py). Log lines show the URI with any password redacted. `close()` flushes
+(bounded by a timeout); the run's status is set by whoever owns the run (records.end_run in run_trial).
 Rank 0 of a Ray Train worker owns one tracker; trainables never import mlflow.
 Tests: `python -m pytest tests/test_tracking.py -m mlflow -q`.
 """
@@ -23,13 +24,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from orchestrator.tracking import TERMINAL_STATUSES, clean_key, client_for, redact, tag_text
+from orchestrator.tracking.records import clean_key, client_for, redact
+from orchestrator.tracking.schema import DROPPED_METRIC, OUTAGE_METRIC
 
 logger = logging.getLogger(__name__)
 
 POINTS_PER_CALL = 1000  # mlflow.utils.validation.MAX_METRICS_PER_BATCH
-DROPPED_METRIC = "tracking/dropped_points"
-OUTAGE_METRIC = "tracking/outage_seconds"  # length of each server outage, logged when the server is back
 # MLflow error codes that no retry can fix: the batch is dropped (and counted) instead of blocking the queue.
 PERMANENT_ERRORS = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST", "INVALID_STATE",
                     "PERMISSION_DENIED", "UNAUTHENTICATED", "NOT_FOUND"}
@@ -44,7 +44,7 @@ class _Point:
 
 
 class TrialTracker:
-    """Buffered, background logging of step metrics and tags to one existing MLflow run."""
+    """Buffered, background logging of step metrics to one existing MLflow run."""
 
     def __init__(self, uri: str, run_id: str, *, flush_every_s: float = 2.0, max_buffer: int = 100_000,
                  max_backoff_s: float = 5.0, request_timeout_s: float = 30.0, client=None) -> None:
@@ -57,7 +57,6 @@ class TrialTracker:
         self._client_lock = threading.Lock()
         self._buffer: collections.deque[_Point] = collections.deque()
         self._inflight: list[_Point] = []  # taken from the buffer, not yet acknowledged by the server
-        self._tags: dict[str, str] = {}
         self._condition = threading.Condition()
         self._closing = False
         self.delivered_points = 0
@@ -99,11 +98,6 @@ class TrialTracker:
             if len(self._buffer) >= POINTS_PER_CALL:
                 self._condition.notify_all()
 
-    def set_tags(self, tags: Mapping[str, Any]) -> None:
-        """Queue tags (e.g. the latest checkpoint's path); secrets redacted; sent with the next batch."""
-        with self._condition:
-            self._tags.update({clean_key(k): tag_text(v, k) for k, v in tags.items() if v is not None})
-
     @property
     def pending_points(self) -> int:
         with self._condition:
@@ -133,52 +127,34 @@ class TrialTracker:
             return False
         return True
 
-    def finish(self, status: str = "FINISHED", error: str | None = None, timeout_s: float = 60.0) -> bool:
-        """close(), then end the run with this status (FAILED: `error` as a tag); True if all points arrived."""
-        if status not in TERMINAL_STATUSES:
-            raise ValueError(f"status must be one of {TERMINAL_STATUSES}, got {status!r}")
-        if not self.close(timeout_s):
-            logger.warning("MLflow run %s left RUNNING (server unreachable); the driver's end_run or "
-                           "close_stale_runs will end it", self.run_id)
-            return False
-        try:
-            if error:
-                self._client.set_tag(self.run_id, "error", tag_text(error, "error"))
-            self._client.set_terminated(self.run_id, status=status)
-        except Exception as failure:  # noqa: BLE001 - ending the run must not crash a finished trial
-            logger.warning("could not end MLflow run %s as %s: %s", self.run_id, status, redact(str(failure)))
-            return False
-        return True
-
     # ---- background thread ----------------------------------------------------------------------
 
-    def _take_batch(self) -> tuple[list[_Point], dict[str, str]]:
+    def _take_batch(self) -> list[_Point]:
         with self._condition:
             if not self._inflight:
                 count = min(POINTS_PER_CALL, len(self._buffer))
                 self._inflight = [self._buffer.popleft() for _ in range(count)]
-            tags, self._tags = self._tags, {}
-            return list(self._inflight), tags
+            return list(self._inflight)
 
-    def _send(self, points: list[_Point], tags: dict[str, str]) -> None:
-        from mlflow.entities import Metric, RunTag
+    def _send(self, points: list[_Point]) -> None:
+        from mlflow.entities import Metric
 
         metrics = [Metric(p.key, p.value, p.timestamp_ms, p.step) for p in points]
         extra = []
         if self.dropped_points > self._dropped_reported:
             extra = [Metric(DROPPED_METRIC, float(self.dropped_points), int(time.time() * 1000), self._last_step)]
-        self._post_batch(metrics + extra, [RunTag(k, v) for k, v in tags.items()])
+        self._post_batch(metrics + extra)
         if extra:
             logger.warning("MLflow run %s: %d metric points were dropped (buffer of %d full during a server outage)",
                            self.run_id, self.dropped_points, self.max_buffer)
             self._dropped_reported = self.dropped_points
 
-    def _post_batch(self, metrics: list, tags: list) -> None:
+    def _post_batch(self, metrics: list) -> None:
         """One log-batch request. Over HTTP it is sent once, with a timeout, without MlflowClient's own
         7 retries (minutes of exponential backoff that would hide the server's return and stall close()):
         the same request body and credentials MlflowClient uses, retried by _run's loop instead."""
         if not self._http:
-            self._client.log_batch(self.run_id, metrics=metrics, tags=tags)
+            self._client.log_batch(self.run_id, metrics=metrics)
             return
         import json
 
@@ -188,8 +164,7 @@ class TrialTracker:
         from mlflow.utils.rest_utils import http_request, verify_rest_response
 
         endpoint = "/api/2.0/mlflow/runs/log-batch"
-        body = message_to_json(LogBatch(run_id=self.run_id, metrics=[m.to_proto() for m in metrics],
-                                        tags=[t.to_proto() for t in tags]))
+        body = message_to_json(LogBatch(run_id=self.run_id, metrics=[m.to_proto() for m in metrics]))
         response = http_request(get_default_host_creds(self.uri), endpoint, "POST", json=json.loads(body),
                                 max_retries=0, timeout=self.request_timeout_s)
         verify_rest_response(response, endpoint)
@@ -207,16 +182,16 @@ class TrialTracker:
             with self._condition:
                 if not self._closing and len(self._buffer) < POINTS_PER_CALL and not self._inflight:
                     self._condition.wait(self.flush_every_s)
-                nothing_left = not self._buffer and not self._inflight and not self._tags
+                nothing_left = not self._buffer and not self._inflight
                 closing = self._closing
             if nothing_left:
                 if closing:
                     self._report_final_drops()  # outside the lock: log_metrics must never wait on the network
                     return
                 continue
-            points, tags = self._take_batch()
+            points = self._take_batch()
             try:
-                self._send(points, tags)
+                self._send(points)
             except Exception as error:  # noqa: BLE001 - the trial must survive any tracking failure
                 code = getattr(error, "error_code", None)
                 if code in PERMANENT_ERRORS:
@@ -226,9 +201,7 @@ class TrialTracker:
                         self.dropped_points += len(points)
                         self._inflight = []
                     continue
-                with self._condition:
-                    self._tags = {**tags, **self._tags}  # put the tags back; the points stay in flight
-                failures += 1
+                failures += 1  # the points stay in flight and are sent again
                 if self._failing_since is None:
                     self._failing_since = time.monotonic()
                     logger.warning("MLflow server %s unreachable (%s); buffering metrics of run %s from step %d",
@@ -256,7 +229,7 @@ class TrialTracker:
         from mlflow.entities import Metric
 
         try:
-            self._post_batch([Metric(DROPPED_METRIC, float(self.dropped_points), int(time.time() * 1000), self._last_step)], [])
+            self._post_batch([Metric(DROPPED_METRIC, float(self.dropped_points), int(time.time() * 1000), self._last_step)])
             self._dropped_reported = self.dropped_points
         except Exception as error:  # noqa: BLE001
             logger.warning("could not log %s to run %s: %s", DROPPED_METRIC, self.run_id, redact(str(error)))

@@ -1,7 +1,8 @@
 """`dpo export`: a trial's best checkpoint as a standard Hugging Face model directory, verified, optionally registered.
 
 Which checkpoint: the trial's folder is the `checkpoint_dir` tag of its MLflow run (Ray keeps its
-checkpoints there as `checkpoint_<time>/`; `dpo train` output dirs hold `checkpoints/step-NNNNNN/`). Every
+checkpoints there as `checkpoint_<time>/`; `dpo train` output dirs hold `checkpoints/step-NNNNNN/`), else
+the trial's folder of the storage layout under --storage-path (orchestrator/config/layout.py). Every
 complete checkpoint (manifest.json present, hashes checked) is scored by the trial's value of the
 selection metric at the checkpoint's step; the best wins, the later step on a tie, and the last one when
 no checkpoint step has a score.
@@ -31,18 +32,18 @@ from typing import Any
 
 import pandas as pd
 
-from trainables.checkpointing import MANIFEST, STATE_FILE, is_complete, load_training_state
+from orchestrator.config.layout import StorageLayout, find_checkpoints, is_remote
+from orchestrator.errors import ExportError
+from orchestrator.tracking.records import redact
+from orchestrator.tracking.schema import (CHECKPOINT_DIR_TAG, DATA_TAG_PREFIX, EXPORT_DIR_TAG, EXPORT_STEP_TAG,
+                                          EXPORTED_MODEL_ARTIFACT_FOLDER, GIT_COMMIT_TAG, REFERENCE_CACHE_KEY_TAG)
+from trainables.checkpointing import STATE_FILE, is_complete, load_training_state
 
 logger = logging.getLogger(__name__)
 
 LINEAGE_FILE = "dpo_lineage.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
-REGISTRY_ARTIFACT = "exported_model"
 DEFAULT_PROMPT = "Hello"
-
-
-class ExportError(RuntimeError):
-    """The trial, its checkpoint or the output folder cannot be exported; the message says what to do."""
 
 
 @dataclass
@@ -63,21 +64,6 @@ class ExportResult:
     generated: str  # what the verification generated from the prompt
     lineage: dict[str, Any] = field(default_factory=dict)
     registered_version: str | None = None  # "NAME/VERSION" in the Model Registry
-
-
-def find_checkpoints(trial_dir: Path) -> list[tuple[int, Path]]:
-    """(step, folder) of every checkpoint below trial_dir (two levels at most) with a manifest and model/."""
-    found = []
-    for manifest in list(trial_dir.glob(f"*/{MANIFEST}")) + list(trial_dir.glob(f"*/*/{MANIFEST}")):
-        folder = manifest.parent
-        if not (folder / "model").is_dir() or folder.name.startswith("."):
-            continue
-        try:
-            step = int(json.loads(manifest.read_text())["step"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            continue
-        found.append((step, folder))
-    return sorted(found, key=lambda item: (item[0], str(item[1])))
 
 
 def choose_checkpoint(trial_dir: Path, scores: pd.Series, metric: str, *, higher_is_better: bool = True) -> CheckpointChoice:
@@ -254,29 +240,31 @@ def register_export(uri: str, run_id: str, directory: Path, model_name: str) -> 
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    client.log_artifacts(run_id, str(directory), REGISTRY_ARTIFACT)
+    client.log_artifacts(run_id, str(directory), EXPORTED_MODEL_ARTIFACT_FOLDER)
     try:
         client.create_registered_model(model_name, description="DPO models exported by dpo-orchestrator")
     except MlflowException as error:
         if "RESOURCE_ALREADY_EXISTS" not in str(error.error_code):
             raise
-    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{REGISTRY_ARTIFACT}"
+    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{EXPORTED_MODEL_ARTIFACT_FOLDER}"
     version = client.create_model_version(model_name, source=source, run_id=run_id,
                                           description=f"exported from {directory}")
     return f"{model_name}/{version.version}"
 
 
 def _trial_dir(row: dict[str, Any], sweep_name: str, storage_path: str | None) -> Path:
-    """The trial's checkpoint folder: its run's checkpoint_dir tag, else <storage>/<name>-trials/<trial_id>
-    (also when the tagged folder is gone but that one exists: storage moved or mounted elsewhere)."""
-    tagged = str(row.get("checkpoint_dir") or "")
-    under_storage = (Path(storage_path).expanduser().resolve() / f"{sweep_name}-trials" / str(row["trial_id"])
-                     if storage_path and "://" not in storage_path else None)
-    if tagged and "://" not in tagged:  # the tag, unless the storage moved and --storage-path points at it
+    """The trial's checkpoint folder: its run's checkpoint_dir tag, else the trial's folder in the storage
+    layout of storage_path (also when the tagged folder is gone but that one exists: storage moved or
+    mounted elsewhere)."""
+    tagged = str(row.get("checkpoint_dir") or "")  # the trial table's column of the tag
+    under_storage = (Path(StorageLayout.of(storage_path, sweep_name).trial_dir(str(row["trial_id"])))
+                     if storage_path and not is_remote(storage_path) else None)
+    if tagged and not is_remote(tagged):  # the tag, unless the storage moved and --storage-path points at it
         return under_storage if under_storage and under_storage.is_dir() and not Path(tagged).is_dir() else Path(tagged)
     if under_storage:
         return under_storage
-    where = f"its checkpoints are in object storage ({tagged})" if tagged else "its MLflow run has no checkpoint_dir tag"
+    where = (f"its checkpoints are in object storage ({tagged})" if tagged
+             else f"its MLflow run has no {CHECKPOINT_DIR_TAG} tag")
     raise ExportError(f"trial {row['trial_id']}: {where}; export reads a filesystem: pass --storage-path with the "
                       "sweep's storage (a local copy or mount) holding <name>-trials/<trial_id>")
 
@@ -303,8 +291,6 @@ def export_trial(sweep, out: str | Path, *, trial_id: str | None = None, rule=No
                                    selection.metric, higher_is_better=not lower_is_better(selection.metric))
     client = MlflowClient(tracking_uri=sweep.uri)
     params = {key: value for key, value in client.get_run(run_id).data.params.items() if value not in ("None", "null", "")}
-    from orchestrator.tracking import redact
-
     out = Path(out).expanduser().resolve()
     lineage: dict[str, Any] = {
         "sweep": sweep.name, "trial_id": trial_id, "run_id": run_id, "experiment_id": sweep.experiment_id,
@@ -319,14 +305,14 @@ def export_trial(sweep, out: str | Path, *, trial_id: str | None = None, rule=No
                                   if checkpoint.step in curve.index},
         "final_metrics": {key: float(curve.iloc[-1]) for key, curve in curves.items() if not curve.empty},
         "base_model": params.get("model.path"), "reference_model": params.get("reference.path") or params.get("model.path"),
-        "reference_cache_key": sweep.parent_tags.get("reference_cache_key"),
-        "data": {key: value for key, value in sweep.parent_tags.items() if key.startswith("data.")},
-        "git_commit": sweep.parent_tags.get("git.commit"), "selection_reason": why, "verification_prompt": prompt,
+        "reference_cache_key": sweep.parent_tags.get(REFERENCE_CACHE_KEY_TAG),
+        "data": {key: value for key, value in sweep.parent_tags.items() if key.startswith(DATA_TAG_PREFIX)},
+        "git_commit": sweep.parent_tags.get(GIT_COMMIT_TAG), "selection_reason": why, "verification_prompt": prompt,
     }
     lineage["export_dir"] = str(out)
     lora, generated = write_export(checkpoint, out, lineage, include_adapter=include_adapter, prompt=prompt)
-    client.set_tag(run_id, "export.dir", str(out))
-    client.set_tag(run_id, "export.checkpoint_step", str(checkpoint.step))
+    client.set_tag(run_id, EXPORT_DIR_TAG, str(out))
+    client.set_tag(run_id, EXPORT_STEP_TAG, str(checkpoint.step))
     registered = register_export(sweep.uri, run_id, out, register) if register else None
     return ExportResult(directory=out, trial_id=trial_id, run_id=run_id, checkpoint=checkpoint, lora=lora,
                         generated=generated, lineage=lineage, registered_version=registered)

@@ -3,18 +3,22 @@
     base model --SFT--> SFT model --DPO--> SFT+DPO      (arm sft_then_dpo; the DPO reference is the SFT model)
     base model --DPO--> DPO-only                        (arm dpo_only; the DPO reference is the base model)
 
-Order of work: validate the config, the training data and every benchmark's data (before Ray or a
-server starts) -> start or join Ray -> the study's MLflow parent run -> evaluate the base model (a Ray
-task) -> the SFT stage (a Ray Train job) -> each arm's DPO (a Ray Train job with fixed values, or a
-sweep of its own; see orchestrator/study_jobs.py) -> each new model is evaluated by a Ray task as soon
-as it exists, while the next stage trains -> every evaluation is recorded as an MLflow run with its
-deltas (orchestrator/study_records.py) -> the result table is printed and
-logged on the parent run, and written with the raw results under `<storage_path>/<name>/`.
+Order of work: validate the config, every stage's run spec, the training data and every benchmark's
+data (before Ray or a server starts) -> start or join Ray -> the study's MLflow parent run -> evaluate
+the base model (a Ray task) -> the SFT stage (a Ray Train job) -> each arm's DPO (a Ray Train job with
+fixed values, or a sweep of its own; see orchestrator/ray/jobs.py) -> each new model is evaluated by a
+Ray task as soon as it exists, while the next stage trains -> every evaluation is recorded as an MLflow
+run with its deltas (orchestrator/workflows/study_records.py) -> the result table is printed and logged
+on the parent run, and written with the raw results into the study's folder.
 
-Resumable: each stage writes `<storage_path>/<name>/<stage>/model/` and then STAGE_COMPLETE.json
-(stages: sft, sft_then_dpo, dpo_only), each evaluation `<storage_path>/<name>/evaluations/<model>.json`;
-rerunning the command (or `--resume`) skips what is complete, and an interrupted training job continues
-from its last checkpoint. A stage that was started with other settings is an error, not silently reused.
+Each stage's config is the study's config with the stage's start model and overrides (stage_experiment,
+validated here: this is the study's edge), resolved into the RunSpec its Ray Train job runs. Every path
+comes from the study's StorageLayout (orchestrator/config/layout.py): `<storage_path>/<name>/` holds
+<stage>/model/ with STAGE_COMPLETE.json (stages: sft, sft_then_dpo, dpo_only), evaluations/<model>.json,
+train-jobs/, reference_cache/ and an arm's sweep `<name>-<arm>`.
+Resumable: rerunning the command (or `--resume`) skips what is complete, and an interrupted training job
+continues from its last checkpoint. A stage that was started with other settings is an error, not
+silently reused.
 Run: `dpo study configs/quickstart-study.yaml [--set k=v ...] [--address auto] [--resume]`.
 """
 
@@ -23,58 +27,81 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator import config as cfg
-from orchestrator import study_records as records
-from orchestrator.study_config import arm_sections, sft_train_section
-from orchestrator.study_records import START_OF, deltas, study_table
+from orchestrator.config.layout import StorageLayout
+from orchestrator.config.schema import ExperimentConfig
+from orchestrator.config.spec import Resources, RunSpec, resolve_experiment, resolve_run
+from orchestrator.config.study_schema import ARMS, arm_sections, sft_train_section
+from orchestrator.errors import ConfigError
+from orchestrator.tracking.schema import EVALUATION_ROLE, TRAIN_ROLE
+from orchestrator.workflows import study_records
+from orchestrator.workflows.study_records import DPO_STAGE, SHARED_ARM, START_OF, deltas, study_table
 
 logger = logging.getLogger(__name__)
 
 COMPLETE_FILE, STARTED_FILE = "STAGE_COMPLETE.json", "STAGE_STARTED.json"
 RESULTS_FILE, TABLE_FILE = "study_results.json", "study_table.md"
-STAGE_AND_ARM = {"base": ("base", records.SHARED_ARM), "sft": ("sft", "sft_then_dpo"),
-                 "sft_then_dpo": ("dpo", "sft_then_dpo"), "dpo_only": ("dpo", "dpo_only")}
+MODEL_FOLDER = "model"  # <stage_dir>/model: the stage's result, copied out of its job's checkpoint
+STAGE_AND_ARM = {"base": ("base", SHARED_ARM), "sft": ("sft", "sft_then_dpo"),
+                 "sft_then_dpo": (DPO_STAGE, "sft_then_dpo"), "dpo_only": (DPO_STAGE, "dpo_only")}
 
 
 @dataclass(frozen=True)
-class StudyPaths:
-    root: Path  # <storage_path>/<name>
-    train_jobs: Path  # Ray Train storage of the SFT and fixed-value DPO jobs
-    reference_cache: Path
-    evaluations: Path
+class StudyTracking:
+    """Where a study records: a tracking URI that is already usable, and the MLflow experiment's name."""
+
+    uri: str
+    experiment: str
 
 
-def study_paths(config: cfg.ExperimentConfig) -> StudyPaths:
-    if "://" in config.storage_path:
-        raise cfg.ConfigError("storage_path: `dpo study` needs a local or shared filesystem path (the stages hand "
-                              f"model folders to each other), not {config.storage_path}")
-    root = Path(config.storage_path).expanduser().resolve() / config.name
-    return StudyPaths(root, root / "train-jobs", Path(config.reference.cache_dir or root / "reference_cache"),
-                      root / "evaluations")
+def study_layout(config: ExperimentConfig) -> StorageLayout:
+    """The study's folders; a filesystem path is required (the stages hand model folders to each other)."""
+    layout = StorageLayout.of(config.storage_path, config.name, config.reference.cache_dir)
+    layout.require_filesystem("`dpo study` (its stages hand model folders to each other)")
+    return layout
 
 
-def stage_experiment(config: cfg.ExperimentConfig, stage: str, start_model: str, paths: StudyPaths,
-                     tracking: dict[str, Any] | None) -> cfg.ExperimentConfig:
+def study_stages(config: ExperimentConfig) -> list[str]:
+    """The training stages the config's arms need, in the order they run."""
+    arms = config.study.arms
+    return (["sft"] if "sft_then_dpo" in arms else []) + [arm for arm in ARMS if arm in arms]
+
+
+def stage_experiment(config: ExperimentConfig, stage: str, start_model: str, layout: StorageLayout,
+                     tracking: StudyTracking | None) -> ExperimentConfig:
     """The config one stage trains with: starts from (and, for DPO, is referenced to) start_model."""
     raw = config.model_dump()
     raw["model"]["path"] = start_model
     raw["reference"]["path"] = start_model
-    raw["reference"]["cache_dir"] = str(paths.reference_cache)
-    raw["output_dir"] = str(paths.root / stage / "outputs")
+    raw["reference"]["cache_dir"] = layout.reference_cache
+    raw["output_dir"] = str(layout.stage_dir(stage) / "outputs")
     if stage == "sft":
         raw["train"] = sft_train_section(config)
     else:
         raw.update(arm_sections(config, stage))
-        raw["name"] = f"{config.name}-{stage}"  # its sweep (mode: sweep) lives at <root>/<name>-<arm>
-        raw["storage_path"] = str(paths.root)
-        raw["tracking"] = {"enabled": tracking is not None, "uri": tracking["uri"] if tracking else None,
-                           "experiment": tracking["experiment"] if tracking else None}
-    return cfg.ExperimentConfig.model_validate(raw)
+        sweep = layout.arm_sweep(stage)  # where its sweep (mode: sweep) lives: <name>-<arm> inside the study
+        raw["name"], raw["storage_path"] = sweep.name, sweep.storage
+        raw["tracking"] = {"enabled": tracking is not None, "uri": tracking.uri if tracking else None,
+                           "experiment": tracking.experiment if tracking else None}
+    return ExperimentConfig.model_validate(raw)
+
+
+def stage_run(experiment: ExperimentConfig, stage: str) -> RunSpec:
+    """The RunSpec of a fixed-value stage's Ray Train job (the SFT stage, or an arm's DPO in mode fixed)."""
+    return resolve_run(experiment, stage="sft" if stage == "sft" else "dpo",
+                       workers=experiment.resources.num_workers, reference_cache=experiment.reference.cache_dir,
+                       output_dir=str(experiment.output_dir), show_progress=False)
+
+
+def stage_mode(config: ExperimentConfig, stage: str) -> str:
+    return "fixed" if stage == "sft" else getattr(config.study, stage).mode
 
 
 RESULT_TRAIN_KEYS = ("learning_rate", "batch_size", "max_steps", "warmup_steps", "schedule", "weight_decay",
@@ -82,7 +109,7 @@ RESULT_TRAIN_KEYS = ("learning_rate", "batch_size", "max_steps", "warmup_steps",
 SFT_DATA_KEYS = ("sft_train", "sft_eval", "columns", "max_length", "max_prompt_length", "drop_invalid", "max_invalid_fraction")
 
 
-def stage_fingerprint(experiment: cfg.ExperimentConfig, stage: str, mode: str) -> str:
+def stage_fingerprint(experiment: ExperimentConfig, stage: str, mode: str) -> str:
     """What decides a stage's result: the start model, its data, the objective and the training values."""
     dumped = experiment.model_dump()
     relevant = {"model": dumped["model"], "mode": mode, "train": {k: dumped["train"][k] for k in RESULT_TRAIN_KEYS}}
@@ -105,48 +132,62 @@ def _check_same_settings(stage_dir: Path, fingerprint: str) -> None:
     for file in (COMPLETE_FILE, STARTED_FILE):
         recorded = _read_json(stage_dir / file)
         if recorded and recorded.get("fingerprint") != fingerprint:
-            raise cfg.ConfigError(
+            raise ConfigError(
                 f"study stage {stage_dir.name} in {stage_dir} was run with other settings (fingerprint "
                 f"{recorded.get('fingerprint')}, now {fingerprint}); give the study a new `name`, or delete "
                 f"{stage_dir} (and the stages after it) to run it again")
 
 
-class Study:
-    """One run of the pipeline; holds the paths, the MLflow ids and the evaluations in flight."""
+def copy_model(source: str, destination: Path) -> str:
+    """Copy a model folder into place atomically (staging folder, then rename); returns the destination."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}-", dir=destination.parent))
+    try:
+        shutil.copytree(source, staging / MODEL_FOLDER)
+        if destination.exists():
+            shutil.rmtree(destination)
+        os.replace(staging / MODEL_FOLDER, destination)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return str(destination)
 
-    def __init__(self, config: cfg.ExperimentConfig, tracking_uri: str | None, address: str | None = None):
-        self.config, self.paths, self.address = config, study_paths(config), address
+
+class Study:
+    """One run of the pipeline; holds the layout, the MLflow ids and the evaluations in flight."""
+
+    def __init__(self, config: ExperimentConfig, tracking_uri: str | None, address: str | None = None):
+        self.config, self.layout, self.address = config, study_layout(config), address
         self.started_ray = False  # Ray starts with the first stage or evaluation left to do
-        self.experiment = config.tracking.experiment or config.name
-        self.uri = tracking_uri
+        self.tracking = StudyTracking(tracking_uri, config.tracking.experiment or config.name) if tracking_uri else None
         self.experiment_id = self.parent_run_id = None
-        self.benchmarks = [entry.model_dump() for entry in config.benchmarks]
+        self.benchmarks = study_benchmarks(config)
         self.relative_to_start = {entry["name"] for entry in self.benchmarks  # measured against the start model
                                   if entry.get("against", entry.get("reference")) == "start"}
         self.models: dict[str, str] = {}  # model key -> model folder
         self.pending: dict[str, Any] = {}  # model key -> Ray ObjectRef of its scores
         self.scores: dict[str, dict[str, float]] = {}
 
+    @property
+    def resources(self) -> Resources:
+        """What one training job asks Ray for (the study's resources section; the same for every stage)."""
+        return resolve_run(self.config, reference_cache=self.layout.reference_cache).resources
+
     def ensure_ray(self) -> None:
         import ray
 
-        from orchestrator.sweep import start_ray
+        from orchestrator.ray.cluster import start_ray
 
         if not ray.is_initialized():
-            start_ray(self.address, self.config)
+            start_ray(self.address, self.resources)
             self.started_ray = True
-
-    @property
-    def tracking(self) -> dict[str, Any] | None:
-        return {"uri": self.uri, "experiment": self.experiment} if self.uri else None
 
     def train(self, stage: str, start_model: str) -> str:
         """Run (or skip, when complete) one training stage; returns its model folder."""
-        from orchestrator.study_jobs import copy_model, fit_training_job, run_arm_sweep
+        from orchestrator.ray.jobs import fit_training_job, run_arm_sweep
 
-        experiment = stage_experiment(self.config, stage, start_model, self.paths, self.tracking)
-        mode = "fixed" if stage == "sft" else getattr(self.config.study, stage).mode
-        stage_dir, fingerprint = self.paths.root / stage, stage_fingerprint(experiment, stage, mode)
+        experiment = stage_experiment(self.config, stage, start_model, self.layout, self.tracking)
+        mode = stage_mode(self.config, stage)
+        stage_dir, fingerprint = self.layout.stage_dir(stage), stage_fingerprint(experiment, stage, mode)
         _check_same_settings(stage_dir, fingerprint)
         done = _read_json(stage_dir / COMPLETE_FILE)
         if done and Path(done["model"], "config.json").is_file():
@@ -159,21 +200,24 @@ class Study:
         name, arm = STAGE_AND_ARM[stage]
         if mode == "sweep":
             source, summary = run_arm_sweep(experiment)
-            if self.uri:
-                records.adopt_sweep_runs(self.uri, self.experiment_id, self.parent_run_id, experiment.name, arm)
+            if self.tracking:
+                study_records.adopt_sweep_runs(self.tracking.uri, self.experiment_id, self.parent_run_id,
+                                               experiment.name, arm)
             extra = {"sweep_best": summary.get("best")}
         else:
+            spec = stage_run(experiment, stage)
             run_id = None
-            if self.uri:
-                run_id = records.child_run(self.uri, self.experiment_id, self.parent_run_id, self.config.name, role="train",
-                                           stage=name, arm=arm, fingerprint=fingerprint, params=experiment.model_dump(),
-                                           tags={"start_model": start_model})
-            source = fit_training_job(name, experiment, name=stage, storage=str(self.paths.train_jobs),
-                                      tracking={"uri": self.uri, "run_id": run_id} if run_id else None)
+            if self.tracking:
+                run_id = study_records.child_run(
+                    self.tracking.uri, self.experiment_id, self.parent_run_id, self.config.name, role=TRAIN_ROLE,
+                    stage=name, arm=arm, fingerprint=fingerprint, params=spec.param_dict(),
+                    tags={"start_model": start_model})
+            source = fit_training_job(spec, name=stage, storage=str(self.layout.train_jobs),
+                                      tracking_uri=self.tracking.uri if run_id else None, run_id=run_id)
             if run_id:
-                records.tracking.end_run(self.uri, run_id, "FINISHED")
+                study_records.end_child_run(self.tracking.uri, run_id)
             extra = {}
-        model_dir = copy_model(source, stage_dir / "model")
+        model_dir = copy_model(source, stage_dir / MODEL_FOLDER)
         seconds = time.monotonic() - started
         marker = {"stage": stage, "model": model_dir, "source": source, "start_model": start_model, "mode": mode,
                   "fingerprint": fingerprint, "seconds": round(seconds, 1), **extra}
@@ -182,7 +226,7 @@ class Study:
         return model_dir
 
     def evaluation_fingerprint(self, key: str) -> str:
-        stage_marker = _read_json(self.paths.root / key / COMPLETE_FILE) or {}
+        stage_marker = _read_json(self.layout.stage_dir(key) / COMPLETE_FILE) or {}
         content = [self.benchmarks, self.models[key], self.comparisons(key), stage_marker.get("fingerprint")]
         return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -196,7 +240,7 @@ class Study:
         from trainables.benchmarks.base import evaluate_model
 
         self.models[key] = model_dir
-        recorded = _read_json(self.paths.evaluations / f"{key}.json")
+        recorded = _read_json(self.layout.evaluations / f"{key}.json")
         if recorded and recorded.get("fingerprint") == self.evaluation_fingerprint(key):
             self.scores[key] = recorded["scores"]
             return
@@ -216,27 +260,29 @@ class Study:
             return
         references = list(self.pending.values())
         done, _ = ray.wait(references, num_returns=len(references), timeout=None if wait else 0)
-        self.paths.evaluations.mkdir(parents=True, exist_ok=True)
+        self.layout.evaluations.mkdir(parents=True, exist_ok=True)
         for key, reference in list(self.pending.items()):
             if reference in done:
                 self.scores[key] = ray.get(reference)
                 record = {"model": self.models[key], "scores": self.scores[key], "fingerprint": self.evaluation_fingerprint(key)}
-                (self.paths.evaluations / f"{key}.json").write_text(json.dumps(record, indent=1))
+                (self.layout.evaluations / f"{key}.json").write_text(json.dumps(record, indent=1))
                 del self.pending[key]
 
     def record_evaluations(self) -> None:
         """One MLflow run per evaluated model: bench/, bench_delta/ and bench_delta_vs_base/ metrics."""
+        uri = self.tracking.uri
         for key, scores in self.scores.items():
             stage, arm = STAGE_AND_ARM[key]
             start = START_OF.get(key)
-            metrics = records.bench_metrics(scores, self.scores.get(start) if start else None,
-                                            self.scores.get("base") if key != "base" else None, self.relative_to_start)
-            run_id = records.child_run(self.uri, self.experiment_id, self.parent_run_id, self.config.name,
-                                       role="evaluation", stage=stage, arm=arm, fingerprint=self.evaluation_fingerprint(key),
-                                       params={"benchmarks": self.benchmarks},
-                                       tags={"model_path": self.models[key], "start_model": self.models.get(start or "", "")})
-            records.log_scores(self.uri, run_id, metrics)
-            records.tracking.end_run(self.uri, run_id, "FINISHED")
+            metrics = study_records.bench_metrics(scores, self.scores.get(start) if start else None,
+                                                  self.scores.get("base") if key != "base" else None,
+                                                  self.relative_to_start)
+            run_id = study_records.child_run(
+                uri, self.experiment_id, self.parent_run_id, self.config.name, role=EVALUATION_ROLE, stage=stage,
+                arm=arm, fingerprint=self.evaluation_fingerprint(key), params={"benchmarks": self.benchmarks},
+                tags={"model_path": self.models[key], "start_model": self.models.get(start or "", "")})
+            study_records.log_scores(uri, run_id, metrics)
+            study_records.end_child_run(uri, run_id)
 
     def run(self) -> dict[str, Any]:
         arms = self.config.study.arms
@@ -244,71 +290,85 @@ class Study:
         if "sft_then_dpo" in arms:
             self.evaluate("sft", self.train("sft", self.config.model.path))
             self.collect(wait=False)  # what finished meanwhile is kept even if a later stage fails
-        for arm in ("sft_then_dpo", "dpo_only"):
+        for arm in ARMS:
             if arm in arms:
                 self.evaluate(arm, self.train(arm, self.models["sft" if arm == "sft_then_dpo" else "base"]))
                 self.collect(wait=False)
         self.collect()
-        if self.uri:
+        if self.tracking:
             self.record_evaluations()
         kinds = [(entry["name"], entry["kind"]) for entry in self.benchmarks]
         return {"name": self.config.name, "arms": arms, "models": self.models, "scores": self.scores,
                 "deltas": deltas(self.scores, self.relative_to_start),
-                "table": study_table(self.scores, kinds, self.relative_to_start), "storage": str(self.paths.root)}
+                "table": study_table(self.scores, kinds, self.relative_to_start), "storage": self.layout.root}
 
 
-def preflight(config: cfg.ExperimentConfig) -> None:
+def preflight(config: ExperimentConfig, layout: StorageLayout) -> None:
     """Bad config, data or benchmark data fail here: before Ray, a server, or any file is written."""
     from trainables.benchmarks.base import check_benchmark_data
     from trainables.data import load_prompt_answers
     from trainables.entrypoints import load_preference_data
 
     if config.model.lora is not None:
-        raise cfg.ConfigError("model.lora: `dpo study` trains full weights (each stage hands a full model to the next); "
-                              "remove model.lora")
+        raise ConfigError("model.lora: `dpo study` trains full weights (each stage hands a full model to the next); "
+                          "remove model.lora")
     if not config.benchmarks:
-        raise cfg.ConfigError("benchmarks: `dpo study` needs at least one benchmark entry (see configs/quickstart-study.yaml)")
-    model_args = cfg.model_args(config)
-    data = load_preference_data(model_args, cfg.data_args(config))
-    if "sft_then_dpo" in config.study.arms:
-        sft_data = cfg.data_args(config, sft=True)
+        raise ConfigError("benchmarks: `dpo study` needs at least one benchmark entry (see configs/quickstart-study.yaml)")
+    specs = {}
+    for stage in study_stages(config):  # every stage resolves (e.g. its batch splits over the workers)
+        experiment = stage_experiment(config, stage, config.model.path, layout, None)
+        if stage_mode(config, stage) == "sweep":
+            resolve_experiment(experiment)
+        else:
+            specs[stage] = stage_run(experiment, stage)
+    base = resolve_run(config, reference_cache=layout.reference_cache)  # the data, as every stage reads it
+    data = load_preference_data(base.model, base.data)
+    if "sft" in specs:
+        sft_data = specs["sft"].data
         load_prompt_answers(sft_data.train, split=sft_data.train_split, chat_template_tokenizer=data.tokenizer)
-    check_benchmark_data([entry.model_dump() for entry in config.benchmarks],
-                         config.model.tokenizer_path or config.model.path, config.model.trust_remote_code)
+    check_benchmark_data(study_benchmarks(config), config.model.tokenizer_path or config.model.path,
+                         config.model.trust_remote_code)
     logger.info("study inputs ok: %d training pairs, %d benchmarks", len(data.train), len(config.benchmarks))
 
 
-def run_study(config: cfg.ExperimentConfig, *, address: str | None = None, resume: bool = False) -> dict[str, Any]:
+def study_benchmarks(config: ExperimentConfig) -> list[dict[str, Any]]:
+    """The benchmark entries as the benchmark runner takes them (plain dicts)."""
+    return [entry.model_dump() for entry in config.benchmarks]
+
+
+def run_study(config: ExperimentConfig, *, address: str | None = None, resume: bool = False) -> dict[str, Any]:
     """The whole `dpo study`; returns the results (scores, deltas, table, paths) and writes them to disk."""
     import ray
 
-    paths = study_paths(config)
-    if resume and not paths.root.is_dir():
-        raise cfg.ConfigError(f"--resume: no study named {config.name!r} under {config.storage_path} ({paths.root})")
-    preflight(config)
+    layout = study_layout(config)
+    if resume and not layout.exists():
+        raise ConfigError(f"--resume: no study named {config.name!r} under {config.storage_path} ({layout.root})")
+    preflight(config, layout)
     uri = None
     if config.tracking.enabled:
-        from orchestrator.mlflow_server import prepare_tracking_uri
+        from orchestrator.tracking.server import prepare_tracking_uri
 
-        uri = prepare_tracking_uri(config.tracking.uri, config.storage_path)
+        uri = prepare_tracking_uri(config.tracking.uri, layout.storage)
     study = Study(config, uri, address)
     started = time.monotonic()
+    root = Path(layout.root)
     try:
-        if uri:
-            study.experiment_id, study.parent_run_id = records.open_study_run(uri, study.experiment, config.name, config.model_dump())
+        if study.tracking:
+            study.experiment_id, study.parent_run_id = study_records.open_study_run(
+                uri, study.tracking.experiment, config.name, config.model_dump())
         results = study.run()
         results["seconds"] = round(time.monotonic() - started, 1)
         if uri:
             results["mlflow"] = {"uri": uri, "parent_run_id": study.parent_run_id}
-        paths.root.mkdir(parents=True, exist_ok=True)
-        (paths.root / TABLE_FILE).write_text(results["table"] + "\n")
-        (paths.root / RESULTS_FILE).write_text(records.results_json(results))
+        root.mkdir(parents=True, exist_ok=True)
+        (root / TABLE_FILE).write_text(results["table"] + "\n")
+        (root / RESULTS_FILE).write_text(study_records.results_json(results))
         if uri:
-            records.finish_study_run(uri, study.parent_run_id, {TABLE_FILE: results["table"] + "\n",
-                                                                RESULTS_FILE: records.results_json(results)})
+            study_records.finish_study_run(uri, study.parent_run_id, {TABLE_FILE: results["table"] + "\n",
+                                                                      RESULTS_FILE: study_records.results_json(results)})
     except BaseException as error:
         if uri and study.parent_run_id:
-            records.finish_study_run(uri, study.parent_run_id, {}, error=f"{type(error).__name__}: {error}")
+            study_records.finish_study_run(uri, study.parent_run_id, {}, error=f"{type(error).__name__}: {error}")
         raise
     finally:
         if study.started_ray:
@@ -321,6 +381,6 @@ def print_results(results: dict[str, Any]) -> None:
     print(results["table"])
     print(f"results: {results['storage']}/{RESULTS_FILE}")
     if results.get("mlflow"):
-        from orchestrator.tracking import redact
+        from orchestrator.tracking.records import redact
 
         print(f"MLflow: {redact(results['mlflow']['uri'])} (study run {results['mlflow']['parent_run_id']})")

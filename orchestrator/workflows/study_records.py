@@ -1,14 +1,15 @@
 """What a study leaves behind: its MLflow runs and its result table.
 
-MLflow: one parent run, a child run per training job and per model evaluation, found again by their
-tags, so rerunning `dpo study` continues the same runs instead of adding duplicates. Every run has the
-tag `study` (the config's name); the parent has `dpo.role=study`; children have `mlflow.parentRunId`,
-`dpo.role` (`train` or `evaluation`), `dpo.stage` (base | sft | dpo) and `dpo.arm` (sft_then_dpo |
-dpo_only, or `shared` for the base model both arms start from). An evaluation run holds `bench/<name>`,
-and for trained models `bench_delta/<name>` (against the model it started from) and
-`bench_delta_vs_base/<name>`. An arm's sweep keeps its own parent and trial runs (orchestrator/sweep.py);
-`adopt_sweep_runs` hangs them under the study and tags them with the arm. Secrets are redacted as in
-every other record (orchestrator/tracking.py).
+MLflow (names from orchestrator/tracking/schema.py): one parent run, a child run per training job and per
+model evaluation, found again by their tags, so rerunning `dpo study` continues the same runs instead of
+adding duplicates. Every run has the tag `study` (the config's name); the parent has `dpo.role=study`;
+children have `mlflow.parentRunId`, `dpo.role` (`train` or `evaluation`), `dpo.stage` (base | sft | dpo),
+`dpo.arm` (sft_then_dpo | dpo_only, or `shared` for the base model both arms start from) and
+`study.fingerprint` (the settings they ran with). An evaluation run holds `bench/<name>`, and for
+trained models `bench_delta/<name>` (against the model it started from) and `bench_delta_vs_base/<name>`.
+An arm's sweep keeps its own parent and trial runs (orchestrator/workflows/sweep.py); `adopt_sweep_runs`
+hangs them under the study and tags them with the arm. Secrets are redacted as in every other record
+(orchestrator/tracking/records.py).
 
 The table: rows base, SFT, DPO-only, SFT+DPO; one column per benchmark. The first Markdown table holds
 each model's scores with the change against the model it started from in parentheses (SFT and DPO-only
@@ -24,30 +25,34 @@ import json
 import time
 from typing import Any, Collection, Mapping, Sequence
 
-from orchestrator import tracking
+from orchestrator.tracking import records
+from orchestrator.tracking.schema import (ARM_TAG, BENCH_DELTA_PREFIX, BENCH_PREFIX, CLOSED_BY_TAG, CONFIG_ARTIFACT,
+                                          PARENT_ROLE, PARENT_RUN_TAG, ROLE_TAG, STAGE_TAG, STUDY_FINGERPRINT_TAG,
+                                          STUDY_ROLE, STUDY_TAG, SWEEP_TAG, TRACKING_URI_TAG)
 
-STUDY_ROLE = "study"
 SHARED_ARM = "shared"  # dpo.arm of the base model, the start of both arms
+DPO_STAGE = "dpo"  # dpo.stage of an arm's DPO (fixed job or sweep)
+BENCH_DELTA_VS_BASE_PREFIX = "bench_delta_vs_base/"
 SELF_COMPARISON_SCORE = 0.5  # win rate or preference accuracy of a model measured against itself: all ties
 
 
 def open_study_run(uri: str, experiment: str, study: str, config: Mapping[str, Any]) -> tuple[str, str]:
     """(experiment_id, run_id) of the study's parent run, created or reopened; runs a killed driver left
     RUNNING are ended first. Logs the resolved config (params and config.yaml) and the environment tags."""
-    client = tracking.client_for(uri)
-    experiment_id = tracking.get_or_create_experiment(uri, experiment, client)
-    for run in tracking.find_runs(uri, experiment_id, {"study": study}, status="RUNNING"):
-        client.set_tag(run.info.run_id, "closed_by", f"dpo study restart at {time.strftime('%Y-%m-%dT%H:%M:%S')}")
+    client = records.client_for(uri)
+    experiment_id = records.get_or_create_experiment(uri, experiment, client)
+    for run in records.find_runs(uri, experiment_id, {STUDY_TAG: study}, status="RUNNING"):
+        client.set_tag(run.info.run_id, CLOSED_BY_TAG, f"dpo study restart at {time.strftime('%Y-%m-%dT%H:%M:%S')}")
         client.set_terminated(run.info.run_id, status="KILLED")
-    found = tracking.find_runs(uri, experiment_id, {"study": study, tracking.ROLE_TAG: STUDY_ROLE})
+    key_tags = {STUDY_TAG: study, ROLE_TAG: STUDY_ROLE}
+    found = records.find_runs(uri, experiment_id, key_tags)
     if found:
         run_id = found[0].info.run_id
         client.update_run(run_id, status="RUNNING")
     else:
-        run_id = client.create_run(experiment_id, run_name=f"study {study}",
-                                   tags={"study": study, tracking.ROLE_TAG: STUDY_ROLE}).info.run_id
-    tracking.log_params(client, run_id, config, {**tracking.environment_tags(), "tracking_uri": uri})
-    client.log_text(run_id, tracking.config_yaml(config), "config.yaml")
+        run_id = client.create_run(experiment_id, run_name=f"study {study}", tags=key_tags).info.run_id
+    records.log_params(client, run_id, config, {**records.environment_tags(), TRACKING_URI_TAG: uri})
+    client.log_text(run_id, records.config_yaml(config), CONFIG_ARTIFACT)
     return experiment_id, run_id
 
 
@@ -55,26 +60,31 @@ def child_run(uri: str, experiment_id: str, parent_run_id: str, study: str, *, r
               fingerprint: str, params: Mapping[str, Any] | None = None, tags: Mapping[str, Any] | None = None) -> str:
     """The study's child run for (role, stage, arm) with these settings (fingerprint), found by its tags or
     created, and RUNNING. Other settings (a stage deleted and rerun differently) get a run of their own."""
-    client = tracking.client_for(uri)
-    key_tags = {"study": study, tracking.ROLE_TAG: role, "dpo.stage": stage, "dpo.arm": arm, "study.fingerprint": fingerprint}
-    found = tracking.find_runs(uri, experiment_id, key_tags)
+    client = records.client_for(uri)
+    key_tags = {STUDY_TAG: study, ROLE_TAG: role, STAGE_TAG: stage, ARM_TAG: arm, STUDY_FINGERPRINT_TAG: fingerprint}
+    found = records.find_runs(uri, experiment_id, key_tags)
     if found:
         run_id = found[0].info.run_id
         client.update_run(run_id, status="RUNNING")
     else:
         name = f"{role} {stage}" + ("" if arm == SHARED_ARM else f" {arm}")
         run_id = client.create_run(experiment_id, run_name=name, tags=key_tags).info.run_id
-    tracking.log_params(client, run_id, params or {}, {"mlflow.parentRunId": parent_run_id, **(tags or {})})
+    records.log_params(client, run_id, params or {}, {PARENT_RUN_TAG: parent_run_id, **(tags or {})})
     return run_id
+
+
+def end_child_run(uri: str, run_id: str, error: str | None = None) -> None:
+    """A training or evaluation run ends FINISHED (or FAILED, with the error as a tag)."""
+    records.end_run(uri, run_id, "FAILED" if error else "FINISHED", error=error)
 
 
 def log_scores(uri: str, run_id: str, metrics: Mapping[str, float]) -> None:
     """Final values (step 0) in batches of at most 1000 metrics."""
     from mlflow.entities import Metric
 
-    client = tracking.client_for(uri)
+    client = records.client_for(uri)
     now = int(time.time() * 1000)
-    entries = [Metric(tracking.clean_key(key), float(value), now, 0) for key, value in metrics.items()]
+    entries = [Metric(records.clean_key(key), float(value), now, 0) for key, value in metrics.items()]
     for start in range(0, len(entries), 1000):
         client.log_batch(run_id, metrics=entries[start:start + 1000])
 
@@ -89,30 +99,30 @@ def start_baseline(start_scores: Mapping[str, float], relative_to_start: Collect
 def bench_metrics(scores: Mapping[str, float], start_scores: Mapping[str, float] | None,
                   base_scores: Mapping[str, float] | None, relative_to_start: Collection[str] = ()) -> dict[str, float]:
     """bench/<name>, plus bench_delta/<name> (against start_baseline) and bench_delta_vs_base/<name>."""
-    metrics = {f"bench/{name}": value for name, value in scores.items()}
+    metrics = {f"{BENCH_PREFIX}{name}": value for name, value in scores.items()}
     start = start_baseline(start_scores, relative_to_start) if start_scores is not None else None
-    for prefix, other in (("bench_delta", start), ("bench_delta_vs_base", base_scores)):
+    for prefix, other in ((BENCH_DELTA_PREFIX, start), (BENCH_DELTA_VS_BASE_PREFIX, base_scores)):
         if other is not None:
-            metrics.update({f"{prefix}/{name}": value - other[name] for name, value in scores.items() if name in other})
+            metrics.update({f"{prefix}{name}": value - other[name] for name, value in scores.items() if name in other})
     return metrics
 
 
 def adopt_sweep_runs(uri: str, experiment_id: str, parent_run_id: str, sweep: str, arm: str) -> int:
     """Put an arm's sweep parent run under the study's parent and tag it and its trial runs with the arm."""
-    runs = tracking.find_runs(uri, experiment_id, {"sweep": sweep})
+    runs = records.find_runs(uri, experiment_id, {SWEEP_TAG: sweep})
     for run in runs:
-        tags = {"dpo.arm": arm, "dpo.stage": "dpo"}
-        if run.data.tags.get(tracking.ROLE_TAG) == tracking.PARENT_ROLE:
-            tags["mlflow.parentRunId"] = parent_run_id
-        tracking.set_tags(uri, run.info.run_id, tags)
+        tags = {ARM_TAG: arm, STAGE_TAG: DPO_STAGE}
+        if run.data.tags.get(ROLE_TAG) == PARENT_ROLE:
+            tags[PARENT_RUN_TAG] = parent_run_id
+        records.set_tags(uri, run.info.run_id, tags)
     return len(runs)
 
 
 def finish_study_run(uri: str, run_id: str, artifacts: Mapping[str, str], error: str | None = None) -> None:
     """Text artifacts (the table, the results JSON) on the parent run, then FINISHED or FAILED."""
     for name, text in artifacts.items():
-        tracking.log_text_artifact(uri, run_id, name, text)
-    tracking.end_run(uri, run_id, "FAILED" if error else "FINISHED", error=error)
+        records.log_text_artifact(uri, run_id, name, text)
+    records.end_run(uri, run_id, "FAILED" if error else "FINISHED", error=error)
 
 
 def results_json(results: Mapping[str, Any]) -> str:
