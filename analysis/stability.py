@@ -1,6 +1,6 @@
 """The project's single definition of "training was stable": judges a loss curve, numpy only.
 
-The incremental beta searcher (orchestrator/searchers.py) and the reports in analysis/ both call
+The incremental beta searcher (orchestrator/ray/searchers.py) and the reports in analysis/ both call
 `assess_loss_curve`, so "stable", "oscillating" and "diverging" mean the same thing everywhere.
 Tested by `python -m pytest tests/test_stability.py -q`.
 

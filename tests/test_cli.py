@@ -223,3 +223,26 @@ def test_demo_assets_prints_paths_inside_the_cache(demo_cache, capsys):
     assert (Path(printed["model"]) / "config.json").is_file()
     for name, path in printed.items():
         assert Path(path).exists() and Path(path).is_relative_to(demo_cache), name
+
+
+def test_export_prompt_is_the_first_held_out_prompt_rendered_with_the_chat_template(world, tmp_path):
+    """Conversational eval data: the generation check's prompt is the first held-out prompt as training
+    renders it (through the model's chat template), not the fallback (it used to be 'Hello' always)."""
+    from orchestrator.cli.journey import first_held_out_prompt
+    from orchestrator.config import load_config
+    from orchestrator.config.spec import resolve_run
+    from trainables.data import load_preference_pairs
+    from trainables.entrypoints import tokenizer_for
+
+    train, eval_ = world["pairs"]["conversational"]
+    args = cli_args("check", world["models"]["llama"], train, eval_, tmp_path / "out", "data.layout=conversational")
+    overrides = [value for flag, value in zip(args[2::2], args[3::2]) if flag == "--set"]
+    config = load_config(QUICKSTART, overrides)
+
+    prompt = first_held_out_prompt(config, default="FALLBACK")
+
+    spec = resolve_run(config)
+    expected = load_preference_pairs(eval_, layout="conversational", chat_template_tokenizer=tokenizer_for(spec.model))[0]
+    assert prompt != "FALLBACK" and prompt == expected.prompt
+    first_user_message = json.loads(Path(eval_).read_text().splitlines()[0])["prompt"][0]["content"]
+    assert first_user_message in prompt

@@ -102,7 +102,8 @@ def selection_rule(args: argparse.Namespace):
                              benchmark_tolerance=args.benchmark_tolerance, tie_tolerance=args.tie_tolerance,
                              stage=None if args.stage == "any" else args.stage, arm=args.arm)
     except ValueError as error:
-        raise ConfigError(f"selection rule: {error}") from None
+        detail = str(error).removeprefix("SelectionRule: ")  # the rule's own name means nothing on the command line
+        raise ConfigError(f"selection rule (--kl-budget, --benchmark-tolerance, --tie-tolerance): {detail}") from None
 
 
 def resolve_source(args: argparse.Namespace, *, require_records: bool = True) -> Source:

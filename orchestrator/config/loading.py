@@ -106,18 +106,3 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
     resolve_demo_paths(config)
     check_paths_exist(config, source)
     return config
-
-
-def flatten(config: ExperimentConfig) -> dict[str, Any]:
-    """The resolved config as dotted keys (MLflow params)."""
-    flat: dict[str, Any] = {}
-
-    def walk(prefix: str, node: Any) -> None:
-        if isinstance(node, dict) and node:
-            for key, value in node.items():
-                walk(f"{prefix}.{key}" if prefix else key, value)
-        else:
-            flat[prefix] = node
-
-    walk("", config.model_dump())
-    return flat

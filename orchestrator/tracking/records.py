@@ -89,14 +89,12 @@ def clean_key(key: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-./ :]", "_", key)[:MAX_KEY_LENGTH]
 
 
-def flatten_params(nested: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+def flatten_params(nested: Mapping[str, Any]) -> dict[str, str]:
     """{"dpo": {"beta": 0.1}} -> {"dpo.beta": "0.1"}; lists as JSON; secrets redacted; values cut to 6000 chars."""
+    from orchestrator.config.spec import flatten
+
     flat: dict[str, str] = {}
-    for key, value in nested.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            flat.update(flatten_params(value, f"{name}."))
-            continue
+    for name, value in flatten(nested).items():
         text = _as_text(redact(value, name))
         if len(text) > MAX_PARAM_VALUE_LENGTH:
             text = text[: MAX_PARAM_VALUE_LENGTH - 15] + "...(truncated)"
@@ -150,7 +148,7 @@ def environment_tags() -> dict[str, str]:
 
 def data_fingerprints(sources: Mapping[str, str | None]) -> dict[str, str]:
     """{"train": "/data/pairs.jsonl"} -> {"data.train.sha256": "<hex>"}; hub names (not local files) -> `data.train.source`."""
-    import hashlib
+    from trainables.data_sources import dataset_fingerprint
 
     tags: dict[str, str] = {}
     for name, source in sources.items():
@@ -160,11 +158,7 @@ def data_fingerprints(sources: Mapping[str, str | None]) -> dict[str, str]:
         if not path.is_file():
             tags[f"{DATA_TAG_PREFIX}{name}.source"] = str(redact(source))
             continue
-        digest = hashlib.sha256()
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        tags[f"{DATA_TAG_PREFIX}{name}.sha256"] = digest.hexdigest()
+        tags[f"{DATA_TAG_PREFIX}{name}.sha256"] = dataset_fingerprint(source)
         tags[f"{DATA_TAG_PREFIX}{name}.path"] = str(path.resolve())
     return tags
 
