@@ -75,7 +75,7 @@ def test_climbs_by_step_while_stable_and_improving() -> None:
     searcher, new_id = IncrementalBetaSearcher(IncrementalBetaSettings(step=0.1)), TrialIds()
     betas = betas_of_rounds(searcher, new_id, [(0.60, STABLE_LOSSES), (0.65, STABLE_LOSSES), (0.70, STABLE_LOSSES)])
     assert betas == [0.1, 0.2, 0.3]  # rounded: no 0.30000000000000004
-    assert [entry["action"] for entry in searcher.decision_log] == ["climb"] * 3
+    assert [entry["action"] for entry in searcher.decisions()] == ["climb"] * 3
     assert searcher.best["beta"] == 0.3 and searcher.best["metric"] == 0.70
     assert "climb -> beta 0.4" in searcher.suggest(new_id())["decision"]
 
@@ -87,10 +87,10 @@ def test_oscillating_loss_halves_the_step_and_never_climbs_back_to_the_failing_b
         [(0.60, STABLE_LOSSES), (0.65, STABLE_LOSSES), (0.72, OSCILLATING_LOSSES), (0.68, STABLE_LOSSES)],
     )
     assert betas == [0.1, 0.2, 0.3, 0.25]
-    failing = searcher.decision_log[2]
+    failing = searcher.decisions()[2]
     assert failing["oscillating"] and not failing["stable"] and failing["oscillation_score"] > 0.2
     assert failing["action"] == "back_off_halve_step" and failing["next_beta"] == 0.25
-    last = searcher.decision_log[3]
+    last = searcher.decisions()[3]
     assert last["action"] == "stop" and "would reach the failing beta 0.3" in last["reason"]
     assert searcher.suggest(new_id()) == Searcher.FINISHED
     assert searcher.best["beta"] == 0.25  # the oscillating round's higher accuracy does not count
@@ -104,14 +104,14 @@ def test_raise_kl_weight_back_off_keeps_beta_and_multiplies_kl_weights() -> None
     configs = suggest_round(searcher, new_id)
     assert {c["beta"] for c in configs.values()} == {0.2}
     assert sorted(c["kl_weight"] for c in configs.values()) == [0.01, 0.2]  # 0 * 2 -> min_raised_kl_weight
-    assert searcher.decision_log[1]["action"] == "back_off_raise_kl_weight"
+    assert searcher.decisions()[1]["action"] == "back_off_raise_kl_weight"
 
 
 def test_metric_drop_backs_off_even_when_the_loss_is_stable() -> None:
     searcher, new_id = IncrementalBetaSearcher(IncrementalBetaSettings(step=0.2)), TrialIds()
     betas = betas_of_rounds(searcher, new_id, [(0.60, STABLE_LOSSES), (0.55, STABLE_LOSSES)])
     assert betas == [0.1, 0.3]
-    dropped = searcher.decision_log[1]
+    dropped = searcher.decisions()[1]
     assert dropped["stable"] and dropped["action"] == "back_off_halve_step"
     assert "metric dropped below the best so far 0.6" in dropped["reason"]
     assert searcher.suggest(new_id())["beta"] == 0.2
@@ -120,7 +120,7 @@ def test_metric_drop_backs_off_even_when_the_loss_is_stable() -> None:
 def test_stops_after_patience_rounds_without_improvement() -> None:
     searcher, new_id = IncrementalBetaSearcher(IncrementalBetaSettings(patience=2)), TrialIds()
     betas_of_rounds(searcher, new_id, [(0.60, STABLE_LOSSES), (0.60, STABLE_LOSSES), (0.60, STABLE_LOSSES)])
-    actions = [entry["action"] for entry in searcher.decision_log]
+    actions = [entry["action"] for entry in searcher.decisions()]
     assert actions == ["climb", "climb", "stop"]  # a stable plateau keeps climbing, but counts
     assert "2 rounds without improvement (patience 2)" in searcher.finish_reason
     assert searcher.suggest(new_id()) == Searcher.FINISHED
@@ -149,7 +149,7 @@ def test_fan_out_runs_every_pair_and_waits_for_the_whole_round() -> None:
         assert searcher.suggest(new_id()) is None  # the round is not over
     last = trial_ids[-1]
     searcher.on_trial_complete(last, {METRIC: 0.61, "loss_history": STABLE_LOSSES})
-    entry = searcher.decision_log[0]
+    entry = searcher.decisions()[0]
     assert entry["best_metric"] == 0.70 and len(entry["trials"]) == 4
     assert searcher.best["learning_rate"] == 3e-4 and searcher.best["kl_weight"] == 0.0
     assert len(suggest_round(searcher, new_id)) == 4
@@ -162,7 +162,7 @@ def test_the_best_trial_decides_stability_and_failed_trials_do_not_count() -> No
     searcher.on_trial_complete(first, {METRIC: 0.60, "loss_history": STABLE_LOSSES})
     searcher.on_trial_complete(second, {METRIC: 0.75, "loss_history": OSCILLATING_LOSSES})
     searcher.on_trial_complete(third, None, error=True)
-    entry = searcher.decision_log[0]
+    entry = searcher.decisions()[0]
     assert entry["best_trial_id"] == second and not entry["stable"]
     assert entry["action"] == "back_off_halve_step"
 
@@ -170,7 +170,7 @@ def test_the_best_trial_decides_stability_and_failed_trials_do_not_count() -> No
 def test_a_round_without_a_finite_metric_is_unstable() -> None:
     searcher, new_id = IncrementalBetaSearcher(), TrialIds()
     play_round(searcher, new_id, math.nan)
-    entry = searcher.decision_log[0]
+    entry = searcher.decisions()[0]
     assert not entry["stable"] and "no trial reported a finite eval/preference_accuracy" in entry["reason"]
 
 
@@ -181,20 +181,20 @@ def test_loss_is_accumulated_from_reported_results_when_no_history_is_given() ->
         searcher.on_trial_result(trial_id, {"train/loss": loss, "training_iteration": iteration})
     final = {"train/loss": OSCILLATING_LOSSES[-1], "training_iteration": 40, METRIC: 0.7}
     searcher.on_trial_complete(trial_id, final)  # Tune repeats the last result here
-    entry = searcher.decision_log[0]
+    entry = searcher.decisions()[0]
     assert entry["trials"][0]["loss_points"] == 40 and entry["oscillating"]
 
 
 def test_decisions_are_complete_and_json_ready() -> None:
     searcher, new_id = IncrementalBetaSearcher(), TrialIds()
     play_round(searcher, new_id, 0.6)
-    entry = searcher.decision_log[0]
+    entry = searcher.decisions()[0]
     for key in ("round", "beta", "kl_weights", "learning_rates", "best_metric", "stable",
                 "oscillation_score", "action", "reason", "next_beta"):
         assert key in entry, key
-    assert json.loads(json.dumps(searcher.decision_log)) == searcher.decision_log
-    searcher.decision_log[0]["action"] = "edited"
-    assert searcher.decision_log[0]["action"] == "climb"  # callers get a copy
+    assert json.loads(json.dumps(searcher.decisions())) == searcher.decisions()
+    searcher.decisions()[0]["action"] = "edited"
+    assert searcher.decisions()[0]["action"] == "climb"  # callers get a copy
 
 
 def test_save_and_restore_mid_round_continues_identically(tmp_path) -> None:
@@ -218,8 +218,8 @@ def test_save_and_restore_mid_round_continues_identically(tmp_path) -> None:
         for iteration, loss in enumerate(OSCILLATING_LOSSES[20:], start=21):
             searcher.on_trial_result(second, {"train/loss": loss, "training_iteration": iteration})
         searcher.on_trial_complete(second, {"eval/win_rate": 0.72})
-    assert restored.decision_log == original.decision_log
-    assert restored.decision_log[-1]["oscillating"]
+    assert restored.decisions() == original.decisions()
+    assert restored.decisions()[-1]["oscillating"]
     assert suggest_round(restored, TrialIds()) == suggest_round(original, TrialIds())
 
 

@@ -8,7 +8,7 @@ far climbs: beta += step. An unstable round, or one whose metric dropped, backs 
 ("halve_step") or kl_weight *= kl_weight_factor ("raise_kl_weight"), and never climbs to the failing
 beta again. It stops after `patience` rounds in a row without improvement, at the upper bound, when
 the next beta would reach a failing one, when no untried beta is left, or after `max_rounds`. Every
-decision is logged (`decision_log`, saved with the searcher state); each suggested config carries its reason. Use it with
+decision is logged (`decisions()`); each suggested config carries its reason. Use it with
 `tune.TuneConfig(search_alg=IncrementalBetaSearcher(...), num_samples=-1)`; its state is JSON and
 survives `Tuner.restore`. Tested by `python -m pytest tests/test_searchers.py -q`.
 """
@@ -166,6 +166,10 @@ class IncrementalBetaSearcher(Searcher):
                 f"({exc}); it must be a JSON file written by IncrementalBetaSearcher.save."
             ) from exc
         self.set_state(state)
+
+    def decisions(self) -> list[dict[str, Any]]:
+        """A copy of the decision log: one entry per finished round."""
+        return copy.deepcopy(self.decision_log)
 
     def _round_pairs(self) -> list[tuple[float, float]]:
         return [(lr, kw) for lr in self.settings.learning_rates for kw in self.kl_weights]

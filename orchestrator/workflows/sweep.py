@@ -96,16 +96,21 @@ def summarize(results, experiment: Experiment, cache_key: str | None) -> dict[st
 
 
 def read_decision_log(layout: StorageLayout) -> list[dict[str, Any]]:
-    """The incremental searcher's decision log from its newest saved state in the sweep folder.
+    """The incremental searcher's decision log, from its newest saved state in the sweep folder.
 
     Newest by name, as Tune's own restore picks it (the name holds the session's start time): after
     `--resume` Tune's storage sync copies the first session's file again, so modification times mislead.
+    The searcher reads its own state file; after `--resume` the searcher that ran lives inside Tune.
     """
+    from orchestrator.ray.searchers import IncrementalBetaSearcher
+
     for state in reversed(layout.searcher_states()):
+        searcher = IncrementalBetaSearcher()
         try:
-            return json.loads(state.read_text()).get("decision_log", [])
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            searcher.restore(str(state))
+        except (ValueError, KeyError, TypeError):
             continue
+        return searcher.decisions()
     return []
 
 
