@@ -279,3 +279,28 @@ def test_docs_config_reference_lists_every_key_as_the_typed_config_defines_it():
     assert {"dpo.beta", "dpo.kl_weight", "train.learning_rate", "sweep.strategy", "resources.num_workers",
             "tracking.uri", "study.arms", "benchmarks[].kind"} <= keys
     assert all(text for key, _, text in reference_rows(ExperimentConfig)), "a config field has no description"
+
+
+def test_loading_resolving_and_the_config_reference_import_no_torch(tmp_path):
+    """The config layer stays torch-free: a driver (or a laptop) can check a config without torch's import,
+    and `dpo config-reference` starts fast. Run in a fresh interpreter so nothing imported earlier counts."""
+    import subprocess
+    import sys
+
+    from tests.tiny_world import minimal_config_file
+
+    config_file = minimal_config_file(tmp_path)
+    code = (
+        "import sys\n"
+        "from orchestrator.config import load_config\n"
+        "from orchestrator.config.spec import resolve_experiment, resolve_run\n"
+        "from orchestrator.cli.main import main\n"
+        f"config = load_config({str(config_file)!r}, ['sweep.strategy=grid', 'sweep.beta=[0.1, 0.2]'])\n"
+        "resolve_run(config); resolve_experiment(config)\n"
+        "assert main(['config-reference']) == 0\n"
+        "print('TORCH', sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr
+    assert "TORCH []" in result.stdout, result.stdout.splitlines()[-1]

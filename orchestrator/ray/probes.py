@@ -1,14 +1,14 @@
 """Optional timing probes of a sweep trial: where its time goes before the first optimizer step.
 
-Not on the training path: the worker wraps its reports with `StartupClock.metrics`, which adds three
-`perf/*` figures that bench/sweep.py sums into the sweep's overhead breakdown.
+Not on the training path: the worker wraps its report callable with `StartupClock.wrap`, which adds
+three `perf/*` figures to every report; bench/sweep.py sums them into the sweep's overhead breakdown.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from typing import Any
+from typing import Any, Callable
 
 
 class StartupClock:
@@ -45,3 +45,10 @@ class StartupClock:
             if self.fit_called_at is not None:
                 self.figures["perf/ray_train_start_seconds"] = max(0.0, self.entered - self.fit_called_at)
         return self.figures
+
+    def wrap(self, report: Callable[[dict[str, Any], str | None], None]) -> Callable[[dict[str, Any], str | None], None]:
+        """`report` with this clock's figures added to every metrics dict."""
+        def with_startup(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+            report({**metrics, **self.metrics(metrics)}, checkpoint_dir)
+
+        return with_startup

@@ -63,34 +63,36 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker: the engine's DPO (or SFT) loop with Ray's model preparation and reporting."""
     from orchestrator.ray.probes import StartupClock
 
-    startup = StartupClock(fit_called_at=None, worker_entered_at=time.time())
+    job: WorkerJob = loop_config["job"]
+    startup = StartupClock(fit_called_at=job.fit_called_at, worker_entered_at=time.time())  # optional timing probe
     from trainables.entrypoints import run_dpo, run_sft
 
-    job: WorkerJob = loop_config["job"]
-    startup.fit_called_at = job.fit_called_at
     spec, resources = job.spec, job.spec.resources
+    # 1) what the sweep driver shares: its reference pass (Tune starts trials before it ends) and its data
     if job.shared.reference_ready is not None:
-        with startup.waiting_for_reference():  # Tune starts trials before the sweep's reference task ends
+        with startup.waiting_for_reference():
             ray.get(job.shared.reference_ready)
     data = ray.get(job.shared.data) if job.shared.data is not None and spec.stage == "dpo" else None
+    # 2) this worker's threads, scratch folder and device
     if not resources.use_gpu:
         torch.set_num_threads(max(1, int(resources.cpus_per_worker)))  # Ray pins the worker to these CPUs
     context = ray.train.get_context()
     local_dir = Path(tempfile.mkdtemp(prefix=f"dpo-{context.get_experiment_name()}-rank{context.get_world_rank()}-"))
     device = ray.train.torch.get_device()
     device = device[0] if isinstance(device, list) else device
-
+    # 3) reports go to Ray (metrics and checkpoints) and, from rank 0, to MLflow (metrics are all-reduced)
     tracker = None
-    if job.run_id and context.get_world_rank() == 0:  # metrics are already all-reduced
+    if job.run_id and context.get_world_rank() == 0:
         from orchestrator.tracking.trial_tracker import TrialTracker
 
         tracker = TrialTracker(job.tracking_uri, job.run_id)
 
-    def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
-        metrics = {**metrics, **startup.metrics(metrics)}
+    def to_ray_and_mlflow(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         if tracker is not None:  # asynchronous: never waits for the tracking server
             tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=int(metrics["step"]))
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
+
+    report = startup.wrap(to_ray_and_mlflow)
 
     def prepare_model(model: torch.nn.Module) -> torch.nn.Module:
         if resources.strategy == "fsdp" and context.get_world_size() > 1:  # CPU (gloo) or CUDA (NCCL)
