@@ -136,10 +136,12 @@ def test_bucketed_forward_gives_the_same_logps_logits_and_gradients(world, paddi
 
 def test_bucketed_forward_really_runs_several_smaller_forwards(world):
     model = load_causal_lm(world["model"])
+    batch = collate_pairs(far_apart_pairs(), pad_token_id=3)
+    with torch.no_grad():
+        logprobs.forward_logps(model, batch)  # the log-prob head's one-time probe (two forwards) happens here
     widths: list[int] = []
     model.register_forward_pre_hook(lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape[1]),
                                     with_kwargs=True)
-    batch = collate_pairs(far_apart_pairs(), pad_token_id=3)
     with torch.no_grad():
         logprobs.forward_logps(model, batch, padding_buckets=3)
     assert len(widths) == 3 and max(widths) == batch["input_ids"].shape[1] and min(widths) < max(widths)

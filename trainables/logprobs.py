@@ -8,8 +8,10 @@ length, runs one forward per length bucket (trainables/bucketing.py), each cut t
 the per-row results back in the original order at the batch's width, zeros beyond each row's bucket
 (only pad positions, which every consumer masks). Downstream (losses, KL, metrics, one backward) sees
 the same values as with one forward. The log-softmax is never materialised for the whole batch in
-float32: `token_logps_from_logits` gathers the target logit and subtracts a logsumexp computed in
-chunks (`target_logps`). DPO's shared-prompt forward (trainables/shared_prompt.py) returns the same
+float32, and without the exact KL's need for full distributions no (rows, seq, vocab) tensor is kept at
+all: the output layer computes only the answer tokens' log-probs, in chunks (trainables/answer_head.py).
+With full logits, `token_logps_from_logits` gathers the target logit and subtracts a logsumexp computed
+in chunks (`target_logps`). DPO's shared-prompt forward (trainables/shared_prompt.py) returns the same
 ForwardLogps layout from one row per pair. Tested by `python -m pytest tests/test_engine.py tests/test_bucketing.py -q`.
 """
 
@@ -67,6 +69,8 @@ class ForwardLogps:
 
 
 def _forward_once(model: torch.nn.Module, batch: dict[str, torch.Tensor], keep_logits: bool) -> ForwardLogps:
+    if not keep_logits:
+        return _answer_head_once(model, batch)
     outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     logits = outputs.logits  # (rows, seq, vocab)
     answer_mask = batch["answer_mask"]  # (rows, seq) bool
@@ -76,6 +80,20 @@ def _forward_once(model: torch.nn.Module, batch: dict[str, torch.Tensor], keep_l
         # logits[t-1] predicts token t: shift so position t holds the distribution over token t.
         aligned_logits = F.pad(logits[:, :-1, :], (0, 0, 1, 0))  # (rows, seq, vocab)
     return ForwardLogps(token_logps=token_logps, sequence_logps=token_logps.sum(-1), logits=aligned_logits)
+
+
+def _answer_head_once(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> ForwardLogps:
+    """Answer-token log-probs without materialising the logits (trainables/answer_head.py)."""
+    from trainables.answer_head import answer_logps
+
+    input_ids, answer_mask = batch["input_ids"], batch["answer_mask"]  # (rows, seq) each
+    rows, seq = input_ids.shape
+    row, column = answer_mask[:, 1:].nonzero(as_tuple=True)  # position `column` predicts answer token column + 1
+    values = answer_logps(model, {"input_ids": input_ids, "attention_mask": batch["attention_mask"]},
+                          predictor=row * seq + column, targets=input_ids[row, column + 1])  # (answer tokens,)
+    token_logps = torch.zeros((rows, seq), dtype=torch.float32, device=input_ids.device).index_put(
+        (row, column + 1), values)  # (rows, seq), zero outside the answers
+    return ForwardLogps(token_logps=token_logps, sequence_logps=token_logps.sum(-1), logits=None)
 
 
 def forward_logps(

@@ -34,7 +34,8 @@ import torch
 import torch.distributed as dist
 
 from trainables.bucketing import PaddingBuckets, plan_buckets
-from trainables.logprobs import ForwardLogps, forward_logps, target_logps
+from trainables.answer_head import answer_logps
+from trainables.logprobs import ForwardLogps, forward_logps
 from trainables.tokenization import TokenizedPair
 
 logger = logging.getLogger(__name__)
@@ -109,10 +110,8 @@ def _answer_logps_once(model: torch.nn.Module, shared: SharedBatch, device: torc
     """Log-probs (N,) float32 of the batch's answer tokens, in SharedBatch.targets order."""
     input_ids = shared.input_ids.to(device)  # (B, L)
     mask = additive_mask(shared.allowed.to(device), _compute_dtype(model, device))  # (B, 1, L, L)
-    logits = model(input_ids=input_ids, attention_mask=mask, position_ids=shared.position_ids.to(device),
-                   use_cache=False).logits  # (B, L, vocab)
-    predicting = logits.reshape(-1, logits.shape[-1])[shared.predictor.to(device)]  # (N, vocab)
-    return target_logps(predicting, shared.targets.to(device))  # (N,)
+    inputs = {"input_ids": input_ids, "attention_mask": mask, "position_ids": shared.position_ids.to(device)}
+    return answer_logps(model, inputs, shared.predictor.to(device), shared.targets.to(device))  # (N,), no logits kept
 
 
 def shared_forward_logps(model: torch.nn.Module, pairs: Sequence[TokenizedPair], answer_mask: torch.Tensor,
