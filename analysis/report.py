@@ -32,7 +32,7 @@ from typing import Any
 import pandas as pd
 
 from analysis import plots
-from analysis.runs import SweepRuns, load_sweep
+from analysis.runs import SweepRuns, load_sweep, shown_uri
 from analysis.selection import Selection, SelectionRule, select_trial
 from orchestrator.tracking.schema import (ANALYSIS_ARTIFACT_FOLDER, ANALYSIS_CHOSEN_BETA_TAG, ANALYSIS_CHOSEN_TRIAL_TAG,
                                           ANALYSIS_METRIC_TAG, ANALYSIS_REASON_TAG, DATA_TAG_PREFIX, GIT_COMMIT_TAG,
@@ -92,7 +92,7 @@ def _decision_rows(decision_log: list[dict[str, Any]]) -> tuple[list[str], list[
 
 def _facts(sweep: SweepRuns, selection: Selection) -> list[tuple[str, str]]:
     tags = sweep.parent_tags
-    facts = [("tracking URI", sweep.uri), ("experiment id", sweep.experiment_id),
+    facts = [("tracking URI", shown_uri(sweep.uri)), ("experiment id", sweep.experiment_id),
              ("parent run", sweep.parent_run_id or "(none found)"), ("trials", str(len(sweep.trials))),
              ("score", selection.metric), ("git commit", tags.get(GIT_COMMIT_TAG, ""))]
     facts += [(key, value) for key, value in sorted(tags.items())
@@ -139,7 +139,7 @@ def write_report(sweep: SweepRuns, selection: Selection, directory: str | Path) 
     figures = _write_plots(sweep, selection, directory)
     selection.table.to_csv(directory / "trials.csv", index=False)
     (directory / "selection.json").write_text(json.dumps(
-        {"sweep": sweep.name, "tracking_uri": sweep.uri, "parent_run_id": sweep.parent_run_id, **selection.summary()},
+        {"sweep": sweep.name, "tracking_uri": shown_uri(sweep.uri), "parent_run_id": sweep.parent_run_id, **selection.summary()},
         indent=1, default=str))
     header, rows = _rows(selection.table)
     decision_header, decision_rows = _decision_rows(sweep.decision_log)

@@ -54,6 +54,11 @@ class SweepNotFoundError(NotFoundError):
     """No experiment, parent run or trial runs for the sweep name at the tracking URI (a user error, exit 2)."""
 
 
+def shown_uri(uri: str) -> str:
+    """The tracking URI as a message shows it: credentials (user:password@, ?token=...) left out."""
+    return re.sub(r"[?#].*$", "", re.sub(r"(://)[^/@\s]*@", r"\1***@", str(uri)))
+
+
 def lower_is_better(key: str) -> bool:
     """`train/loss`, `eval/kl`, `bench/perplexity`: smaller is better; accuracies, margins, scores: larger."""
     name = key.rsplit("/", 1)[-1].lower()
@@ -96,7 +101,8 @@ class SweepRuns:
         match = self.trials[self.trials["trial_id"] == trial_id]
         if match.empty:
             known = ", ".join(sorted(map(str, self.trials["trial_id"])))
-            raise SweepNotFoundError(f"no trial {trial_id!r} in sweep {self.name!r} at {self.uri}; its trials: {known}")
+            raise SweepNotFoundError(f"no trial {str(trial_id)[:80]!r} in sweep {self.name!r} at {shown_uri(self.uri)}; "
+                                     f"its trials: {known[:400]}")
         return str(match.iloc[0]["run_id"])
 
     def curves(self, keys: Iterable[str] = (LOSS_METRIC,)) -> pd.DataFrame:
@@ -213,20 +219,20 @@ def load_sweep(uri: str, name: str, experiment: str | None = None, *, client: An
     from mlflow.tracking import MlflowClient
 
     if not re.fullmatch(NAME_PATTERN, name):
-        raise SweepNotFoundError(f"sweep name {name!r}: sweep and study names are letters, digits, '.', '_' and '-'")
+        raise SweepNotFoundError(f"sweep name {name[:80]!r}: sweep and study names are letters, digits, '.', '_' and '-'")
     client = client or MlflowClient(tracking_uri=uri)
     experiment_name = experiment or name
     found = client.get_experiment_by_name(experiment_name)
     if found is None:
         raise SweepNotFoundError(
-            f"no runs found for sweep {name!r} at {uri}: there is no MLflow experiment {experiment_name!r}. Did the "
+            f"no runs found for sweep {name!r} at {shown_uri(uri)}: there is no MLflow experiment {experiment_name[:80]!r}. Did the "
             "sweep run with tracking on, against this tracking URI (tracking.uri, MLFLOW_TRACKING_URI or the embedded "
             "server of this storage_path)?")
     experiment_id = found.experiment_id
     parent, trials, sweep_parents = _find_runs(client, experiment_id, name)
     if not trials:
         raise SweepNotFoundError(
-            f"no runs found for sweep {name!r} at {uri} (experiment {experiment_name!r}): "
+            f"no runs found for sweep {name!r} at {shown_uri(uri)} (experiment {experiment_name[:80]!r}): "
             + ("its parent run has no trial runs yet" if parent else f"no run is tagged sweep or study = {name!r}"))
     with ThreadPoolExecutor(max_workers=8) as pool:
         curves_per_run = list(pool.map(lambda run: _run_curves(client, run), trials))

@@ -9,19 +9,26 @@ It runs the sweep in a fresh storage folder and reports:
 - Ray overhead = 1 - (trial step + eval seconds) / (wall seconds x trial slots), where trial slots is
   how many trials fit the machine at once; it counts start-up of Ray, trial actors, Train workers,
   model and data loading, checkpoint upload and the reference pass as overhead;
-- where those seconds went: each trial's Ray Train start-up (fit() to the worker's first line), wait for
-  the reference task, and loading (imports, data, cache, model) before its first step, as the workers
-  measured them (`perf/ray_train_start_seconds`, `perf/reference_wait_seconds`, `perf/load_seconds`);
-  the rest of the trials (reports, checkpoints, teardown); and the seconds outside trials;
+- the fixed cost of each trial: the wall time from the moment its slot became free (the last trial that
+  ended before it started; the trial's own start for the first ones) to its last report, less its steps
+  and evaluation. It holds the searcher's decision, Tune's scheduling, the MLflow run, loading, reports,
+  checkpoints and the previous trial's teardown. `fixed_seconds_per_trial` is its median over the trials
+  after the first (the first pays for the trial actor's imports and waits for the reference pass);
+- where the seconds before each first step went, as the trials measured them: Ray Train start-up (Ray
+  Train trials only), waiting for the reference task, and loading (imports, data, cache, model)
+  (`perf/ray_train_start_seconds`, `perf/reference_wait_seconds`, `perf/load_seconds`); the rest of the
+  trials (reports, checkpoints, teardown); and the seconds outside trials;
 - the reference pass: its cold cost (measured once more, outside the sweep) and the compute that
   per-trial recomputation would have spent, K x cold cost, against 1 x cold cost with the shared cache;
-- Ray Train's floor: the wall time of a TorchTrainer.fit() whose workers run an empty loop, on a local
-  Ray started as `dpo sweep` starts it, with the trial's resources (the per-trial cost no engine change
-  can remove), and the CPU seconds Ray's processes spend in one such fit, by process (controller, worker,
-  helper actors): CPU seconds / cores is the least wall time that start-up can take on this machine;
+- Ray Train trials only (or --floor): Ray Train's floor, the wall time of a TorchTrainer.fit() whose
+  workers run an empty loop, on a local Ray started as `dpo sweep` starts it, with the trial's resources
+  (the per-trial cost no engine change can remove), and the CPU seconds Ray's processes spend in one such
+  fit, by process (controller, worker, helper actors);
 - the projection: the overhead is fixed seconds (per sweep and per trial), so it also prints how long each
-  trial would have to train for those seconds to be 15% of the wall time.
-Writes the figures as JSON to --out. A benchmark, never a test.
+  trial would have to train for those seconds to be 10% of the wall time.
+Writes the figures as JSON to --out and ends with one JSON line on stdout: wall_seconds,
+ray_overhead_fraction, fixed_seconds_per_trial, betas (in the order tried), trial_mode, trials, load
+average. A benchmark, never a test.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import datetime
 import json
 import math
 import os
+import statistics
 import sys
 import tempfile
 import threading
@@ -45,7 +53,8 @@ from orchestrator.config.spec import resolve_experiment, resolve_run  # noqa: E4
 from orchestrator.workflows.sweep import run_sweep  # noqa: E402
 from trainables.entrypoints import load_preference_data, precompute_reference  # noqa: E402
 
-TARGET = 0.15  # issue #3: Ray overhead at most 15% of the sweep's wall time
+TARGET = 0.10  # issue 20: Ray overhead at most 10% of the sweep's wall time
+FIXED_TARGET = 3.0  # issue 20: at most 3 fixed seconds per single-worker trial after the first
 
 
 def cold_reference_seconds(config: ExperimentConfig) -> float:
@@ -168,18 +177,51 @@ def fixed_by_phase(slot_seconds: float, trials: list[dict]) -> dict[str, float]:
     return phases
 
 
+def fixed_seconds_of_trials(trials: list[dict]) -> list[dict]:
+    """Each trial's fixed seconds: from the moment its slot became free (the end of the last trial that
+    ended before it started, else its own start) to its last report, less its steps and evaluation; in
+    the order the trials started. Trials without a start time (an older sweep) count from their own start."""
+    timed = []
+    for trial in trials:
+        busy = (trial.get("step_seconds") or 0.0) + (trial.get("eval_seconds") or 0.0)
+        started, seconds = trial.get("trial_started_at"), trial.get("trial_seconds") or 0.0
+        timed.append({"trial_id": trial["trial_id"], "beta": trial["config"].get("beta"), "started": started,
+                      "ended": started + seconds if started is not None else None, "seconds": seconds, "busy": busy})
+    timed.sort(key=lambda t: (t["started"] is None, t["started"] or 0.0))
+    for trial in timed:
+        if trial["started"] is None:
+            trial["fixed"] = trial["seconds"] - trial["busy"]
+            continue
+        freed = [other["ended"] for other in timed if other["ended"] is not None and other["ended"] <= trial["started"]]
+        since = max(freed) if freed else trial["started"]
+        trial["fixed"] = trial["ended"] - since - trial["busy"]
+    return timed
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(value, 2) for value in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/quickstart.yaml", help="sweep config (default: the quickstart)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override key=value")
     parser.add_argument("--out", default=None, help="JSON output (default bench/results/sweep-<date>.json)")
+    parser.add_argument("--floor", action="store_true", help="also time Ray Train's floor for a warm sweep")
     args = parser.parse_args()
 
     storage = tempfile.mkdtemp(prefix="dpo-bench-sweep-")
     config = load_config(args.config, args.overrides + [f"storage_path={storage}"])
+    experiment = resolve_experiment(config)
+    load_before = load_average()
     started = time.perf_counter()
-    summary = run_sweep(resolve_experiment(config))
+    summary = run_sweep(experiment)
     wall = time.perf_counter() - started
+    load_after = load_average()
+    trial_mode = summary.get("trial_mode", experiment.sweep.trial_mode)
 
     cpus = os.cpu_count() or 1
     per_trial_cpus = config.resources.num_workers * config.resources.cpus_per_worker
@@ -194,29 +236,39 @@ def main() -> None:
 
         EmbeddedServer(mlflow_root(storage)).stop()  # the sweep's embedded server; this folder is temporary
     reference_seconds = cold_reference_seconds(config)
-    floor, floor_cpu = ray_train_floor(config, storage)
+    floor, floor_cpu = ray_train_floor(config, storage) if trial_mode == "train" or args.floor else ([], {})
     # The overhead is a fixed cost (per sweep and per trial), so the fraction falls as trials train longer:
-    # the training per trial at which this sweep's fixed seconds would be 15% of the wall time.
+    # the training per trial at which this sweep's fixed seconds would be 10% of the wall time.
     fixed_seconds = wall * slots - step_seconds - eval_seconds
     busy_per_trial_for_target = fixed_seconds * (1 - TARGET) / TARGET / max(1, len(trials))
+    timed = fixed_seconds_of_trials(trials)
+    after_first = sorted(t["fixed"] for t in timed[1:])
+    fixed_per_trial = statistics.median(after_first) if after_first else None
     figures = {
         "date": datetime.date.today().isoformat(), "cpus": cpus, "config": args.config, "overrides": args.overrides,
-        "trials": len(trials), "betas_tried": sorted({t["config"].get("beta") for t in trials}),
+        "trial_mode": trial_mode, "trials": len(trials), "betas": [t["beta"] for t in timed],
+        "betas_tried": sorted({t["config"].get("beta") for t in trials}),
         "trial_slots": slots, "wall_seconds": wall, "trial_step_seconds": step_seconds,
         "trial_eval_seconds": eval_seconds, "ray_overhead_fraction": overhead,
+        "fixed_seconds_per_trial": fixed_per_trial, "fixed_seconds_of_each_trial": [t["fixed"] for t in timed],
+        "load_average_before": load_before, "load_average_after": load_after,
         "reference_cold_seconds": reference_seconds,
         "reference_seconds_shared_cache": reference_seconds,
         "reference_seconds_per_trial_recompute": reference_seconds * len(trials),
         "ray_train_floor_seconds": floor, "ray_train_floor_cpu_seconds_by_process": floor_cpu,
-        "fixed_seconds": fixed_seconds, "busy_seconds_per_trial_for_15_percent": busy_per_trial_for_target,
+        "fixed_seconds": fixed_seconds, "busy_seconds_per_trial_for_10_percent": busy_per_trial_for_target,
         "best": summary["best"],
-        "per_trial": [{k: t.get(k) for k in ("trial_id", "trial_seconds", "step_seconds", "eval_seconds") + STARTUP_PHASES}
-                      | {"beta": t["config"].get("beta")} for t in trials],
+        "per_trial": [{k: t.get(k) for k in ("trial_id", "trial_started_at", "trial_seconds", "step_seconds", "eval_seconds")
+                       + STARTUP_PHASES} | {"beta": t["config"].get("beta")} for t in trials],
         "fixed_seconds_by_phase": fixed_by_phase(wall * slots, trials),
     }
-    print(f"sweep {config.name}: {len(trials)} trials, betas {figures['betas_tried']}, {slots} trial slot(s) on {cpus} CPUs")
+    print(f"sweep {config.name} ({trial_mode} trials): {len(trials)} trials, betas {figures['betas']}, "
+          f"{slots} trial slot(s) on {cpus} CPUs; load average {load_before} before, {load_after} after")
     print(f"  wall {wall:.1f} s; in optimizer steps {step_seconds:.1f} s, in evaluation {eval_seconds:.1f} s")
-    print(f"  Ray overhead (wall not spent in steps or eval): {overhead:.1%}")
+    print(f"  Ray overhead (wall not spent in steps or eval): {overhead:.1%} (target {TARGET:.0%})")
+    if fixed_per_trial is not None:
+        print(f"  fixed seconds per trial after the first (median): {fixed_per_trial:.1f} s (target {FIXED_TARGET:g} s); "
+              "each trial, in the order started: " + ", ".join(f"{t['fixed']:.1f}" for t in timed))
     for trial in trials:
         busy = (trial.get("step_seconds") or 0.0) + (trial.get("eval_seconds") or 0.0)
         if trial.get("trial_seconds"):
@@ -225,8 +277,9 @@ def main() -> None:
                   f"trial start to last report, {busy:.1f} s in steps and eval; before the first step: {phases} s")
     print("  fixed seconds by phase (summed over trials): " + ", ".join(
         f"{name.replace('_', ' ')} {value:.1f}" for name, value in figures["fixed_seconds_by_phase"].items()))
-    print(f"  Ray Train floor (TorchTrainer.fit of an empty loop, same resources): "
-          f"{', '.join(f'{value:.1f}' for value in floor)} s; median {sorted(floor)[len(floor) // 2]:.1f} s per trial")
+    if floor:
+        print(f"  Ray Train floor (TorchTrainer.fit of an empty loop, same resources): "
+              f"{', '.join(f'{value:.1f}' for value in floor)} s; median {sorted(floor)[len(floor) // 2]:.1f} s per trial")
     if floor_cpu:
         cpu_total = sum(floor_cpu.values())
         print(f"    CPU per empty fit: {cpu_total:.1f} CPU-s in Ray's processes, at least {cpu_total / cpus:.1f} s on {cpus} cores ("
@@ -239,6 +292,9 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(figures, indent=1, default=str))
     print(f"  written: {out}")
+    print(json.dumps({key: figures[key] for key in (
+        "wall_seconds", "ray_overhead_fraction", "fixed_seconds_per_trial", "betas", "trial_mode", "trials",
+        "trial_slots", "cpus", "load_average_before", "load_average_after")}, default=str))
 
 
 if __name__ == "__main__":

@@ -142,7 +142,8 @@ def run_engine(inputs: Inputs, args: argparse.Namespace, repeat: int, variant: s
             train__learning_rate=args.learning_rate, train__batch_size=args.batch_size,
             train__micro_batch_size=args.batch_size, train__max_steps=args.warmup + args.steps + 1,
             train__warmup_steps=0, train__schedule="linear", train__weight_decay=0.0, train__max_grad_norm=1.0,
-            train__eval_every=10**9, train__checkpoint_every=10**9, train__keep_checkpoints=1, train__log_every=10,
+            train__eval_every=args.warmup + args.steps + 1, train__checkpoint_every=args.warmup + args.steps + 1,
+            train__keep_checkpoints=1, train__log_every=10,
             train__seed=repeat)
         precompute_seconds = None
         if reference_mode == "precomputed":

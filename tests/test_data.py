@@ -273,7 +273,7 @@ def test_json_array_and_csv_problems_name_the_row(tmp_path):
     with pytest.raises(InvalidDataError, match="a single JSON object"):
         load_preference_pairs(str(single))
     csv = write_rows(tmp_path / "pairs.csv", [*EXPLICIT_ROWS, {"prompt": "p", "chosen": "", "rejected": "r"}])
-    with pytest.raises(InvalidDataError, match=r"row 2, field 'chosen': null \(an empty CSV cell\)"):
+    with pytest.raises(InvalidDataError, match=r"row 2 \(line 4\), field 'chosen': null \(an empty CSV cell\)"):
         load_preference_pairs(str(csv))
 
 

@@ -242,3 +242,325 @@ def test_masked_token_mean_uses_mask_or_global_count():
     assert masked_token_mean(values, torch.zeros_like(mask)).item() == 0.0
     with pytest.raises(ValueError, match="token_count must be > 0"):
         masked_token_mean(values, mask, token_count=0)
+
+
+# --- the loss family (trainables/loss_family.py, preference_loss.py, loss_options.py): hand arithmetic ---
+
+from trainables import loss_family  # noqa: E402
+from trainables.loss_options import LOSS_NAMES, REFERENCE_FREE_LOSSES, LossSpec, check_loss_spec  # noqa: E402
+from trainables.preference_loss import (  # noqa: E402
+    PairLogps,
+    RunningRewardMean,
+    build_preference_loss,
+    loss_at_zero_log_ratio,
+    pair_logps_from_tokens,
+)
+
+
+def nls(x: float) -> float:
+    """-log sigma(x) = log(1 + e^-x), by hand."""
+    return math.log1p(math.exp(-x))
+
+
+def sig(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def spec(*names: str, weights=None, label_smoothing=0.0, f_divergence="reverse_kl", f_alpha=0.5, use_weighting=False,
+         ld_alpha=None, simpo_gamma=0.25, discopop_tau=0.05) -> LossSpec:
+    return LossSpec(names=names, weights=tuple(weights or [1.0] * len(names)), label_smoothing=label_smoothing,
+                    f_divergence=f_divergence, f_alpha=f_alpha, use_weighting=use_weighting, ld_alpha=ld_alpha,
+                    simpo_gamma=simpo_gamma, discopop_tau=discopop_tau)
+
+
+def two_pair_batch(**extra) -> PairLogps:
+    """two_pairs() with answer lengths |y_w| = 2, 4 and |y_l| = 1, 2. With beta = 0.5:
+    u_w = (0.5, -1), u_l = (-0.5, 1), d = u_w - u_l = (1, -2), beta d = (0.5, -1),
+    r_w = (0.25, -0.5), r_l = (-0.25, 0.5).
+    """
+    pc, pr, rc, rr = two_pairs()
+    lengths = dict(chosen_lengths=torch.tensor([2.0, 4.0], dtype=torch.float64),
+                   rejected_lengths=torch.tensor([1.0, 2.0], dtype=torch.float64))
+    return PairLogps(pc, pr, rc, rr, **{**lengths, **extra})
+
+
+def family_losses(loss_spec: LossSpec, batch: PairLogps | None = None) -> torch.Tensor:
+    return build_preference_loss(loss_spec)(batch or two_pair_batch(), BETA, update_state=True).losses
+
+
+R_W, R_L = (0.25, -0.5), (-0.25, 0.5)  # rewards of two_pair_batch
+HAND_VALUES = {
+    "sigmoid": [nls(0.5), nls(-1.0)],
+    "cdpo": [0.9 * nls(0.5) + 0.1 * nls(-0.5), 0.9 * nls(-1.0) + 0.1 * nls(1.0)],  # eps 0.1
+    "hinge": [1 - 0.5, 1 - (-1.0)],
+    # per-token margins: 0.5/2 - (-0.5)/1 = 0.75 and -1/4 - 1/2 = -0.75; target 1/(2*0.5) = 1
+    "ipo": [(0.75 - 1) ** 2, (-0.75 - 1) ** 2],
+    # eps = 0.001: q_w (log q_w - log(1 - eps)) + q_l (log q_l - log eps), q_w = sigma(beta d)
+    "exo_pair": [sig(bd) * (-nls(bd) - math.log(0.999)) + sig(-bd) * (-nls(-bd) - math.log(0.001)) for bd in (0.5, -1.0)],
+    "nca_pair": [nls(rw) + 0.5 * nls(-rw) + 0.5 * nls(-rl) for rw, rl in zip(R_W, R_L)],
+    "robust": [(0.9 * nls(bd) - 0.1 * nls(-bd)) / 0.8 for bd in (0.5, -1.0)],  # eps 0.1
+    # fresh state: delta = mean(0.25, -0.5, -0.25, 0.5) = 0
+    "bco_pair": [nls(rw) + nls(-rl) for rw, rl in zip(R_W, R_L)],
+    "sppo_hard": [(0.5 - 1) ** 2 + (-0.5 + 1) ** 2, (-1 - 1) ** 2 + (1 + 1) ** 2],  # 1/(2 beta) = 1
+    # sorted policy margins pc - pr = (1, -2) -> (-2, 1); reference margins (0, 0); beta delta = (-1, 0.5)
+    "aot": [nls(-1.0), nls(0.5)],
+    # sort(u_w) = (-1, 0.5), sort(u_l) = (-0.5, 1): delta = (-0.5, -0.5), beta delta = -0.25
+    "aot_unpaired": [nls(-0.25), nls(-0.25)],
+    "apo_zero": [(1 - sig(rw)) + sig(rl) for rw, rl in zip(R_W, R_L)],
+    "apo_down": [sig(rw) + (1 - sig(rw - rl)) for rw, rl in zip(R_W, R_L)],
+    # rho = beta d; (1 - sigma(rho/0.05)) (-log sigma(rho)) + sigma(rho/0.05) e^-rho
+    "discopop": [(1 - sig(rho / 0.05)) * nls(rho) + sig(rho / 0.05) * math.exp(-rho) for rho in (0.5, -1.0)],
+    # -(pc_0 + pc_1) / (|y_w,0| + |y_w,1|) = -(-1 - 3) / (2 + 4) for both pairs
+    "sft": [4 / 6, 4 / 6],
+    "sigmoid_norm": [nls(0.5 * 0.75), nls(0.5 * -0.75)],
+    # averages pc/|y_w| = (-0.5, -0.75), pr/|y_l| = (-2, -0.5); z = 0.5 (1.5, -0.25) - 0.25 = (0.5, -0.375)
+    "simpo": [nls(0.5), nls(-0.375)],
+}
+HAND_SMOOTHING = {"cdpo": 0.1, "robust": 0.1, "exo_pair": 0.001}
+
+
+def test_hand_values_cover_every_name():
+    assert set(HAND_VALUES) == set(LOSS_NAMES)
+
+
+@pytest.mark.parametrize("name", sorted(HAND_VALUES))
+def test_family_hand_values(name):
+    losses = family_losses(spec(name, label_smoothing=HAND_SMOOTHING.get(name, 0.0)))
+    torch.testing.assert_close(losses, torch.tensor(HAND_VALUES[name], dtype=torch.float64))
+
+
+def test_family_agrees_with_the_classic_functions():
+    batch = two_pair_batch()
+    classic = (batch.policy_chosen, batch.policy_rejected, batch.reference_chosen, batch.reference_rejected, BETA)
+    torch.testing.assert_close(family_losses(spec("sigmoid")), sigmoid_dpo_loss(*classic).losses)
+    torch.testing.assert_close(family_losses(spec("hinge")), hinge_loss(*classic).losses)
+    torch.testing.assert_close(family_losses(spec("cdpo", label_smoothing=0.1)),
+                               conservative_dpo_loss(*classic, label_smoothing=0.1).losses)
+
+
+def test_rewards_are_beta_log_ratios_and_simpos_are_length_averaged():
+    """Reference losses: r = beta u = (0.25, -0.5) and (-0.25, 0.5); SimPO: beta pc/|y_w| = 0.5 (-0.5, -0.75)."""
+    out = build_preference_loss(spec("nca_pair"))(two_pair_batch(), BETA, update_state=True)
+    torch.testing.assert_close(out.chosen_rewards, torch.tensor(R_W, dtype=torch.float64))
+    torch.testing.assert_close(out.rejected_rewards, torch.tensor(R_L, dtype=torch.float64))
+    simpo = build_preference_loss(spec("simpo"))(two_pair_batch(), BETA, update_state=True)
+    torch.testing.assert_close(simpo.chosen_rewards, torch.tensor([-0.25, -0.375], dtype=torch.float64))
+    torch.testing.assert_close(simpo.rejected_rewards, torch.tensor([-1.0, -0.25], dtype=torch.float64))
+    assert not simpo.chosen_rewards.requires_grad
+
+
+def test_simpo_ignores_the_reference_and_smooths_its_labels():
+    """SimPO reads no reference: other reference log-probs give the same loss. eps = 0.2:
+    0.8 (-log sigma(z)) + 0.2 (-log sigma(-z)), z = (0.5, -0.375)."""
+    batch = two_pair_batch()
+    moved = PairLogps(batch.policy_chosen, batch.policy_rejected, batch.reference_chosen + 7, batch.reference_rejected - 3,
+                      batch.chosen_lengths, batch.rejected_lengths)
+    torch.testing.assert_close(family_losses(spec("simpo"), moved), family_losses(spec("simpo")))
+    expected = [0.8 * nls(z) + 0.2 * nls(-z) for z in (0.5, -0.375)]
+    torch.testing.assert_close(family_losses(spec("simpo", label_smoothing=0.2)), torch.tensor(expected, dtype=torch.float64))
+
+
+def test_f_divergence_scores_by_hand():
+    """u = (0.5, -1): forward_kl 1 - e^-u; js log 2 + log sigma(u); alpha (a = 0.5): (e^(-0.5 u) - 1) / -0.5."""
+    u = torch.tensor([0.5, -1.0], dtype=torch.float64)
+    cases = {
+        ("forward_kl", 0.5): [1 - math.exp(-0.5), 1 - math.exp(1.0)],
+        ("js_divergence", 0.5): [math.log(2) - nls(0.5), math.log(2) - nls(-1.0)],
+        ("alpha_divergence", 0.5): [(math.exp(-0.25) - 1) / -0.5, (math.exp(0.5) - 1) / -0.5],
+        ("alpha_divergence", 1.0): [0.5, -1.0],  # the limit a -> 1 is reverse KL
+        ("reverse_kl", 0.5): [0.5, -1.0],
+    }
+    for (name, alpha), expected in cases.items():
+        torch.testing.assert_close(loss_family.f_divergence_scores(u, name, alpha),
+                                   torch.tensor(expected, dtype=torch.float64))
+
+
+def test_sigmoid_with_forward_kl_by_hand():
+    """s = 1 - e^-u: s_w = (1 - e^-0.5, 1 - e^1), s_l = (1 - e^0.5, 1 - e^-1); L = -log sigma(beta (s_w - s_l))."""
+    d = [(1 - math.exp(-0.5)) - (1 - math.exp(0.5)), (1 - math.exp(1.0)) - (1 - math.exp(-1.0))]
+    torch.testing.assert_close(family_losses(spec("sigmoid", f_divergence="forward_kl")),
+                               torch.tensor([nls(0.5 * d[0]), nls(0.5 * d[1])], dtype=torch.float64))
+
+
+def test_ld_dpo_logps_by_hand():
+    """Pair 0: chosen answer 3 tokens (-1, -2, -4), rejected 2 tokens (-1, -1): public length 2.
+    chosen: (-1 - 2) + 0.5 * (-4) = -5; rejected: -2 + 0.5 * 0 = -2. Pair 1: chosen 1 token (-3) after
+    one prompt position, rejected 1 token (-5): public length 1, nothing beyond it: -3 and -5.
+    Prompt positions hold garbage (-100) that must not count."""
+    token_logps = torch.tensor([[-100.0, -1.0, -2.0, -4.0],   # chosen 0
+                                [-100.0, -3.0, 0.0, 0.0],     # chosen 1
+                                [-100.0, -1.0, -1.0, 0.0],    # rejected 0
+                                [-100.0, -100.0, -5.0, 0.0]], dtype=torch.float64)  # rejected 1
+    mask = torch.tensor([[0, 1, 1, 1], [0, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 0]])
+    torch.testing.assert_close(loss_family.ld_dpo_logps(token_logps, mask, 0.5),
+                               torch.tensor([-5.0, -3.0, -2.0, -5.0], dtype=torch.float64))
+    torch.testing.assert_close(loss_family.ld_dpo_logps(token_logps, mask, 1.0),
+                               torch.tensor([-7.0, -3.0, -2.0, -5.0], dtype=torch.float64))  # plain sums
+    pairs = pair_logps_from_tokens(token_logps, torch.zeros_like(token_logps), mask, ld_alpha=0.0)
+    torch.testing.assert_close(pairs.policy_chosen, torch.tensor([-3.0, -3.0], dtype=torch.float64))
+    torch.testing.assert_close(pairs.policy_chosen_token_sums, torch.tensor([-7.0, -3.0], dtype=torch.float64))
+    torch.testing.assert_close(pairs.chosen_lengths, torch.tensor([3.0, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(pairs.rejected_lengths, torch.tensor([2.0, 1.0], dtype=torch.float64))
+
+
+def test_wpo_weights_and_weighted_loss_by_hand():
+    """w = exp(mean over answer tokens of (log p - log sum p^2)).
+    row 0: tokens (-1, -2), log sum p^2 (-0.5, -1): mean((-0.5, -1)) = -0.75 -> e^-0.75
+    row 1: token (-0.2), log sum p^2 (-0.4): 0.2 -> e^0.2. The pair's sigmoid loss is multiplied by both."""
+    token_logps = torch.tensor([[-1.0, -2.0], [-0.2, -9.0]], dtype=torch.float64)
+    log_sum_sq = torch.tensor([[-0.5, -1.0], [-0.4, -9.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1], [1, 0]])
+    torch.testing.assert_close(loss_family.wpo_weights(token_logps, log_sum_sq, mask),
+                               torch.tensor([math.exp(-0.75), math.exp(0.2)], dtype=torch.float64))
+    pairs = pair_logps_from_tokens(token_logps, None, mask, ld_alpha=None, log_sum_sq_probs=log_sum_sq)
+    # reference-free: h = -3 - (-0.2) = -2.8
+    losses = family_losses(spec("sigmoid", use_weighting=True), pairs)
+    torch.testing.assert_close(losses, torch.tensor([nls(0.5 * -2.8) * math.exp(-0.75 + 0.2)], dtype=torch.float64))
+
+
+def test_log_sum_squared_probs_matches_its_definition():
+    logits = torch.tensor([[0.0, math.log(3.0)]])  # p = (1/4, 3/4): sum p^2 = 10/16
+    torch.testing.assert_close(loss_family.log_sum_squared_probs(logits), torch.tensor([math.log(10 / 16)]))
+
+
+def test_weighted_sum_is_rpo_by_hand():
+    """sigmoid + 0.5 sft: (nls(0.5), nls(-1)) + 0.5 * 4/6."""
+    losses = family_losses(spec("sigmoid", "sft", weights=[1.0, 0.5]))
+    torch.testing.assert_close(losses, torch.tensor([nls(0.5) + 0.5 * 4 / 6, nls(-1.0) + 0.5 * 4 / 6],
+                                                    dtype=torch.float64))
+
+
+def bco_batch(chosen_logratios, rejected_logratios) -> PairLogps:
+    chosen = torch.tensor(chosen_logratios, dtype=torch.float64)
+    rejected = torch.tensor(rejected_logratios, dtype=torch.float64)
+    return PairLogps(chosen, rejected, torch.zeros_like(chosen), torch.zeros_like(rejected))
+
+
+def test_bco_running_mean_across_steps_eval_and_resume():
+    """beta 0.5. Step 1: u_w = (2, 4), u_l = (0, -2): rewards (1, 2, 0, -1), delta = 2/4 = 0.5.
+    Step 2: u_w = (6,), u_l = (2,): rewards (3, 1): delta = (2 + 4) / 6 = 1.
+    An evaluation call reads delta without changing it; a restored copy continues identically."""
+    loss = build_preference_loss(spec("bco_pair"))
+    step1 = loss(bco_batch([2.0, 4.0], [0.0, -2.0]), BETA, update_state=True)
+    torch.testing.assert_close(step1.losses, torch.tensor([nls(1 - 0.5) + nls(-(0 - 0.5)), nls(2 - 0.5) + nls(-(-1 - 0.5))],
+                                                          dtype=torch.float64))
+    assert loss.state_dict() == {"bco_pair": {"reward_sum": 2.0, "reward_count": 4.0}}
+    evaluation = loss(bco_batch([10.0], [10.0]), BETA, update_state=False)
+    torch.testing.assert_close(evaluation.losses, torch.tensor([nls(5 - 0.5) + nls(-(5 - 0.5))], dtype=torch.float64))
+    assert loss.state_dict() == {"bco_pair": {"reward_sum": 2.0, "reward_count": 4.0}}
+    resumed = build_preference_loss(spec("bco_pair"))
+    resumed.load_state_dict(loss.state_dict())
+    step2 = loss(bco_batch([6.0], [2.0]), BETA, update_state=True)
+    torch.testing.assert_close(step2.losses, torch.tensor([nls(3 - 1.0) + nls(-(1 - 1.0))], dtype=torch.float64))
+    torch.testing.assert_close(resumed(bco_batch([6.0], [2.0]), BETA, update_state=True).losses, step2.losses)
+    assert resumed.state_dict() == loss.state_dict() == {"bco_pair": {"reward_sum": 6.0, "reward_count": 6.0}}
+
+
+def test_loss_state_round_trip_is_checked():
+    assert build_preference_loss(spec("sigmoid")).state_dict() == {}
+    build_preference_loss(spec("sigmoid")).load_state_dict({})
+    with pytest.raises(ValueError, match="expected \\['bco_pair'\\]"):
+        build_preference_loss(spec("sigmoid", "bco_pair")).load_state_dict({})
+    assert RunningRewardMean().mean == 0.0
+
+
+def _bco_rank(rank: int, init_file: str, result_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        loss = build_preference_loss(spec("bco_pair"))
+        chosen, rejected = [[2.0, 4.0], [1.0, 3.0]][rank], [[0.0, -2.0], [5.0, -1.0]][rank]
+        first = loss(bco_batch(chosen, rejected), BETA, update_state=True).losses
+        second = loss(bco_batch([chosen[0]], [rejected[0]]), BETA, update_state=True).losses
+        torch.save({"first": first, "second": second, "state": loss.state_dict()}, f"{result_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_bco_running_mean_is_all_reduced_over_ranks(tmp_path):
+    """Two gloo ranks, each with half of a batch, see the delta of the whole batch, and the same state after.
+    rewards: rank 0 (1, 2, 0, -1), rank 1 (0.5, 1.5, 2.5, -0.5): delta = 6/8 = 0.75 on both ranks;
+    second step adds rank 0's (1, 0) and rank 1's (0.5, 2.5): delta = (6 + 4) / 12."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_bco_rank, args=(str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    assert results[0]["state"] == results[1]["state"] == {"bco_pair": {"reward_sum": 10.0, "reward_count": 12.0}}
+    torch.testing.assert_close(results[0]["first"], torch.tensor([nls(1 - 0.75) + nls(-(0 - 0.75)),
+                                                                  nls(2 - 0.75) + nls(-(-1 - 0.75))], dtype=torch.float64))
+    torch.testing.assert_close(results[1]["second"], torch.tensor([nls(0.5 - 10 / 12) + nls(-(2.5 - 10 / 12))],
+                                                                  dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name", sorted(set(LOSS_NAMES) - REFERENCE_FREE_LOSSES))
+def test_loss_at_zero_log_ratio(name):
+    """Every log-ratio 0 (d = r = 0): beta = 0.5."""
+    eps = {"cdpo": 0.1, "robust": 0.1, "exo_pair": 0.001, "aot": 0.1, "aot_unpaired": 0.1}.get(name, 0.0)
+    ln2 = math.log(2)
+    expected = {
+        "sigmoid": ln2, "cdpo": ln2, "robust": ln2, "aot": ln2, "aot_unpaired": ln2, "sigmoid_norm": ln2,
+        "hinge": 1.0, "ipo": 1.0, "sppo_hard": 2.0,  # (0 - 1)^2; (0 - 1)^2 + (0 + 1)^2
+        "nca_pair": 2 * ln2, "bco_pair": 2 * ln2, "apo_zero": 1.0, "apo_down": 1.0,
+        "exo_pair": 0.5 * (-ln2 - math.log(0.999)) + 0.5 * (-ln2 - math.log(0.001)),
+        "discopop": 0.5 * ln2 + 0.5,  # sigma(0) = 1/2 of each component
+    }[name]
+    assert loss_at_zero_log_ratio(spec(name, label_smoothing=eps), BETA) == pytest.approx(expected, abs=1e-12)
+    assert loss_at_zero_log_ratio(spec(name, "sft", label_smoothing=eps), BETA) is None
+
+
+def test_spec_requirements():
+    assert not spec("simpo").needs_reference and not spec("sft").needs_reference and spec("sigmoid", "sft").needs_reference
+    assert spec("sft").needs_lengths and spec("ipo").needs_lengths and not spec("sigmoid").needs_lengths
+    assert spec("sigmoid", ld_alpha=0.5).needs_token_logps and not spec("sigmoid").needs_token_logps
+    assert spec("bco_pair").stateful and not spec("sigmoid").stateful
+    assert spec("simpo").length_normalized and not spec("simpo", "sft").length_normalized
+
+
+@pytest.mark.parametrize("bad, message", [
+    (spec("dpo"), r"unknown preference loss 'dpo'"),
+    (spec(), r"at least one loss name"),
+    (spec("sigmoid", "sigmoid"), r"each name may appear once"),
+    (LossSpec(("sigmoid", "sft"), (1.0,), 0.0, "reverse_kl", 0.5, False, None, 0.0, 0.05), r"dpo.loss_weights: one weight"),
+    (spec("sigmoid", "sft", weights=[1.0, 0.0]), r"finite number > 0"),
+    (spec("simpo", "sigmoid"), r"combine it only with sft"),
+    (spec("cdpo"), r"loss 'cdpo' needs label_smoothing in \(0.0, 0.5\)"),
+    (spec("exo_pair"), r"exo_pair.*1e-3"),
+    (spec("robust", label_smoothing=0.5), r"loss 'robust' needs label_smoothing in \[0.0, 0.5\)"),
+    (spec("nca_pair", label_smoothing=0.1), r"only applies to loss 'cdpo'"),
+    (spec("sigmoid", f_divergence="kl"), r"dpo.f_divergence: unknown"),
+    (spec("nca_pair", f_divergence="js_divergence"), r"not to \['nca_pair'\]"),
+    (spec("simpo", f_divergence="forward_kl"), r"not to \['simpo'\]"),
+    (spec("sigmoid", f_divergence="alpha_divergence", f_alpha=float("nan")), r"dpo.f_alpha"),
+    (spec("aot", use_weighting=True), r"dpo.use_weighting.*\['aot'\]"),
+    (spec("sigmoid", ld_alpha=1.5), r"dpo.ld_alpha: must be in \[0, 1\]"),
+    (spec("simpo", simpo_gamma=-1.0), r"dpo.simpo_gamma"),
+    (spec("discopop", discopop_tau=0.0), r"dpo.discopop_tau"),
+])
+def test_check_loss_spec_refuses(bad, message):
+    with pytest.raises(ValueError, match=message):
+        check_loss_spec(bad)
+    with pytest.raises(ValueError, match=message):
+        build_preference_loss(bad)
+
+
+def test_missing_inputs_and_bad_beta_are_reported():
+    batch = two_pair_batch()
+    bare = PairLogps(batch.policy_chosen, batch.policy_rejected, batch.reference_chosen, batch.reference_rejected)
+    with pytest.raises(ValueError, match="needs PairLogps.chosen_lengths, rejected_lengths"):
+        build_preference_loss(spec("ipo"))(bare, BETA, update_state=True)
+    with pytest.raises(ValueError, match="needs PairLogps.chosen_weights, rejected_weights"):
+        build_preference_loss(spec("sigmoid", use_weighting=True))(bare, BETA, update_state=True)
+    with pytest.raises(ValueError, match="policy_chosen_token_sums"):
+        build_preference_loss(spec("sigmoid", "sft", ld_alpha=0.5))(batch, BETA, update_state=True)
+    with pytest.raises(ValueError, match="one shape"):
+        build_preference_loss(spec("sigmoid"))(PairLogps(batch.policy_chosen, batch.policy_rejected[:1],
+                                                         batch.reference_chosen, batch.reference_rejected),
+                                               BETA, update_state=True)
+    with pytest.raises(ValueError, match="beta > 0"):
+        build_preference_loss(spec("sigmoid"))(batch, 0.0, update_state=True)
+
+
+def test_preference_loss_by_name_points_family_names_to_the_builder():
+    with pytest.raises(ValueError, match="build_preference_loss"):
+        preference_loss_by_name("nca_pair")

@@ -2,13 +2,14 @@
 
 One sweep meets the faults of items 1 to 3, one after the other, and each test checks one item:
 a grid over learning_rate [1e8, 5e-3, 4e-3], one trial at a time, `failure.max_failures: 1`,
-30 steps of batch 8 with every step reported and a checkpoint every 5 steps.
+120 steps of batch 8 with every step reported and a checkpoint every 5 steps.
 - Item 2: lr 1e8 blows the weights up in the first update: the loss is non-finite at step 2 on every attempt,
   before any checkpoint. The trial must end ERROR after at most max_failures + 1 attempts with the original
   error, its MLflow run FAILED, and the sweep must go on.
-- Item 1: the test SIGKILLs the 5e-3 trial's Ray Train worker just after its first checkpoint. The trial must
-  restart from its last checkpoint, redo at most one checkpoint interval, end with the metrics of an
-  uninterrupted run (1e-5 on CPU) and keep one MLflow run.
+- Item 1: the test SIGKILLs the process that runs the 5e-3 trial's engine just after its first checkpoint: the
+  warm trial's Tune actor (one worker per trial runs warm, docs/sweeps.md#warm-trials; a Ray Train trial's
+  worker otherwise). The trial must restart from its last checkpoint, redo at most one checkpoint interval, end
+  with the metrics of an uninterrupted run (1e-5 on CPU) and keep one MLflow run.
 - Item 3 (and issue 4): while the 4e-3 trial runs past its first checkpoint, the test SIGKILLs the `dpo sweep`
   driver and the local Ray it started. `dpo sweep --resume` must finish every trial, rerun none that finished,
   resume the running one from its checkpoint and leave exactly one MLflow run per trial, none RUNNING.
@@ -34,14 +35,14 @@ import pytest
 import torch
 
 from orchestrator.config import ExperimentConfig
-from orchestrator.config.spec import resolve_run
+from orchestrator.config.spec import resolve_run, trial_mode
 from orchestrator.tracking.server import EmbeddedServer
 from tests.tiny_world import build_model_dir, pair_rows, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-5  # CPU float32: a restarted trial against an uninterrupted run
 LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
-CHECKPOINT_EVERY, MAX_STEPS, MAX_FAILURES = 5, 30, 1
+CHECKPOINT_EVERY, MAX_STEPS, MAX_FAILURES = 5, 120, 1  # long enough to stop a warm trial mid-way (reports take ms)
 NAN_LR, KILLED_WORKER_LR, KILLED_DRIVER_LR = 1e8, 5e-3, 4e-3
 FINAL_METRICS = ("train/loss", "train/reward_margin", "train/grad_norm", "train/kl", "eval/loss",
                  "eval/preference_accuracy", "eval/reward_margin")
@@ -85,29 +86,48 @@ def experiment_trial_states(root: Path) -> dict[str, str]:
 
 
 def past_first_checkpoint(results: list[dict[str, Any]]) -> bool:
-    """Tune has the report after a checkpoint's report, so Ray Train has registered that checkpoint."""
-    return any("checkpoint_path" in r for r in results) and any(r["step"] > CHECKPOINT_EVERY for r in results)
+    """Tune has the report after a checkpoint's report, so the checkpoint is registered (by Ray Train for a
+    Ray Train trial, whose reports carry checkpoint_path; by Tune for a warm one: checkpoint_dir_name)."""
+    return (any("checkpoint_path" in r or r.get("checkpoint_dir_name") for r in results)
+            and any(r["step"] > CHECKPOINT_EVERY for r in results))
 
 
-def registered_checkpoint_steps(trial_storage: Path) -> list[int]:
-    """Steps of the checkpoints Ray Train has registered for a trial: what a restart or --resume starts from.
+def registered_checkpoint_steps(tune_root: Path, trial_id: str, trial_storage: Path) -> list[int]:
+    """Steps of the checkpoints registered for a trial: what a restart or --resume starts from.
 
-    Read from Ray Train's own record in the trial's storage (checkpoint_manager_snapshot.json), which can be
-    ahead of Tune's result.json: Tune hears of a report only after Train has registered it.
+    A Ray Train trial: Ray Train's own record in the trial's storage (checkpoint_manager_snapshot.json), which
+    can be ahead of Tune's result.json: Tune hears of a report only after Train has registered it. A warm trial:
+    Tune's record, the trial's checkpoint manager in Tune's newest experiment_state file (Tune registers a
+    checkpoint after the report's result, and restores a failed trial or a resumed sweep from that record).
     """
-    try:
-        snapshot = json.loads((trial_storage / "checkpoint_manager_snapshot.json").read_text())
-        return sorted(result["metrics"]["step"] for result in snapshot["checkpoint_results"])
-    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+    snapshot_file = trial_storage / "checkpoint_manager_snapshot.json"
+    if snapshot_file.is_file():
+        try:
+            snapshot = json.loads(snapshot_file.read_text())
+            return sorted(result["metrics"]["step"] for result in snapshot["checkpoint_results"])
+        except (OSError, json.JSONDecodeError, KeyError, TypeError):
+            return []
+    from ray.tune.utils.serialization import TuneFunctionDecoder
+
+    for path in sorted(tune_root.glob("experiment_state-*.json"), reverse=True):
+        try:
+            for trial_json, run_metadata in json.loads(path.read_text())["trial_data"]:
+                if json.loads(trial_json)["trial_id"] == trial_id:
+                    manager = json.loads(run_metadata, cls=TuneFunctionDecoder, allow_cloudpickle=True)["checkpoint_manager"]
+                    return sorted(result.metrics["step"] for result in manager._checkpoint_results)
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+            continue  # being written
         return []
+    return []
 
 
-def settled(trial_dir: Path, trial_storage: Path, quiet_s: float = 1.0) -> dict[str, Any]:
-    """Tune's results and Train's registered checkpoints of a trial whose worker is frozen, once both have
-    stopped changing for quiet_s."""
+def settled(tune_root: Path, trial_id: str, trial_storage: Path, quiet_s: float = 2.5) -> dict[str, Any]:
+    """Tune's results and the registered checkpoints of a trial whose worker is frozen, once both have stopped
+    changing for quiet_s (Tune writes its experiment state every second here: TUNE_GLOBAL_CHECKPOINT_S)."""
     state, since = None, time.monotonic()
     while True:
-        now = {"results": tune_results(trial_dir), "checkpoints": registered_checkpoint_steps(trial_storage)}
+        now = {"results": tune_results(tune_root / trial_id),
+               "checkpoints": registered_checkpoint_steps(tune_root, trial_id, trial_storage)}
         if now != state:
             state, since = now, time.monotonic()
         elif time.monotonic() - since >= quiet_s:
@@ -115,12 +135,14 @@ def settled(trial_dir: Path, trial_storage: Path, quiet_s: float = 1.0) -> dict[
         time.sleep(0.05)
 
 
-def train_workers(processes: list[psutil.Process]) -> list[psutil.Process]:
-    """The Ray Train worker processes among `processes` (Ray titles them ray::RayTrainWorker...)."""
+def train_workers(processes: list[psutil.Process], mode: str) -> list[psutil.Process]:
+    """The processes among `processes` that run a trial's engine: a warm trial's Tune actor (Ray titles it
+    ray::ImplicitFunc..., the class of a function trainable) or a Ray Train trial's workers (ray::RayTrainWorker...)."""
+    title = "ImplicitFunc" if mode == "warm" else "RayTrainWorker"
     workers = []
     for process in processes:
         try:
-            if "RayTrainWorker" in " ".join(process.cmdline()):
+            if title in " ".join(process.cmdline()):
                 workers.append(process)
         except psutil.Error:
             continue
@@ -197,6 +219,7 @@ def faulty_sweep(tmp_path_factory) -> dict[str, Any]:
     raw["tracking"] = {"uri": server.start_or_reuse(), "experiment": "faulty"}
     config_file = root / "faulty.yaml"
     config_file.write_text(json.dumps(raw))  # JSON is YAML
+    mode = trial_mode(ExperimentConfig.model_validate(raw))  # warm: one worker per trial
     tune_root, trials_storage = root / "runs" / "faulty", root / "runs" / "faulty-trials"
     # Tune snapshots its trial table every 10 s or more by default; every second keeps "finished" current.
     env = {**os.environ, "PYTHONPATH": str(REPO), "TUNE_GLOBAL_CHECKPOINT_S": "1",
@@ -221,19 +244,19 @@ def faulty_sweep(tmp_path_factory) -> dict[str, Any]:
                 worker_trial, driver_trial = ids.get(KILLED_WORKER_LR), ids.get(KILLED_DRIVER_LR)
                 if "worker_killed" not in faults and worker_trial and past_first_checkpoint(tune_results(tune_root / worker_trial)):
                     processes = [driver, *driver.children(recursive=True)]
-                    workers = train_workers(processes)
+                    workers = train_workers(processes, mode)
                     if len(workers) == 1:
                         server_process = psutil.Process(server.state()["pid"])
                         faults["listening"] = listening_addresses(
                             processes + [server_process, *server_process.children(recursive=True)])
                         workers[0].suspend()  # frozen, so what Tune has recorded is all it will get from it
-                        faults["worker_killed"] = settled(tune_root / worker_trial, trials_storage / worker_trial)
+                        faults["worker_killed"] = settled(tune_root, worker_trial, trials_storage / worker_trial)
                         os.kill(workers[0].pid, signal.SIGKILL)
                 if ("worker_killed" in faults and driver_trial and past_first_checkpoint(tune_results(tune_root / driver_trial))
                         and experiment_trial_states(tune_root).get(worker_trial) == "TERMINATED"):
-                    for worker in train_workers(driver.children(recursive=True)):
+                    for worker in train_workers(driver.children(recursive=True), mode):
                         worker.suspend()  # frozen mid-trial, so it cannot finish before the driver dies
-                    faults["driver_killed"] = settled(tune_root / driver_trial, trials_storage / driver_trial)
+                    faults["driver_killed"] = settled(tune_root, driver_trial, trials_storage / driver_trial)
                     faults["driver_killed_at"] = time.time()
                 time.sleep(0.02)
         finally:
@@ -293,6 +316,7 @@ def test_a_killed_train_worker_restarts_from_its_last_checkpoint_and_ends_as_if_
     k = len(steps) - (MAX_STEPS - last_checkpoint)
     print(f"worker killed after step {k} (Tune had seen {killed['results'][-1]['step']}); "
           f"the new worker started from the checkpoint of step {last_checkpoint}")
+    assert k < MAX_STEPS, "the worker was killed after its trial had ended: nothing was restarted"
     assert steps == list(range(1, k + 1)) + list(range(last_checkpoint + 1, MAX_STEPS + 1)), steps
     assert last_checkpoint <= k <= last_checkpoint + CHECKPOINT_EVERY, "more than one checkpoint interval lost"
 

@@ -1,24 +1,31 @@
-"""`dpo sweep` on a real local Ray: DDP equivalence, a two-node cluster, the incremental beta climb.
+"""`dpo sweep` on a real local Ray: DDP equivalence, a two-node cluster, the incremental beta climb in warm
+trials, concurrent trials, two sweeps on one machine at once.
 
 Killed drivers, killed workers and failing trials (with --resume) are in tests/test_reliability_ray.py.
 
 Every Ray test starts its own Ray (or local cluster) and stops it, and writes only under pytest's tmp
 folders (Tune storage, reference cache, demo assets). Models are the tiny ones of tests/tiny_world.py,
-trained for a few steps; most of the time is Ray and worker start-up (about 20 s per trial on 2 CPUs).
-Run: `python -m pytest tests/test_sweep.py -q --durations=10` (about 4 minutes on 2 CPU cores);
-only the Ray-free check: `python -m pytest tests/test_sweep.py -m "not ray" -q`.
+trained for a few steps; most of the time is Ray start-up and the first import of torch in a trial actor.
+Run: `python -m pytest tests/test_sweep.py -q --durations=10` (about 5 minutes on 2 CPU cores);
+only the Ray-free checks: `python -m pytest tests/test_sweep.py -m "not ray" -q`.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from orchestrator.config import ConfigError, ExperimentConfig, load_config
-from orchestrator.config.layout import mlflow_root
+from orchestrator.config.layout import StorageLayout, find_checkpoints, mlflow_root
 from orchestrator.config.spec import resolve_experiment, resolve_run
 from orchestrator.ray.cluster import check_cluster_fits, start_ray
 from orchestrator.ray.trial import WorkerJob
@@ -90,6 +97,26 @@ def test_a_trial_larger_than_the_cluster_is_a_config_error(world, tmp_path):
         check_cluster_fits(resolve_run(too_many_gpus).resources, {"CPU": 8.0, "GPU": 1.0})
     with pytest.raises(ConfigError, match=r"the cluster has 0"):
         check_cluster_fits(resolve_run(too_many_gpus).resources, {"CPU": 8.0})  # a CPU-only cluster
+
+
+def test_one_worker_trials_run_warm_and_the_layout_knows_where_their_checkpoints_are(world, tmp_path):
+    warm = resolve_experiment(tiny_config(world, tmp_path))
+    train = resolve_experiment(tiny_config(world, tmp_path, resources={"num_workers": 2, "cpus_per_worker": 1}))
+    assert warm.sweep.trial_mode == warm.layout.trial_mode == "warm"
+    assert train.sweep.trial_mode == train.layout.trial_mode == "train"
+    runs = tmp_path / "runs"
+    assert warm.layout.trial_dir("t1") == f"{runs}/tiny/t1"  # Tune's trial folder: checkpoint_000000/, ...
+    assert train.layout.trial_dir("t1") == f"{runs}/tiny-trials/t1"  # the trial's TorchTrainer run
+
+    unknown = StorageLayout.of(str(runs), "tiny")  # what `dpo export --storage-path` builds: the mode from disk
+    assert unknown.trial_dir("t1") == f"{runs}/tiny/t1" and unknown.ran_trials_as() is None
+    checkpoint = runs / "tiny" / "t1" / "checkpoint_000001"
+    (checkpoint / "model").mkdir(parents=True)
+    (checkpoint / "manifest.json").write_text(json.dumps({"step": 4}))
+    assert unknown.ran_trials_as() == "warm"
+    assert find_checkpoints(Path(unknown.trial_dir("t1"))) == [(4, checkpoint)]
+    (runs / "tiny-trials" / "t1").mkdir(parents=True)
+    assert unknown.ran_trials_as() == "train" and unknown.trial_dir("t1") == f"{runs}/tiny-trials/t1"
 
 
 # ---- real Ray -------------------------------------------------------------------------------------
@@ -219,10 +246,19 @@ def test_incremental_beta_starts_at_01_climbs_and_stops_by_its_rule(tmp_path, lo
     assert len(summary["trials"]) == len(log) >= 2  # one (learning_rate, kl_weight) pair: one trial per round
     assert sorted(t["config"]["beta"] for t in summary["trials"]) == pytest.approx(betas)
     assert all(t["error"] is None and t["step"] == 24 for t in summary["trials"])
+    assert summary["trial_mode"] == "warm"  # one worker per trial: the engine in Tune's reused trial actor
     for trial in summary["trials"]:  # the start-up breakdown: measured, and within the trial's own time
-        startup = [trial["ray_train_start_seconds"], trial["reference_wait_seconds"], trial["load_seconds"]]
-        assert trial["ray_train_start_seconds"] > 0.5 and trial["load_seconds"] > 0.0, trial
+        assert trial["ray_train_start_seconds"] is None, trial  # no Ray Train job starts for a warm trial
+        startup = [trial["reference_wait_seconds"], trial["load_seconds"]]
+        assert trial["load_seconds"] > 0.0 and trial["trial_started_at"] > 0.0, trial
         assert sum(startup) + trial["step_seconds"] + trial["eval_seconds"] <= trial["trial_seconds"] + 0.5, trial
+    later = sorted(summary["trials"], key=lambda t: t["trial_started_at"])[1:]
+    first = min(summary["trials"], key=lambda t: t["trial_started_at"])
+    assert all(t["load_seconds"] < first["load_seconds"] for t in later), (  # torch & co. imported once per actor
+        [t["load_seconds"] for t in summary["trials"]])
+    layout = resolve_experiment(config).layout
+    for trial in summary["trials"]:  # each warm trial's checkpoints, where the layout (and export, study) look
+        assert [step for step, _ in find_checkpoints(Path(layout.trial_dir(trial["trial_id"])))] == [24], trial
 
 
 def check_mlflow_runs(summary: dict[str, Any]) -> None:
@@ -243,7 +279,8 @@ def check_mlflow_runs(summary: dict[str, Any]) -> None:
         assert child.data.tags["dpo.stage"] == "dpo"
         curve = client.get_metric_history(child.info.run_id, "train/loss")
         assert len(curve) >= 8 and "eval/preference_accuracy" in child.data.metrics
-        assert child.data.metrics["perf/ray_train_start_seconds"] > 0.0
+        assert child.data.metrics["perf/load_seconds"] > 0.0
+        assert find_checkpoints(Path(child.data.tags["checkpoint_dir"])), child.data.tags["checkpoint_dir"]
 
 
 
@@ -261,5 +298,143 @@ def test_a_failing_reference_task_stops_the_sweep_and_raises_its_error(world, tm
     with pytest.raises(Exception, match="safetensors|header|deserializ") as raised:
         run_sweep(config)
     assert "Trial" not in type(raised.value).__name__, raised.value
-    trainer_runs = [p.name for p in (tmp_path / "runs" / "tiny-trials").iterdir() if p.is_dir()]
+    # warm trials: each started trial has a Tune folder (the reference cache is elsewhere in this config)
+    trainer_runs = [p.name for p in (tmp_path / "runs" / "tiny").iterdir() if p.is_dir()]
     assert len(trainer_runs) <= 1, f"trials went on after the reference task failed: {trainer_runs}"
+
+
+# ---- concurrency ----------------------------------------------------------------------------------
+
+def overlap_seconds(trials: list[dict[str, Any]]) -> float:
+    """How long every trial ran at the same time: from the last start to the first last report (<= 0: never)."""
+    starts = [t["trial_started_at"] for t in trials]
+    ends = [t["trial_started_at"] + t["trial_seconds"] for t in trials]
+    return min(ends) - max(starts)
+
+
+@pytest.mark.ray
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two trials of one CPU each need two CPUs")
+@pytest.mark.parametrize("sweep", [
+    {"strategy": "grid", "beta": [0.1, 0.2]},
+    {"strategy": "incremental_beta", "learning_rate": [5e-3, 4e-3], "max_trials": 2},  # one round, fanned out
+], ids=["grid", "incremental-fan-out"])
+def test_trials_that_fit_together_run_at_the_same_time(world, tmp_path, local_ray, sweep):
+    """Two CPUs, one CPU per trial: both trials of a grid, or of one incremental round, run at once, each in
+    its own trial actor (a live reference, so that no reference task holds a CPU while they start)."""
+    config = tiny_config(world, tmp_path, sweep=sweep, reference={"mode": "live"},
+                         train={"max_steps": 40, "eval_every": 20, "checkpoint_every": 20},
+                         resources={"num_workers": 1, "cpus_per_worker": 1})
+
+    summary = run_sweep(config)
+
+    trials = summary["trials"]
+    assert len(trials) == 2 and all(t["error"] is None and t["step"] == 40 for t in trials), trials
+    assert overlap_seconds(trials) > 0.0, [(t["trial_started_at"], t["trial_seconds"]) for t in trials]
+    if sweep["strategy"] == "incremental_beta":
+        assert {t["config"]["learning_rate"] for t in trials} == {5e-3, 4e-3}
+        assert {t["config"]["round"] for t in trials} == {1}
+
+
+def gcs_servers(process: psutil.Process) -> list[int]:
+    """The GCS server processes among a process's descendants: one per Ray instance it started."""
+    try:
+        return [child.pid for child in process.children(recursive=True) if "gcs_server" in child.name()]
+    except psutil.Error:
+        return []
+
+
+@pytest.mark.ray
+def test_two_sweeps_started_together_on_one_machine_both_finish(world, tmp_path):
+    """Two `dpo sweep` commands at once, each with its own local Ray, both finish with their own results: a
+    warm sweep and a Ray Train one (the mechanism is tested deterministically by the test below)."""
+    configs = {
+        "warm-a": tiny_raw(world, tmp_path / "a", name="warm-a", sweep={"strategy": "grid", "beta": [0.1]}),
+        "train-b": tiny_raw(world, tmp_path / "b", name="train-b", sweep={"strategy": "grid", "beta": [0.2]},
+                            resources={"num_workers": 2, "cpus_per_worker": 1}),
+    }
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DPO_DEMO_CACHE": str(tmp_path / "demo-cache")}
+    processes, logs = {}, {}
+    for name, raw in configs.items():
+        (tmp_path / name).mkdir()
+        config_file = tmp_path / name / "config.yaml"
+        config_file.write_text(json.dumps(raw))  # JSON is YAML
+        logs[name] = tmp_path / name / "sweep.log"
+        processes[name] = subprocess.Popen([sys.executable, "-m", "orchestrator", "sweep", str(config_file)],
+                                           cwd=tmp_path / name, env=env, stdout=logs[name].open("w"),
+                                           stderr=subprocess.STDOUT, start_new_session=True)
+    both_rays_up = False
+    deadline = time.monotonic() + 600
+    try:
+        while any(process.poll() is None for process in processes.values()):
+            assert time.monotonic() < deadline, "the two sweeps did not finish in 10 minutes"
+            servers = [gcs_servers(psutil.Process(process.pid)) for process in processes.values() if process.poll() is None]
+            both_rays_up = both_rays_up or (len(servers) == 2 and all(len(found) == 1 for found in servers))
+            time.sleep(0.2)
+    finally:
+        for process in processes.values():
+            if process.poll() is None:
+                process.kill()
+    for name, process in processes.items():
+        log = logs[name].read_text(errors="replace")
+        assert process.returncode == 0, f"{name}:\n{log[-5000:]}"
+        assert "Found multiple active Ray instances" not in log, f"{name}:\n{log[-5000:]}"
+        summary = json.loads((Path(configs[name]["storage_path"]) / name / "sweep_summary.json").read_text())
+        [trial] = summary["trials"]
+        assert trial["error"] is None and trial["step"] == 4, trial
+        assert summary["trial_mode"] == ("warm" if name == "warm-a" else "train")
+        assert summary["best"]["trial_id"] == trial["trial_id"]
+    assert both_rays_up, "the two sweeps never ran their own local Ray at the same time"
+
+
+@pytest.fixture
+def another_local_ray(tmp_path):
+    """A local Ray of another process (as another `dpo sweep` would run), up for the test; yields its address."""
+    script = ("import ray, sys, time\n"
+              "ray.init(address='local', num_cpus=1, include_dashboard=False)\n"
+              "print(ray.get_runtime_context().gcs_address, flush=True)\n"
+              "time.sleep(600)\n")
+    other = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             text=True, cwd=tmp_path, start_new_session=True)
+    try:
+        yield other.stdout.readline().strip()
+    finally:
+        other.kill()
+        other.wait(timeout=60)
+
+
+@pytest.mark.ray
+def test_a_local_ray_started_next_to_another_is_its_own_and_its_workers_find_it(world, tmp_path, local_ray,
+                                                                                 another_local_ray, monkeypatch):
+    """start_ray never joins another command's local Ray (a plain ray.init() would join the one RAY_ADDRESS or
+    Ray's address file names, and fail: "num_cpus ... must not be provided"), and its workers look their own
+    cluster up: Ray Train's placement-group cleaner asks the state API, which without an address scans the
+    machine and raises "Found multiple active Ray instances" next to another Ray, ending its watch."""
+    import ray
+
+    monkeypatch.setenv("RAY_ADDRESS", another_local_ray)  # what a plain ray.init() would connect to
+    start_ray(None, resolve_run(tiny_config(world, tmp_path)).resources)
+    own = ray.get_runtime_context().gcs_address
+    assert own != another_local_ray and ray.cluster_resources()["CPU"] == os.cpu_count()
+
+    @ray.remote
+    class Watched:
+        def ready(self) -> bool:
+            return True
+
+    @ray.remote
+    def cleaner_lookup(actor_id: str) -> tuple[str | None, str]:
+        """What the placement-group cleaner does every few seconds, in a worker of this Ray."""
+        from ray.train.v2._internal.state.util import is_actor_alive
+        from ray.util.state.exception import RayStateApiException
+
+        try:
+            return os.environ.get("RAY_ADDRESS"), f"alive: {is_actor_alive(actor_id, timeout=10)}"
+        except RayStateApiException as unavailable:  # no dashboard here: the cleaner logs it and keeps watching
+            return os.environ.get("RAY_ADDRESS"), f"state API unavailable: {type(unavailable).__name__}"
+
+    watched = Watched.remote()
+    assert ray.get(watched.ready.remote())
+    address, outcome = ray.get(cleaner_lookup.remote(watched._actor_id.hex()))
+    assert address == own, (address, own)
+    print(f"placement-group cleaner's lookup next to another local Ray: {outcome}")
+

@@ -47,18 +47,21 @@ def build_tokenizer(directory: Path, with_pad: bool = True):
     return wrapped
 
 
+POSITIONS = 512  # as many as the config's default data.max_length, which the model checks hold it to
+
+
 def build_model(directory: Path, architecture: str, vocab_size: int, seed: int = 0) -> Path:
     """A random-init causal LM (llama | qwen2 | gpt2) of a few hundred thousand parameters."""
     from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
 
     torch.manual_seed(seed)
     if architecture == "gpt2":
-        config = GPT2Config(vocab_size=vocab_size, n_positions=128, n_embd=32, n_layer=2, n_head=2,
+        config = GPT2Config(vocab_size=vocab_size, n_positions=POSITIONS, n_embd=32, n_layer=2, n_head=2,
                             bos_token_id=1, eos_token_id=2)
     else:
         config_class = {"llama": LlamaConfig, "qwen2": Qwen2Config}[architecture]
         config = config_class(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                              num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                              num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=POSITIONS,
                               bos_token_id=1, eos_token_id=2, pad_token_id=3)
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(directory, safe_serialization=True)

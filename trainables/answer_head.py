@@ -29,7 +29,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-CHUNK_TOKENS = 2048  # tokens per chunk of logits: at a 152k vocabulary, 1.2 GB of float32 per chunk at most
+CHUNK_TOKENS = 1024  # tokens per chunk of logits: at a 152k vocabulary, 0.6 GB of float32 per chunk at most (trainables/memory_plan.py plans with it)
 PROBE_TOLERANCE_FP32 = 1e-4  # max |log-prob difference|, head vs standard route, without autocast
 PROBE_TOLERANCE_AUTOCAST = 5e-2  # the same under bf16/fp16 autocast
 _DECISION = "_dpo_answer_head"  # attribute on the unwrapped model: True / False once probed

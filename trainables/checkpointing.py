@@ -8,7 +8,10 @@ Layout of `<output_dir>/checkpoints/step-000120/`:
 A checkpoint is built in a temporary sibling folder and renamed into place, so a crash while writing
 leaves nothing that `latest_checkpoint` would pick; a folder whose manifest is missing or whose hashes
 do not match is ignored, and `load_training_state` refuses one (CheckpointError) instead of resuming from
-it. Staging folders left by a crashed process are removed by the next save. Tested by
+it. Staging folders left by a crashed process are removed by the next save. The manifest also holds the
+run's lineage (trainables/lineage.py: run id, model, tokenizer and data fingerprints): pruning beyond
+`keep_last` deletes only checkpoint folders of the same run id (never another run's, never a link), and a
+save never replaces another run's checkpoint of the same step. Tested by
 `python -m pytest tests/test_engine.py tests/test_reliability.py -q`.
 """
 
@@ -26,8 +29,9 @@ from typing import Any
 
 import torch
 
-from trainables.modeling import save_model_and_tokenizer
 from trainables.errors import UserError
+from trainables.lineage import LINEAGE_KEY, recorded_lineage
+from trainables.modeling import save_model_and_tokenizer
 from trainables.processes import pid_alive
 
 logger = logging.getLogger(__name__)
@@ -83,10 +87,17 @@ def save_checkpoint(
     (trainables/sharding.py), written instead of model.state_dict() / optimizer.state_dict(), so the
     checkpoint has the same layout as one of a single process.
     """
+    if checkpoints_dir.is_symlink():
+        raise CheckpointError(f"{checkpoints_dir} is a symbolic link; checkpoints are written only into a real "
+                              "folder of the run (remove the link or choose another output_dir)")
     checkpoints_dir.mkdir(parents=True, exist_ok=True)
     remove_abandoned_staging(checkpoints_dir)
     final = checkpoints_dir / f"step-{step:06d}"
+    run_id = _run_id((extra or {}).get(LINEAGE_KEY))
+    _check_replaceable(final, run_id)
     staging = checkpoints_dir / f"{STAGING_PREFIX}step-{step:06d}-{os.getpid()}"
+    if staging.is_symlink():
+        staging.unlink()  # a link where this process stages its save: never written through
     shutil.rmtree(staging, ignore_errors=True)
     save_model_and_tokenizer(model, tokenizer, staging / "model", state_dict=model_state)
     torch.save(
@@ -102,14 +113,39 @@ def save_checkpoint(
     )
     files = sorted(p for p in staging.rglob("*") if p.is_file())
     manifest = {"step": step, "files": {str(p.relative_to(staging)): _sha256(p) for p in files}}
-    (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    if (extra or {}).get(LINEAGE_KEY):
+        manifest[LINEAGE_KEY] = extra[LINEAGE_KEY]
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
     if final.exists():
         shutil.rmtree(final)
     os.replace(staging, final)
-    if keep_last:
-        for old in list_checkpoints(checkpoints_dir)[:-keep_last]:
+    if keep_last and run_id:
+        for old in own_checkpoints(checkpoints_dir, run_id)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _run_id(lineage: Any) -> str | None:
+    return str(lineage["run_id"]) if isinstance(lineage, dict) and lineage.get("run_id") else None
+
+
+def _check_replaceable(final: Path, run_id: str | None) -> None:
+    """Refuse to replace a link, or a checkpoint of the same step that another run wrote."""
+    if final.is_symlink():
+        raise CheckpointError(f"{final} is a symbolic link; it is not replaced (checkpoints are written only into "
+                              "real folders of the run). Remove the link or choose another output_dir.")
+    if not final.exists():
+        return
+    other = _run_id(recorded_lineage(final))
+    if other and other != run_id:
+        raise CheckpointError(f"{final} holds a checkpoint of another run (run id {other}); it is not replaced. "
+                              "Write this run into its own output_dir.")
+
+
+def own_checkpoints(checkpoints_dir: Path, run_id: str) -> list[Path]:
+    """Complete-looking checkpoint folders (real folders, not links) written by run `run_id`, oldest first."""
+    return [checkpoint for checkpoint in list_checkpoints(checkpoints_dir)
+            if not checkpoint.is_symlink() and _run_id(recorded_lineage(checkpoint)) == run_id]
 
 
 def remove_abandoned_staging(checkpoints_dir: Path) -> list[Path]:
@@ -117,6 +153,8 @@ def remove_abandoned_staging(checkpoints_dir: Path) -> list[Path]:
     removed = []
     for staging in checkpoints_dir.glob(f"{STAGING_PREFIX}step-*-*"):
         pid = staging.name.rsplit("-", 1)[-1]
+        if staging.is_symlink():
+            continue
         if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             shutil.rmtree(staging, ignore_errors=True)
             removed.append(staging)

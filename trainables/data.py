@@ -6,13 +6,14 @@ Layouts of a preference file (auto-detected from the columns and value types, or
                    messages. Without a prompt, chosen and rejected are full conversations and the prompt is
                    their shared leading messages. With a prompt, chosen/rejected are either the assistant
                    turns only or full conversations starting with the prompt. Rendered with the tokenizer's
-                   chat template: prompt = template(prompt, add_generation_prompt=True),
-                   answer = template(prompt + answer)[len(prompt):], minus a trailing eos token.
+                   chat template (trainables/chat_rendering.py).
 - implicit_prompt: only chosen/rejected full texts sharing a prefix (Anthropic HH); see extract_implicit_prompt.
 Every row is validated before anything is returned; all problems are reported at once (InvalidDataError),
-or, with drop_invalid=True, bad rows are dropped and counted. Answers are returned without eos: the
-tokenizer step (trainables/tokenization.py) appends it.
-Tested by `python -m pytest tests/test_data.py -q`.
+or, with drop_invalid=True, bad rows are dropped and counted. A RowCheck (`after=`) runs on the valid rows
+at once, and the rows it faults count the same way: training uses it for the checks after tokenisation
+and truncation (trainables/tokenization.py `pair_token_check`). Answers are returned without eos: the
+tokenizer step appends it.
+Tested by `python -m pytest tests/test_data.py tests/test_adversarial_data.py -q`.
 """
 
 from __future__ import annotations
@@ -20,22 +21,25 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field as dataclass_field
+from typing import Any, Callable
 
+from trainables.chat_rendering import ChatRenderer, render_answers, same_messages, shared_message_count
 from trainables.data_sources import (
+    DEFAULT_FIX,
     DataSourceError,
     InvalidDataError,
     RawRows,
     RowProblem,
     RowReader,
     dataset_fingerprint,
-    non_blank,
+    excerpt,
     read_rows,
+    show_columns,
 )
 
 __all__ = [
-    "DataSourceError", "InvalidDataError", "PreferencePair", "PromptAnswer", "RowProblem", "dataset_fingerprint",
+    "DataSourceError", "InvalidDataError", "PreferencePair", "PromptAnswer", "RowCheck", "RowProblem", "dataset_fingerprint",
     "extract_implicit_prompt", "load_preference_pairs", "load_prompt_answers",
 ]
 
@@ -86,85 +90,14 @@ def extract_implicit_prompt(chosen: str, rejected: str) -> int:
     return last_space + 1 if prefix[last_space] == "\n" else last_space
 
 
-class _ChatRenderer:
-    """Renders message lists to text with a tokenizer's chat template (prompt / answer split)."""
-
-    def __init__(self, tokenizer, source: str):
-        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise ValueError(
-                f"{source}: conversational rows need chat_template_tokenizer=<a tokenizer with a chat_template> "
-                f"({'none was given' if tokenizer is None else 'the given tokenizer has no chat_template'}); "
-                "use the model's chat tokenizer, set tokenizer.chat_template, or convert the data to the explicit "
-                "layout"
-            )
-        self.tokenizer, self.eos = tokenizer, tokenizer.eos_token or ""
-
-    def render(self, prompt_messages: list[dict], answers: list[list[dict]]) -> tuple[str, list[str]]:
-        """(prompt text, answer texts); raises ValueError with the reason when the template misbehaves."""
-        try:
-            prompt = self.tokenizer.apply_chat_template(prompt_messages, tokenize=False, add_generation_prompt=True)
-            fulls = [self.tokenizer.apply_chat_template(prompt_messages + answer, tokenize=False) for answer in answers]
-        except Exception as error:  # jinja raises TemplateError and friends from inside the template
-            raise ValueError(f"chat template failed: {type(error).__name__}: {error}") from error
-        texts = []
-        for full in fulls:
-            if not full.startswith(prompt):
-                cut = len(os.path.commonprefix([prompt, full]))
-                raise ValueError(
-                    "chat template: the prompt rendered with add_generation_prompt=True is not a prefix of the "
-                    f"rendered conversation (they differ at character {cut}: {prompt[cut:cut + 30]!r} vs "
-                    f"{full[cut:cut + 30]!r}), so the answer cannot be cut out; use a template whose generation "
-                    "prompt matches how it renders assistant turns, or pre-render the data to the explicit layout"
-                )
-            answer = full[len(prompt):]
-            if self.eos and answer.rstrip().endswith(self.eos):
-                answer = answer.rstrip()[: -len(self.eos)]  # the tokenizer step appends eos itself
-            texts.append(answer)
-        return prompt, texts
-
-
-def _same(messages_a: list[dict], messages_b: list[dict]) -> bool:
-    return [(m["role"], m["content"]) for m in messages_a] == [(m["role"], m["content"]) for m in messages_b]
-
-
-def _shared_message_count(first: list[dict], second: list[dict]) -> int:
-    count = 0
-    while count < min(len(first), len(second)) and _same(first[count : count + 1], second[count : count + 1]):
-        count += 1
-    return count
-
-
-def _render_answers(
-    row: RowReader, renderer: _ChatRenderer, prompt_messages: list[dict], answers: dict[str, list[dict]]
-) -> tuple[str, list[str]] | None:
-    """Check the answer messages, then render prompt and answers; None (with problems flagged) if invalid."""
-    for field, messages in answers.items():
-        if not messages:
-            row.flag(field, "empty: no answer messages after the prompt messages")
-        elif not "".join(m["content"] for m in messages).strip():
-            row.flag(field, "whitespace-only: the answer messages have no visible characters")
-    if row.problems:
-        return None
-    try:
-        prompt, texts = renderer.render(prompt_messages, list(answers.values()))
-    except ValueError as error:
-        row.flag(next(iter(answers)), str(error))
-        return None
-    if not prompt.strip():
-        row.flag("prompt", "empty: the chat template rendered the prompt as empty text")
-    for field, text in zip(answers, texts):
-        non_blank(row, field, text)
-    return None if row.problems else (prompt, texts)
-
-
-def _explicit_pair(row: RowReader, renderer: _ChatRenderer | None) -> PreferencePair | None:
+def _explicit_pair(row: RowReader, renderer: ChatRenderer | None) -> PreferencePair | None:
     prompt, chosen, rejected = row.text("prompt"), row.text("chosen"), row.text("rejected")
     if chosen is not None and chosen == rejected:
         row.flag("rejected", IDENTICAL)
     return None if row.problems else PreferencePair(prompt, chosen, rejected)
 
 
-def _implicit_pair(row: RowReader, renderer: _ChatRenderer | None) -> PreferencePair | None:
+def _implicit_pair(row: RowReader, renderer: ChatRenderer | None) -> PreferencePair | None:
     chosen, rejected = row.text("chosen"), row.text("rejected")
     if row.problems:
         return None
@@ -182,27 +115,27 @@ def _implicit_pair(row: RowReader, renderer: _ChatRenderer | None) -> Preference
     return None if row.problems else PreferencePair(chosen[:end], chosen[end:], rejected[end:])
 
 
-def _conversational_pair(row: RowReader, renderer: _ChatRenderer | None) -> PreferencePair | None:
+def _conversational_pair(row: RowReader, renderer: ChatRenderer | None) -> PreferencePair | None:
     has_prompt = row.mapping["prompt"] in row.values and row.values[row.mapping["prompt"]] is not None
     prompt = row.messages("prompt") if has_prompt else None
     chosen, rejected = row.messages("chosen"), row.messages("rejected")
     if row.problems:
         return None
-    if _same(chosen, rejected):
+    if same_messages(chosen, rejected):
         row.flag("rejected", IDENTICAL)
         return None
     if prompt is None:
-        shared = _shared_message_count(chosen, rejected)
+        shared = shared_message_count(chosen, rejected)
         if shared == 0:
             row.flag("chosen", "no prompt: there is no prompt field and chosen/rejected share no leading messages; "
                      "add a prompt list of messages or give full conversations that start with the same turns")
             return None
         prompt = chosen[:shared]
     answers = {
-        field: messages[len(prompt):] if _same(messages[: len(prompt)], prompt) else messages
+        field: messages[len(prompt):] if same_messages(messages[: len(prompt)], prompt) else messages
         for field, messages in (("chosen", chosen), ("rejected", rejected))
     }
-    rendered = _render_answers(row, renderer, prompt, answers)
+    rendered = render_answers(row, renderer, prompt, answers)
     return None if rendered is None else PreferencePair(rendered[0], *rendered[1])
 
 
@@ -210,7 +143,7 @@ def _detect_pair_layout(raw: RawRows, mapping: dict[str, str]) -> str:
     columns = raw.columns()
     if mapping["chosen"] not in columns or mapping["rejected"] not in columns:
         raise InvalidDataError(
-            raw.source, [], f"no layout fits the columns found: {columns}",
+            raw.source, [], f"no layout fits the columns found: {show_columns(columns)}",
             "preference data needs 'chosen' and 'rejected' columns (strings or message lists) and usually a "
             "'prompt'; map differently named columns with columns={'prompt': ..., 'chosen': ..., 'rejected': ...}",
         )
@@ -227,7 +160,8 @@ def _column_mapping(columns: dict[str, str] | None, canonical: tuple[str, ...], 
     mapping = {name: name for name in canonical}
     for name, column in (columns or {}).items():
         if name not in canonical:
-            raise ValueError(f"{source}: columns maps unknown field {name!r}; known fields: {list(canonical)}")
+            raise InvalidDataError(source, [], f"columns maps unknown field {excerpt(name, 40)}; known fields: "
+                                   f"{list(canonical)}", "fix the keys of the column mapping (data.columns)")
         mapping[name] = column
     return mapping
 
@@ -237,17 +171,36 @@ def _check_mapped_columns(raw: RawRows, columns: dict[str, str] | None) -> None:
     for name, column in (columns or {}).items():
         if column not in found:
             raise InvalidDataError(
-                raw.source, [], f"columns maps {name!r} to {column!r}, which no row has; columns found: {found}",
+                raw.source, [], f"columns maps {excerpt(name, 40)} to {excerpt(column, 40)}, which no row has; "
+                f"columns found: {show_columns(found)}",
                 "fix the column mapping (data.columns) to name columns that exist",
             )
 
 
+@dataclass(frozen=True)
+class RowCheck:
+    """A check of all valid rows at once, after they are read (tokenisation: trainables/tokenization.py).
+
+    run(rows) gives per row (value, faults): the value replaces the row in what the loader returns; faults,
+    (field, reason) pairs with canonical field names, make the row invalid like any other bad row (listed
+    with its line, or dropped and counted under drop_invalid). fixes: how to fix such rows, for the message:
+    {phrase: advice}, each advice given when some fault's reason holds its phrase.
+    """
+
+    run: Callable[[list], list[tuple[Any, list[tuple[str, str]]]]]
+    fixes: dict[str, str] = dataclass_field(default_factory=dict)
+
+    def advice(self, reasons: set[str]) -> str:
+        return "".join(f"; {fix}" for phrase, fix in self.fixes.items() if any(phrase in reason for reason in reasons))
+
+
 def _collect(raw: RawRows, mapping: dict[str, str], convert: Callable, renderer, *, drop_invalid: bool,
-             max_invalid_fraction: float) -> list:
-    """Convert every row, then raise or drop according to drop_invalid."""
+             max_invalid_fraction: float, after: RowCheck | None = None) -> list:
+    """Convert every row, run `after` on the good ones, then raise or drop according to drop_invalid."""
     if not 0.0 <= max_invalid_fraction <= 1.0:
-        raise ValueError(f"max_invalid_fraction must be within [0, 1], got {max_invalid_fraction}")
-    results, problems = [], list(raw.problems)
+        raise InvalidDataError(raw.source, [], f"max_invalid_fraction must be within [0, 1], got {max_invalid_fraction}",
+                               "set data.max_invalid_fraction between 0 and 1")
+    results, kept_rows, problems = [], [], list(raw.problems)
     for index, values in enumerate(raw.rows):
         if values is None:
             continue  # unreadable line, already in raw.problems
@@ -256,21 +209,32 @@ def _collect(raw: RawRows, mapping: dict[str, str], convert: Callable, renderer,
         problems += row.problems
         if result is not None and not row.problems:
             results.append(result)
+            kept_rows.append(index)
+    extra_fix = ""
+    if after is not None and results:
+        checked, results, reasons = after.run(results), [], set()
+        for index, (value, faults) in zip(kept_rows, checked):
+            problems += [RowProblem(index, mapping.get(name, name), reason, raw.line_of(index)) for name, reason in faults]
+            reasons.update(reason for _, reason in faults)
+            if not faults:
+                results.append(value)
+        extra_fix = after.advice(reasons)
     if not problems:
         return results
     problems.sort(key=lambda problem: problem.row)  # stable: a row's own problems keep their order
     total, bad_rows = len(raw.rows), sorted({problem.row for problem in problems})
     if not drop_invalid:
-        raise InvalidDataError(raw.source, problems, f"{len(bad_rows)} of {total} rows are invalid")
-    counts = Counter(problem.kind() for problem in problems)
+        raise InvalidDataError(raw.source, problems, f"{len(bad_rows)} of {total} rows are invalid", DEFAULT_FIX + extra_fix)
+    counts = Counter(problem.kind() for problem in problems).most_common()
     summary = f"dropped {len(bad_rows)} of {total} rows: " + ", ".join(
-        f"{count} {kind}" for kind, count in counts.most_common()
-    )
+        f"{count} {kind}" for kind, count in counts[:6]
+    ) + (f", and {len(counts) - 6} other kinds of problem" if len(counts) > 6 else "")
     if len(bad_rows) / total > max_invalid_fraction or not results:
         raise InvalidDataError(
             raw.source, problems, f"{summary}; that is {len(bad_rows) / total:.1%} of the rows, more than "
             f"max_invalid_fraction={max_invalid_fraction}",
-            "fix the data, or raise max_invalid_fraction if dropping that many rows is intended",
+            "fix the data, or raise max_invalid_fraction (data.max_invalid_fraction) if dropping that many rows is "
+            "intended" + extra_fix,
         )
     shown = ", ".join(map(str, bad_rows[:20])) + (", ..." if len(bad_rows) > 20 else "")
     logger.warning("%s: %s (row indices %s)", raw.source, summary, shown)
@@ -280,16 +244,18 @@ def _collect(raw: RawRows, mapping: dict[str, str], convert: Callable, renderer,
 def load_preference_pairs(
     source: str, *, split: str = "train", layout: str = "auto", columns: dict[str, str] | None = None,
     chat_template_tokenizer=None, drop_invalid: bool = False, max_invalid_fraction: float = 0.05,
-    data_files_hint: str | None = None,
-) -> list[PreferencePair]:
+    data_files_hint: str | None = None, after: RowCheck | None = None,
+) -> list:
     """Read, validate and render preference pairs from a local file or hub dataset (see module docstring).
 
     columns maps canonical fields to the file's names, e.g. {"prompt": "question", "chosen": "good",
     "rejected": "bad"}. Raises InvalidDataError listing every bad row, unless drop_invalid=True, which drops
     them (logged with counts) and raises only when more than max_invalid_fraction of the rows are bad.
+    after: a RowCheck run on the valid pairs (e.g. tokenisation); the loader then returns its values.
     """
     if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        raise InvalidDataError(source, [], f"layout must be one of {LAYOUTS}, got {excerpt(layout, 40)}",
+                               "set data.layout to one of them")
     mapping = _column_mapping(columns, PAIR_FIELDS, source)
     raw = read_rows(source, split=split, data_files_hint=data_files_hint)
     _check_mapped_columns(raw, columns)
@@ -297,16 +263,28 @@ def load_preference_pairs(
     chosen_layout = detected if layout == "auto" else layout
     if chosen_layout == "explicit" and mapping["prompt"] not in raw.columns():
         raise InvalidDataError(
-            source, [], f"layout 'explicit' needs a '{mapping['prompt']}' column; columns found: {raw.columns()}",
+            source, [], f"layout 'explicit' needs a '{mapping['prompt']}' column; columns found: "
+            f"{show_columns(raw.columns())}",
             "map the prompt column with columns={'prompt': ...}, or use layout='implicit_prompt'",
         )
-    renderer = _ChatRenderer(chat_template_tokenizer, source) if chosen_layout == "conversational" else None
+    renderer = None
+    if chosen_layout == "conversational":
+        renderer = ChatRenderer(chat_template_tokenizer, source, _first_list_row(raw, mapping))
     convert = {"explicit": _explicit_pair, "conversational": _conversational_pair, "implicit_prompt": _implicit_pair}
     return _collect(raw, mapping, convert[chosen_layout], renderer, drop_invalid=drop_invalid,
-                    max_invalid_fraction=max_invalid_fraction)
+                    max_invalid_fraction=max_invalid_fraction, after=after)
 
 
-def _messages_example(row: RowReader, renderer_factory: Callable[[], _ChatRenderer]) -> PromptAnswer | None:
+def _first_list_row(raw: RawRows, mapping: dict[str, str]) -> str:
+    """Where the first row with message lists is, e.g. "row 0 (line 1)" ("" when there is none)."""
+    for index, row in enumerate(raw.rows):
+        if row is not None and any(isinstance(row.get(mapping[name]), list) for name in PAIR_FIELDS):
+            line = raw.line_of(index)
+            return f"row {index}" + (f" (line {line})" if line is not None else "")
+    return ""
+
+
+def _messages_example(row: RowReader, renderer_factory: Callable[[RowReader], ChatRenderer]) -> PromptAnswer | None:
     """SFT row with a "messages" conversation: the last assistant turn is the answer."""
     messages = row.messages("messages")
     if messages is None:
@@ -320,17 +298,18 @@ def _messages_example(row: RowReader, renderer_factory: Callable[[], _ChatRender
         row.flag("messages", f"{len(messages) - 1 - last} message(s) after the last assistant turn; end the "
                  "conversation with the answer")
         return None
-    rendered = _render_answers(row, renderer_factory(), messages[:last], {"messages": messages[last:]})
+    rendered = render_answers(row, renderer_factory(row), messages[:last], {"messages": messages[last:]})
     return None if rendered is None else PromptAnswer(rendered[0], rendered[1][0])
 
 
-def _prompt_completion_example(row: RowReader, renderer_factory: Callable[[], _ChatRenderer]) -> PromptAnswer | None:
+def _prompt_completion_example(row: RowReader,
+                               renderer_factory: Callable[[RowReader], ChatRenderer]) -> PromptAnswer | None:
     """SFT row with prompt + completion, both strings or both message lists."""
     if isinstance(row.values.get(row.mapping["prompt"]), list):
         prompt, completion = row.messages("prompt"), row.messages("completion")
         if row.problems:
             return None
-        rendered = _render_answers(row, renderer_factory(), prompt, {"completion": completion})
+        rendered = render_answers(row, renderer_factory(row), prompt, {"completion": completion})
         return None if rendered is None else PromptAnswer(rendered[0], rendered[1][0])
     prompt, completion = row.text("prompt"), row.text("completion")
     return None if row.problems else PromptAnswer(prompt, completion)
@@ -339,10 +318,12 @@ def _prompt_completion_example(row: RowReader, renderer_factory: Callable[[], _C
 def load_prompt_answers(
     source: str, *, split: str = "train", columns: dict[str, str] | None = None, chat_template_tokenizer=None,
     drop_invalid: bool = False, max_invalid_fraction: float = 0.05, data_files_hint: str | None = None,
-) -> list[PromptAnswer]:
+    after: RowCheck | None = None,
+) -> list:
     """Read and validate SFT examples: prompt + completion (or "answer"/"response") as strings or message
     lists, or a conversational "messages" list whose last assistant turn is the answer and whose earlier
-    turns, rendered with the chat template and generation prompt, are the prompt. Errors as for pairs."""
+    turns, rendered with the chat template and generation prompt, are the prompt. Errors as for pairs; `after`
+    as for pairs, with the fields "prompt" and "answer" (the completion or messages column)."""
     canonical = ("prompt", "messages", *ANSWER_ALIASES)
     mapping = _column_mapping(columns, canonical, source)
     raw = read_rows(source, split=split, data_files_hint=data_files_hint)
@@ -353,18 +334,20 @@ def load_prompt_answers(
     has_pairs = mapping["prompt"] in found and answer_column is not None
     if not has_pairs and mapping["messages"] not in found:
         raise InvalidDataError(
-            source, [], f"no SFT layout fits the columns found: {found}",
+            source, [], f"no SFT layout fits the columns found: {show_columns(found)}",
             "SFT data needs 'prompt' + 'completion' (or 'answer'/'response') columns, or a 'messages' column of "
             "{role, content} lists; map other names with columns={...}",
         )
     mapping["completion"] = answer_column or "completion"
+    mapping["answer"] = mapping["completion"] if has_pairs else mapping["messages"]
     convert = _prompt_completion_example if has_pairs else _messages_example  # prompt/completion wins if both
-    renderers: list[_ChatRenderer] = []
+    renderers: list[ChatRenderer] = []
 
-    def renderer_factory() -> _ChatRenderer:  # only conversational rows need (and check for) a chat template
+    def renderer_factory(row: RowReader) -> ChatRenderer:  # only conversational rows need a chat template
         if not renderers:
-            renderers.append(_ChatRenderer(chat_template_tokenizer, source))
+            where = f"row {row.index}" + (f" (line {row.line})" if row.line is not None else "")
+            renderers.append(ChatRenderer(chat_template_tokenizer, source, where, "prompt and completion text columns"))
         return renderers[0]
 
     return _collect(raw, mapping, convert, renderer_factory, drop_invalid=drop_invalid,
-                    max_invalid_fraction=max_invalid_fraction)
+                    max_invalid_fraction=max_invalid_fraction, after=after)

@@ -1,19 +1,20 @@
-"""Raw rows from a data source (local JSONL/JSON/Parquet/CSV file or hub dataset), typed field access, errors.
+"""Raw rows from a data source (local JSONL/JSON/CSV/Parquet file or hub dataset), typed field access, errors.
 
-JSON-family files are read line by line by this module itself instead of the `datasets` JSON reader,
-which names no line when a file holds bad bytes or broken JSON, turns a missing field into null, and
-refuses columns whose type changes between rows; every unreadable line is collected, not just the
-first. Parquet, CSV and hub datasets go through `datasets.load_dataset`. RowReader checks one row's
-fields and records a RowProblem per fault; the layouts themselves live in trainables/data.py.
-Tested by `python -m pytest tests/test_data.py -q`.
+JSON lines, JSON arrays and CSV are read by trainables/text_files.py, with limits (a line of at most
+32 MiB, at most 1000 fields a row, lists/objects at most 64 levels deep, a .json array of at most 1 GiB)
+and an error naming the line for each unreadable one; CSV cells are read as text. Parquet and hub datasets
+go through `datasets.load_dataset`. RowReader checks one row's fields and records a RowProblem per fault
+(missing, null, wrong type, empty, not valid Unicode, too long); the layouts live in trainables/data.py.
+Error messages stay short: at most 10 problems are listed, each bad value shown as an excerpt of at most
+80 characters. Tested by `python -m pytest tests/test_data.py tests/test_adversarial_data.py -q`.
 """
 
 from __future__ import annotations
 
-import codecs
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,6 +26,34 @@ DEFAULT_FIX = (
     "correct or remove the rows listed above, map your column names with columns={...}, or pass "
     "drop_invalid=True (data.drop_invalid: true) to skip up to max_invalid_fraction of the rows"
 )
+MAX_LISTED_PROBLEMS = 10  # an error lists this many problems, then counts the rest
+MAX_REASON_CHARS = 240  # one problem's reason is cut here
+EXCERPT_CHARS = 80  # a bad value is shown as at most this many characters
+MAX_FIELD_CHARS = 16 * 2**20  # a text field longer than this is refused (the line limit of text_files.py)
+
+
+def excerpt(value: Any, limit: int = EXCERPT_CHARS) -> str:
+    """A short, printable rendering of a value for an error message: quoted text or JSON, cut with '...'."""
+    if isinstance(value, str):
+        text = repr(value[: limit + 1])  # repr escapes control characters and lone surrogates
+    else:
+        try:
+            text = json.dumps(value, ensure_ascii=True, default=str)
+        except (RecursionError, ValueError, TypeError):
+            text = f"<{json_type_name(value)}>"
+    return clip(text, limit)
+
+
+def clip(text: str, limit: int) -> str:
+    """Plain text cut to at most `limit` characters, ending with '...' when cut."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def show_columns(columns: Sequence[str], limit: int = 20) -> str:
+    """A list of column names for a message: all of a short list, else the first `limit` and the count."""
+    shown = [excerpt(str(name), 40) for name in list(columns)[:limit]]
+    more = f", ... ({len(columns)} columns in all)" if len(columns) > limit else ""
+    return "[" + ", ".join(shown) + more + "]"
 
 
 @dataclass(frozen=True)
@@ -34,26 +63,36 @@ class RowProblem:
     row: int
     field: str
     reason: str
-    line: int | None = None  # 1-based line number in a JSON-lines file; None for other formats
+    line: int | None = None  # 1-based line number in a JSON-lines or CSV file; None for other formats
 
     def describe(self) -> str:
         where = f"row {self.row}" + (f" (line {self.line})" if self.line is not None else "")
-        return f"{where}, field '{self.field}': {self.reason}" if self.field else f"{where}: {self.reason}"
+        reason = clip(self.reason, MAX_REASON_CHARS)
+        name = clip(self.field, 60)
+        return f"{where}, field '{name}': {reason}" if self.field else f"{where}: {reason}"
 
     def kind(self) -> str:
         """Short label for counting, e.g. "empty chosen", "chosen == rejected", "not valid JSON"."""
-        head = self.reason.split(":")[0]
+        head = re.sub(r"\d+", "N", self.reason.split(":")[0])
         field_name = self.field.split("[")[0]
         return head if not field_name or field_name in head else f"{head} {field_name}"
 
 
 class InvalidDataError(UserError, ValueError):
-    """The data cannot be used as it is; the message names the file, every bad row and how to fix it."""
+    """The data cannot be used as it is; the message names the file, the bad rows and how to fix it.
+
+    Every problem is kept in `problems`; the message lists the first MAX_LISTED_PROBLEMS and counts the rest.
+    """
 
     def __init__(self, source: str, problems: Sequence[RowProblem] = (), headline: str = "", fix: str = DEFAULT_FIX):
         self.source, self.problems, self.headline, self.fix = source, list(problems), headline, fix
         lines = [f"invalid data in {source}: {headline or f'{len(self.problems)} problem(s)'}"]
-        lines += [f"  {problem.describe()}" for problem in self.problems]
+        lines += [f"  {problem.describe()}" for problem in self.problems[:MAX_LISTED_PROBLEMS]]
+        rest = self.problems[MAX_LISTED_PROBLEMS:]
+        if rest:
+            rows = sorted({problem.row for problem in rest})
+            shown = ", ".join(map(str, rows[:10])) + (", ..." if len(rows) > 10 else "")
+            lines.append(f"  ... and {len(rest)} more problem(s) in {len(rows)} row(s): rows {shown}")
         if fix:
             lines.append(f"How to fix: {fix}")
         super().__init__("\n".join(lines))
@@ -68,11 +107,11 @@ class DataSourceError(UserError, OSError):
 
 @dataclass
 class RawRows:
-    """Rows as plain dicts; rows[i] is None where the pre-scan already found the row unreadable."""
+    """Rows as plain dicts; rows[i] is None where the reader already found the row unreadable."""
 
     source: str
     rows: list[dict[str, Any] | None]
-    lines: list[int] | None  # 1-based line of each row (JSON lines only)
+    lines: list[int] | None  # 1-based line of each row (JSON lines and CSV)
     problems: list[RowProblem] = field(default_factory=list)
     is_csv: bool = False
 
@@ -86,6 +125,18 @@ class RawRows:
 
     def line_of(self, index: int) -> int | None:
         return self.lines[index] if self.lines is not None else None
+
+
+def unicode_problem(text: str) -> str:
+    """Why a string is not valid Unicode text ("" when it is): a lone surrogate, as a JSON escape can give."""
+    if text.isascii():
+        return ""
+    try:
+        text.encode("utf-8")
+        return ""
+    except UnicodeEncodeError as error:
+        return (f"not valid Unicode: a lone surrogate \\u{ord(text[error.start]):04x} at character {error.start} "
+                "(half of a UTF-16 pair, e.g. from a JSON escape); fix or remove that escape")
 
 
 class RowReader:
@@ -109,9 +160,20 @@ class RowReader:
             self.flag(field, "null" + detail)
             return None
         if not isinstance(value, expected):
-            self.flag(field, f"wrong type: expected {expected_name}, got {json_type_name(value)} ({_short(value)})")
+            self.flag(field, f"wrong type: expected {expected_name}, got {json_type_name(value)} ({excerpt(value)})")
+            return None
+        if isinstance(value, str) and not self.valid_text(field, value):
             return None
         return value
+
+    def valid_text(self, field: str, text: str) -> bool:
+        """Flag text that is not valid Unicode or is longer than MAX_FIELD_CHARS."""
+        reason = unicode_problem(text)
+        if not reason and len(text) > MAX_FIELD_CHARS:
+            reason = f"too long: {len(text):,} characters, more than the limit of {MAX_FIELD_CHARS:,}"
+        if reason:
+            self.flag(field, reason)
+        return not reason
 
     def text(self, field: str) -> str | None:
         """A non-empty string field."""
@@ -137,6 +199,8 @@ class RowReader:
                 if not isinstance(message.get(key), str):
                     got = "" if message.get(key) is None else f": expected a string, got {json_type_name(message[key])}"
                     self.problems.append(RowProblem(self.index, where, f"message without '{key}'{got}", self.line))
+                else:
+                    self.valid_text(where, message[key])
         return value if len(self.problems) == start else None
 
 
@@ -147,11 +211,6 @@ def non_blank(row: RowReader, field: str, text: str) -> bool:
     return True
 
 
-def _short(value: Any, limit: int = 40) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def read_rows(source: str, *, split: str = "train", data_files_hint: str | None = None) -> RawRows:
     """Read every row of `source` as a dict.
 
@@ -159,25 +218,44 @@ def read_rows(source: str, *, split: str = "train", data_files_hint: str | None 
     `datasets.load_dataset(name, split=split)`). data_files_hint: for a local file whose extension does
     not say its format, the format ("jsonl", "json", "parquet" or "csv"); for a hub dataset, passed on
     as `data_files=` (a file or pattern inside the dataset repository). `split` only applies to hub data.
+    A source none of whose rows can be read is an error listing why (the first lines), not an empty table.
     """
+    from trainables import text_files  # it builds on the types above
+
     path = Path(source).expanduser()
     if path.is_dir():
         raise DataSourceError(f"{source} is a directory; pass one data file (.jsonl, .json, .parquet or .csv)")
+    if path.exists() and not path.is_file():
+        raise DataSourceError(f"{source} is not a regular file (a device, pipe or socket); pass a data file")
     if path.is_file():
         data_format = FORMAT_BY_SUFFIX.get(path.suffix.lower()) or (data_files_hint or "").lower().lstrip(".")
-        if data_format in ("jsonl", "ndjson"):
-            return _scan_json_lines(path, source)
-        if data_format == "json":
-            return _read_json(path, source)
-        if data_format in ("parquet", "csv"):
-            return _load_with_datasets(data_format, source, data_files=str(path))
-        raise DataSourceError(
-            f"{source}: unknown data format {path.suffix!r}; use a .jsonl, .json, .parquet or .csv file, or "
-            "pass data_files_hint='jsonl'|'json'|'parquet'|'csv'"
-        )
-    if path.suffix.lower() in FORMAT_BY_SUFFIX or source.startswith(("/", ".", "~")):
+        readers = {"jsonl": text_files.scan_json_lines, "ndjson": text_files.scan_json_lines,
+                   "json": text_files.read_json, "csv": text_files.read_csv}
+        if data_format in readers:
+            try:
+                raw = readers[data_format](path, source)
+            except OSError as error:  # permissions, a file removed while read, an I/O error
+                raise DataSourceError(f"data file {source} cannot be read: {error.strerror or error}") from None
+        elif data_format == "parquet":
+            raw = _load_with_datasets(data_format, source, data_files=str(path))
+        else:
+            raise DataSourceError(
+                f"{source}: unknown data format {excerpt(path.suffix, 20)}; use a .jsonl, .json, .parquet or .csv "
+                "file, or pass data_files_hint='jsonl'|'json'|'parquet'|'csv'"
+            )
+    elif path.suffix.lower() in FORMAT_BY_SUFFIX or source.startswith(("/", ".", "~")):
         raise DataSourceError(f"data file {source} does not exist (working directory {os.getcwd()}); check the path")
-    return _load_with_datasets(source, source, split=split, data_files=data_files_hint, from_hub=True)
+    else:
+        raw = _load_with_datasets(source, source, split=split, data_files=data_files_hint, from_hub=True)
+    if not raw.rows:
+        raise empty_file_error(source)
+    if all(row is None for row in raw.rows):
+        raise InvalidDataError(
+            source, raw.problems, f"none of the {len(raw.rows)} rows could be read",
+            "check that the file is UTF-8 text in the format its name says: JSON lines (one object per line), "
+            "a JSON array of objects, or CSV with a header line",
+        )
+    return raw
 
 
 def dataset_fingerprint(source: str, split: str = "train") -> str:
@@ -193,94 +271,8 @@ def dataset_fingerprint(source: str, split: str = "train") -> str:
     return digest.hexdigest()
 
 
-def _empty_file_error(source: str) -> InvalidDataError:
+def empty_file_error(source: str) -> InvalidDataError:
     return InvalidDataError(source, [], "the file is empty (no rows)", "write at least one row; check the export step")
-
-
-def _scan_json_lines(path: Path, source: str) -> RawRows:
-    """Parse a JSON-lines file line by line, collecting every unreadable line instead of stopping."""
-    rows: list[dict[str, Any] | None] = []
-    lines: list[int] = []
-    problems: list[RowProblem] = []
-    with open(path, "rb") as handle:
-        for line_number, raw in enumerate(handle, start=1):
-            if line_number == 1 and raw.startswith(codecs.BOM_UTF8):
-                raw = raw[len(codecs.BOM_UTF8) :]
-            if not raw.strip():
-                continue  # blank lines are allowed and skipped
-            row_index = len(rows)
-            lines.append(line_number)
-            value, reason = _parse_json_line(raw)
-            rows.append(value)
-            if reason:
-                problems.append(RowProblem(row_index, "", reason, line_number))
-    if not rows:
-        raise _empty_file_error(source)
-    return RawRows(source, rows, lines, problems)
-
-
-def _parse_json_line(raw: bytes) -> tuple[dict[str, Any] | None, str]:
-    """(object, "") for a good line, (None, reason) otherwise."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        return None, (
-            f"not UTF-8: byte {raw[error.start]:#04x} at byte {error.start} of the line; "
-            "re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
-        )
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        return None, f"not valid JSON: {error.msg} at column {error.colno}; each line must be one complete JSON object"
-    if not isinstance(value, dict):
-        got = json_type_name(value)
-        return None, f"not a JSON object: got {got}; each line must be an object like {{\"prompt\": ...}}"
-    return value, ""
-
-
-def _read_json(path: Path, source: str) -> RawRows:
-    """A .json file: a top-level array of objects, or JSON lines under a .json name."""
-    with open(path, "rb") as handle:
-        head = handle.read(4096).removeprefix(codecs.BOM_UTF8).lstrip()
-    if not head:
-        raise _empty_file_error(source)
-    if not head.startswith(b"["):
-        rows = _scan_json_lines(path, source)
-        if rows.problems and all(row is None for row in rows.rows) and _parses_as_one_object(path):
-            raise InvalidDataError(
-                source, [], "the file holds a single JSON object, not a list of rows",
-                "write one object per line (JSON lines, .jsonl) or a top-level JSON array of row objects",
-            )
-        return rows
-    data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
-    try:
-        document = json.loads(data.decode("utf-8"))
-    except UnicodeDecodeError as error:
-        line = data.count(b"\n", 0, error.start) + 1
-        raise InvalidDataError(
-            source, [], f"not UTF-8 at line {line} (byte {error.start})", "re-save the file as UTF-8"
-        ) from None
-    except json.JSONDecodeError as error:
-        raise InvalidDataError(
-            source, [], f"not valid JSON at line {error.lineno}, column {error.colno}: {error.msg}",
-            "fix the JSON syntax there (a JSON-lines file should be named .jsonl)",
-        ) from None
-    problems = [
-        RowProblem(index, "", f"not a JSON object: got {json_type_name(value)}; every array element must be a row")
-        for index, value in enumerate(document)
-        if not isinstance(value, dict)
-    ]
-    if not document:
-        raise _empty_file_error(source)
-    rows = [value if isinstance(value, dict) else None for value in document]
-    return RawRows(source, rows, None, problems)
-
-
-def _parses_as_one_object(path: Path) -> bool:
-    try:
-        return isinstance(json.loads(path.read_bytes().decode("utf-8")), dict)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return False
 
 
 def _load_with_datasets(builder: str, source: str, *, split: str = "train", data_files: str | None = None,
@@ -290,24 +282,22 @@ def _load_with_datasets(builder: str, source: str, *, split: str = "train", data
     try:
         dataset = datasets.load_dataset(builder, data_files=data_files, split=split if from_hub else "train")
     except Exception as error:  # datasets raises many types: ConnectionError, FileNotFoundError, ArrowInvalid, ...
+        detail = clip(f"{type(error).__name__}: {error}", 300)
         if from_hub:
             raise DataSourceError(
-                f"could not load {source!r} (split {split!r}) as a hub dataset: {type(error).__name__}: {error}. "
+                f"could not load {source!r} (split {split!r}) as a hub dataset: {detail}. "
                 "If it is meant to be a local file, check the path; if a hub dataset, check its name and split, "
                 "network access (HF_HUB_OFFLINE) and credentials (HF_TOKEN)."
             ) from error
         raise InvalidDataError(
-            source, [], f"could not be read as {builder}: {type(error).__name__}: {error}",
+            source, [], f"could not be read as {builder}: {detail}",
             f"check that the file is a valid {builder} file with one row per record",
         ) from error
-    rows = dataset.to_list()
-    if not rows:
-        raise _empty_file_error(source)
-    return RawRows(source, rows, None, [], is_csv=builder == "csv")
+    return RawRows(source, dataset.to_list(), None, [])
 
 
 def json_type_name(value: Any) -> str:
     """JSON-flavoured type names for error messages: string, number, object, list, boolean."""
     names = {str: "string", bool: "boolean", int: "number", float: "number", dict: "object", list: "list",
-             type(None): "null"}
-    return names.get(type(value), type(value).__name__)
+             type(None): "null", bytes: "binary data"}
+    return names.get(type(value), f"a {type(value).__name__} value")

@@ -19,15 +19,16 @@ import torch.distributed as dist
 
 from trainables.errors import UserError
 from trainables.checkpointing import CheckpointError, latest_checkpoint, load_training_state
-from trainables.data import load_preference_pairs, load_prompt_answers
+from trainables.lineage import LINEAGE_KEY, resume_lineage, run_lineage
 from trainables.dpo_objective import CachedReference, DPOObjective, LiveReference, NoReference
 from trainables.loop import Report, rank_and_world, run_training_loop
 from trainables.losses import preference_loss_by_name
-from trainables.modeling import attach_lora, load_causal_lm, load_tokenizer, model_fingerprint, resolve_autocast_dtype, resolve_device
+from trainables.model_checks import check_model_can_train, load_prepared_tokenizer
+from trainables.modeling import attach_lora, load_causal_lm, model_fingerprint, resolve_autocast_dtype, resolve_device
 from trainables.reference_cache import ReferenceLogps, load_or_compute_reference_logps, reference_fingerprint
 from trainables.settings import DataArgs, LoopSettings, ModelArgs, PreferenceArgs, RuntimeArgs
 from trainables.sft_objective import SFTObjective
-from trainables.tokenization import TokenizedPair, prepare_tokenizer, tokenize_examples, tokenize_pairs
+from trainables.tokenization import TokenizedPair, load_tokenized_examples, load_tokenized_pairs
 
 logger = logging.getLogger(__name__)
 
@@ -66,20 +67,17 @@ def _device_and_autocast(runtime_args: RuntimeArgs, seed: int) -> tuple[torch.de
 
 
 def tokenizer_for(model_args: ModelArgs):
-    tokenizer = load_tokenizer(
-        model_args.tokenizer_path or model_args.path,
-        revision=model_args.revision,
-        trust_remote_code=model_args.trust_remote_code,
-    )
-    return prepare_tokenizer(tokenizer)
+    return load_prepared_tokenizer(model_args)
 
 
-def load_preference_data(model_args: ModelArgs, data_args: DataArgs) -> PreferenceData:
-    """Load, validate and tokenise the train and eval pairs (raises InvalidDataError on bad rows)."""
-    tokenizer = tokenizer_for(model_args)
-    train, held_out = _train_and_held_out(load_preference_pairs, data_args, tokenizer, layout=data_args.layout)
-    tokenize = lambda pairs: tokenize_pairs(pairs, tokenizer, data_args.max_length, data_args.max_prompt_length)
-    return PreferenceData(tokenizer=tokenizer, train=tokenize(train), eval=tokenize(held_out))
+def load_preference_data(model_args: ModelArgs, data_args: DataArgs, preference_args: PreferenceArgs | None = None,
+                         runtime_args: RuntimeArgs | None = None) -> PreferenceData:
+    """Check the model (trainables/model_checks.py: also the reference and device when given), then load,
+    validate and tokenise the train and eval pairs (raises ModelError / InvalidDataError)."""
+    tokenizer = check_model_can_train(model_args, data_args, preference_args, runtime_args)
+    limits = dict(max_length=data_args.max_length, max_prompt_length=data_args.max_prompt_length)
+    train, held_out = _train_and_held_out(load_tokenized_pairs, data_args, tokenizer, layout=data_args.layout, **limits)
+    return PreferenceData(tokenizer=tokenizer, train=train, eval=held_out)  # rows checked after tokenisation too
 
 
 def reference_cache_key(model_args: ModelArgs, preference_args: PreferenceArgs, data: PreferenceData, precision: str) -> str:
@@ -133,15 +131,19 @@ def _take(values: ReferenceLogps, start: int, count: int) -> ReferenceLogps:
     )
 
 
-def _resume_checkpoint(resume_from: str | None, output_dir: str) -> Path | None:
-    if resume_from is None:
-        return None
+def _resume_checkpoint(resume_from: str | None, output_dir: str, lineage: dict[str, Any]) -> tuple[Path | None, dict[str, Any]]:
+    """The checkpoint to resume from (None: start afresh) and this run's lineage (trainables/lineage.py).
+
+    A checkpoint of another model, tokenizer, data or stage is refused with a CheckpointError naming what differs.
+    """
+    checkpoint = None
     if resume_from == "latest":
-        return latest_checkpoint(Path(output_dir) / "checkpoints")
-    checkpoint = Path(resume_from)
-    if not (checkpoint / "training_state.pt").is_file():
-        raise CheckpointError(f"train.resume_from: {resume_from!r} is not a checkpoint folder (it has no training_state.pt)")
-    return checkpoint
+        checkpoint = latest_checkpoint(Path(output_dir) / "checkpoints")
+    elif resume_from is not None:
+        checkpoint = Path(resume_from)
+        if not (checkpoint / "training_state.pt").is_file():
+            raise CheckpointError(f"train.resume_from: {resume_from!r} is not a checkpoint folder (it has no training_state.pt)")
+    return checkpoint, resume_lineage(checkpoint, lineage)
 
 
 def _load_policy(model_args: ModelArgs, checkpoint: Path | None, device, prepare_model):
@@ -202,8 +204,11 @@ def run_dpo(
     object store); read from data_args when None.
     """
     device, autocast_dtype = _device_and_autocast(runtime_args, loop_settings.seed)
-    data = data if data is not None else load_preference_data(model_args, data_args)
-    checkpoint = _resume_checkpoint(runtime_args.resume_from, loop_settings.output_dir)
+    data = data if data is not None else load_preference_data(model_args, data_args, preference_args, runtime_args)
+    reference_path = None if preference_args.reference_mode == "none" else preference_args.reference_path or model_args.path
+    checkpoint, lineage = _resume_checkpoint(runtime_args.resume_from, loop_settings.output_dir, run_lineage(
+        stage="dpo", model_args=model_args, tokenizer=data.tokenizer, train=data.train, eval=data.eval,
+        reference_path=reference_path))
     reference_is_policy = (preference_args.reference_mode == "live" and model_args.lora_rank is not None
                            and not preference_args.reference_path)
     model = _load_policy(model_args, checkpoint, device, prepare_model) if reference_is_policy else None
@@ -219,11 +224,11 @@ def run_dpo(
         device=device, autocast_dtype=autocast_dtype, eval_batch_size=runtime_args.eval_batch_size,
         padding_buckets=runtime_args.padding_buckets, share_prompt=runtime_args.share_prompt,
     )
-    lineage = {"stage": "dpo", "base_model": model_args.path, "beta": preference_args.beta,
-               "kl_weight": preference_args.kl_weight, "reference_cache_key": cache_key or ""}
+    extra = {"stage": "dpo", "base_model": model_args.path, "beta": preference_args.beta,
+             "kl_weight": preference_args.kl_weight, "reference_cache_key": cache_key or "", LINEAGE_KEY: lineage}
     return run_training_loop(
         model=model, tokenizer=data.tokenizer, objective=objective, settings=loop_settings, report=report,
-        device=device, resume_state=load_training_state(checkpoint) if checkpoint else None, checkpoint_extra=lineage,
+        device=device, resume_state=load_training_state(checkpoint) if checkpoint else None, checkpoint_extra=extra,
     )
 
 
@@ -237,18 +242,19 @@ def run_sft(
 ) -> dict[str, float]:
     """Supervised fine-tuning on prompt/completion examples; returns the last reported metrics."""
     device, autocast_dtype = _device_and_autocast(runtime_args, loop_settings.seed)
-    tokenizer = tokenizer_for(model_args)
-    train, held_out = _train_and_held_out(load_prompt_answers, data_args, tokenizer)
-    tokenize = lambda rows: tokenize_examples(rows, tokenizer, data_args.max_length, data_args.max_prompt_length)
-    checkpoint = _resume_checkpoint(runtime_args.resume_from, loop_settings.output_dir)
+    tokenizer = check_model_can_train(model_args, data_args, None, runtime_args)
+    limits = dict(max_length=data_args.max_length, max_prompt_length=data_args.max_prompt_length)
+    train, held_out = _train_and_held_out(load_tokenized_examples, data_args, tokenizer, **limits)
+    checkpoint, lineage = _resume_checkpoint(runtime_args.resume_from, loop_settings.output_dir, run_lineage(
+        stage="sft", model_args=model_args, tokenizer=tokenizer, train=train, eval=held_out))
     model = _load_policy(model_args, checkpoint, device, prepare_model)
     objective = SFTObjective(
-        train_examples=tokenize(train), eval_examples=tokenize(held_out), pad_token_id=tokenizer.pad_token_id,
+        train_examples=train, eval_examples=held_out, pad_token_id=tokenizer.pad_token_id,
         device=device, autocast_dtype=autocast_dtype, eval_batch_size=runtime_args.eval_batch_size,
         padding_buckets=runtime_args.padding_buckets,
     )
     return run_training_loop(
         model=model, tokenizer=tokenizer, objective=objective, settings=loop_settings, report=report,
         device=device, resume_state=load_training_state(checkpoint) if checkpoint else None,
-        checkpoint_extra={"stage": "sft", "base_model": model_args.path},
+        checkpoint_extra={"stage": "sft", "base_model": model_args.path, LINEAGE_KEY: lineage},
     )

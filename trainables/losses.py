@@ -8,6 +8,11 @@ log pi(y|x) summed (or, for IPO, usually averaged) over the answer tokens, and r
     h = (log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x))
 the variants differ only in the function of h they minimise.
 
+These are the four classic losses (sigmoid, ipo, cdpo, hinge) with the five-argument signature. The
+whole family, every TRL DPOTrainer loss type plus cdpo and SimPO, with f-divergences, WPO, LD-DPO,
+weighted sums and bco_pair's running state, is built from a `LossSpec` (trainables/loss_options.py) by
+`trainables.preference_loss.build_preference_loss`; its formulas are in trainables/loss_family.py.
+
 The KL term of the notes, L_total = L_DPO + kl_weight * KL(pi_theta || pi_ref), is built from
 `k3_token_kl` (works with cached reference log-probs) or `exact_token_kl` (needs live reference
 logits), reduced with `masked_token_mean`.
@@ -25,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from trainables.settings import PREFERENCE_LOSS_NAMES, check_loss_choice
+from trainables.loss_options import LOSS_NAMES, LossSpec, check_loss_spec
+from trainables.settings import PREFERENCE_LOSS_NAMES
 
 
 @dataclass(frozen=True)
@@ -190,16 +196,25 @@ PREFERENCE_LOSSES: dict[str, PreferenceLossFn] = {
     "cdpo": conservative_dpo_loss,
     "hinge": hinge_loss,
 }
-assert set(PREFERENCE_LOSSES) == set(PREFERENCE_LOSS_NAMES), "register every loss name of trainables.settings here"
+assert set(PREFERENCE_LOSSES) <= set(LOSS_NAMES), "every classic loss is a name of the loss family"
+assert set(PREFERENCE_LOSS_NAMES) <= set(LOSS_NAMES), "trainables.settings names only losses the family builds"
 
 
 def preference_loss_by_name(name: str, label_smoothing: float = 0.0) -> PreferenceLossFn:
-    """Pick a loss function once, outside the train loop; "cdpo" gets its label_smoothing bound.
+    """Pick one of the four classic losses once, outside the train loop; "cdpo" gets its label_smoothing bound.
 
-    Which names exist and which label_smoothing goes with which loss is one rule,
-    trainables.settings.check_loss_choice, which the config applies first (naming the key).
+    Which label_smoothing goes with which loss is one rule, trainables.loss_options.check_loss_spec. The
+    other names of the family read more than four tensors or keep state: build them with
+    trainables.preference_loss.build_preference_loss.
     """
-    check_loss_choice(name, label_smoothing)
+    if name not in PREFERENCE_LOSSES:
+        if name in LOSS_NAMES:
+            raise ValueError(f"preference loss {name!r} is not a five-argument loss: build it with "
+                             f"trainables.preference_loss.build_preference_loss(LossSpec(...))")
+        raise ValueError(f"unknown preference loss {name!r}; valid names are {sorted(PREFERENCE_LOSSES)} here "
+                         f"(build_preference_loss takes every name of the family: {sorted(LOSS_NAMES)})")
+    check_loss_spec(LossSpec(names=(name,), weights=(1.0,), label_smoothing=label_smoothing, f_divergence="reverse_kl",
+                             f_alpha=0.5, use_weighting=False, ld_alpha=None, simpo_gamma=0.0, discopop_tau=0.05))
     if name == "cdpo":
         return functools.partial(conservative_dpo_loss, label_smoothing=label_smoothing)
     return PREFERENCE_LOSSES[name]

@@ -3,7 +3,9 @@
 Every model in the project (policy, reference, exported checkpoints) loads through `load_causal_lm`:
 safetensors only, `trust_remote_code` only when the config says so, dropout disabled by default (as TRL
 does, so step 0 of DPO starts exactly at ln 2). Works for a local directory written by save_pretrained
-or a hub name. Tested by `python -m pytest tests/test_engine.py -q`.
+or a hub name. A model, tokenizer or device that cannot be used is a ModelError (a user error, exit 2);
+trainables/model_checks.py checks everything that needs no weights before any work. Tested by
+`python -m pytest tests/test_engine.py tests/test_adversarial_model.py -q`.
 """
 
 from __future__ import annotations
@@ -15,16 +17,64 @@ from pathlib import Path
 
 import torch
 
+from trainables.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_device(device: str | None = None) -> torch.device:
-    """`auto`/None picks CUDA when present, else CPU."""
+class ModelError(UserError):
+    """A model, tokenizer or device that cannot be used; the message names the config key and the path."""
+
+
+class ModelLoadError(ModelError, OSError):
+    """A model or tokenizer that does not load (an OSError too, as the loaders raised before)."""
+
+
+def excerpt(text: object, limit: int = 200) -> str:
+    """At most `limit` characters of a message or value, on one line."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def resolve_device(device: str | None = None, key: str = "train.device") -> torch.device:
+    """`auto`/None picks CUDA when present, else CPU; a device this machine does not have is a ModelError."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ModelError(f"{key}: {excerpt(repr(device), 80)} is not a device; use auto, cpu, cuda, cuda:N or mps") from error
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ModelError(f"{key}: {device} asks for a CUDA GPU but this machine has none that PyTorch can use; "
+                             "set it to auto or cpu (or install a CUDA build of PyTorch)")
+        if resolved.index is not None and resolved.index >= count:
+            raise ModelError(f"{key}: {device} does not exist: this machine has {count} CUDA device(s), "
+                             f"cuda:0 to cuda:{count - 1}; set it to one of them, cuda or auto")
+    elif resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelError(f"{key}: {device} (Apple GPU) is not available on this machine; set it to auto or cpu")
+    elif resolved.type not in ("cpu", "cuda", "mps"):
+        raise ModelError(f"{key}: {device} is not supported; use auto, cpu, cuda, cuda:N or mps")
+    return resolved
+
+
+def usable_attn_implementation(requested: str | None, *, warn: bool = True) -> str | None:
+    """The attention kernel to load with: flash_attention_2 falls back to sdpa (a warning, or an info line
+    when warn is False) when the flash-attn package or a CUDA GPU is missing."""
+    if requested != "flash_attention_2":
+        return requested
+    from transformers.utils import is_flash_attn_2_available
+
+    if is_flash_attn_2_available():
+        return requested
+    logger.log(logging.WARNING if warn else logging.INFO,
+               "model.attn_implementation: flash_attention_2 needs the flash-attn package and a CUDA GPU, which this "
+               "machine lacks; using sdpa (same results, slower on long rows). Install flash-attn, or set "
+               "model.attn_implementation: sdpa to silence this")
+    return "sdpa"
 
 
 def resolve_autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -56,6 +106,7 @@ def load_causal_lm(
         use_safetensors=True,
         dtype=_DTYPES[dtype],
     )
+    attn_implementation = usable_attn_implementation(attn_implementation, warn=False)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
@@ -66,8 +117,8 @@ def load_causal_lm(
             kwargs.pop("attn_implementation")
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         else:
-            raise OSError(
-                f"could not load model.path={path!r} as a causal LM with safetensors weights: {error}. "
+            raise ModelLoadError(
+                f"could not load {path!r} as a causal LM with safetensors weights: {excerpt(error)}. "
                 "Give a directory written by save_pretrained(safe_serialization=True) or a hub name."
             ) from error
     if disable_dropout:
@@ -80,7 +131,7 @@ def attach_lora(model, *, rank: int, alpha: float, dropout: float, target_module
     try:
         from peft import LoraConfig, PeftModel, get_peft_model
     except ImportError as error:
-        raise ImportError("model.lora needs peft: pip install -e '.[lora]'") from error
+        raise ModelError("model.lora needs the peft package: pip install -e '.[lora]' (or remove model.lora)") from error
     if adapter_dir is not None:
         return PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
     targets = target_modules if isinstance(target_modules, str) else list(target_modules)
@@ -105,9 +156,10 @@ def load_tokenizer(path: str, *, revision: str | None = None, trust_remote_code:
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as error:
-        raise OSError(f"could not load a tokenizer from {path!r}: {error}. Set model.tokenizer_path to one.") from error
-    return _as_declared(tokenizer, path)
+        return _as_declared(tokenizer, path)
+    except Exception as error:  # noqa: BLE001 - the user's tokenizer files: any failure to read them is bad input
+        raise ModelLoadError(f"could not load a tokenizer from {path!r}: {excerpt(error)}. Point model.tokenizer_path "
+                             "at a folder with the model's tokenizer files (tokenizer.json, tokenizer_config.json)") from error
 
 
 # tokenizer_config.json classes that mean "the tokenizer.json file as it is" (no model-specific Python class)

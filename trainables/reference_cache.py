@@ -5,7 +5,10 @@ per-sequence log-probs (for the DPO rewards) and per-token answer log-probs (for
 as safetensors (never pickle) to `<cache_dir>/reference-<fingerprint>.safetensors`. The fingerprint
 covers the reference model's weights, every token id of the data (so the data, the tokenizer, max_length
 and the truncation rule), the truncation rule's version and the precision, so any changed input gives a
-new file. Training then loads a single model. Tested by `python -m pytest tests/test_engine.py -q`.
+new file. Training then loads a single model. A cache file that cannot be read or does not hold exactly
+these pairs' values (truncated, another header, other shapes or token counts, non-finite values) is
+recomputed with a warning naming the file. Tested by `python -m pytest tests/test_engine.py
+tests/test_adversarial_model.py -q`.
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from trainables.errors import UserError
 from trainables.logprobs import forward_logps, scatter_answer_values, split_chosen_rejected
 from trainables.tokenization import TRUNCATION_RULE, TokenizedPair, collate_pairs
 
@@ -137,6 +142,37 @@ def load_reference_logps(path: Path) -> ReferenceLogps:
     return ReferenceLogps(**load_file(str(path)))
 
 
+class UnusableCache(ValueError):
+    """A cache file that does not hold the values of the pairs it is looked up for."""
+
+
+def read_cache(path: Path, fingerprint: str, pairs: Sequence[TokenizedPair]) -> ReferenceLogps:
+    """The values in `path` if they are exactly those of `pairs` under `fingerprint`; else UnusableCache."""
+    try:
+        data = path.read_bytes()  # read, not mapped: a file replaced later cannot pull values from under training
+        tensors = load_safetensors(data)
+        metadata = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")]).get("__metadata__") or {}
+    except Exception as error:  # noqa: BLE001 - any damage to the file (truncated, not safetensors) means recompute
+        raise UnusableCache(f"it cannot be read as safetensors ({' '.join(str(error).split())[:120]})") from error
+    if metadata.get("fingerprint") != fingerprint:
+        raise UnusableCache(f"its header names fingerprint {str(metadata.get('fingerprint'))[:40]!r}, not {fingerprint!r}")
+    names = set(ReferenceLogps.__dataclass_fields__)
+    if set(tensors) != names:
+        raise UnusableCache(f"it holds tensors {sorted(tensors)[:8]}, expected {sorted(names)}")
+    count = len(pairs)
+    for side, lengths in (("chosen", [len(p.chosen_ids) for p in pairs]), ("rejected", [len(p.rejected_ids) for p in pairs])):
+        sequence, tokens, offsets = (tensors[f"{side}_logps"], tensors[f"{side}_token_logps"], tensors[f"{side}_offsets"])
+        if any(t.dim() != 1 for t in (sequence, tokens, offsets)) or sequence.shape[0] != count:
+            raise UnusableCache(f"its {side} tensors do not have the shapes of {count} pairs")
+        if not (sequence.is_floating_point() and tokens.is_floating_point()) or offsets.dtype != torch.long:
+            raise UnusableCache(f"its {side} tensors have the wrong types")
+        if not torch.equal(offsets, _offsets(lengths)):
+            raise UnusableCache(f"its {side} answer token counts are not those of these pairs")
+        if not (torch.isfinite(sequence).all() and torch.isfinite(tokens).all()):
+            raise UnusableCache(f"its {side} log-probs are not all finite")
+    return ReferenceLogps(**tensors)
+
+
 def load_or_compute_reference_logps(
     *,
     cache_dir: Path,
@@ -151,12 +187,18 @@ def load_or_compute_reference_logps(
 ) -> tuple[ReferenceLogps, bool]:
     """Reuse the cache file for `fingerprint` or compute and write it. Returns (values, reused)."""
     path = cache_path(cache_dir, fingerprint)
+    if Path(cache_dir).exists() and not Path(cache_dir).is_dir():
+        raise UserError(f"reference.cache_dir: {cache_dir} is a file, not a folder; set reference.cache_dir to a folder")
+    if path.is_dir() or (path.exists() and not path.is_file()):
+        raise UserError(f"reference.cache_dir: {path} is not a file (a folder?) where the reference log-probs go; "
+                        "move it away or set reference.cache_dir to another folder")
     if path.exists():
-        values = load_reference_logps(path)
-        if len(values) == len(pairs):
+        try:
+            values = read_cache(path, fingerprint, pairs)
             logger.info("reusing reference log-probs %s", path)
             return values, True
-        logger.warning("reference cache %s has %d pairs, expected %d; recomputing", path, len(values), len(pairs))
+        except UnusableCache as problem:
+            logger.warning("reference cache %s is unusable (%s); recomputing it", path, problem)
     logger.info("computing reference log-probs for %d pairs into %s", len(pairs), path)
     model = load_reference_model().to(device)
     values = compute_reference_logps(

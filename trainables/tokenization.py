@@ -13,6 +13,17 @@ fingerprint: change the name whenever the rule changes). Let P = prompt tokens, 
 3. every answer is then cut from the RIGHT to M - (kept prompt tokens); cut answers lose their eos.
 Each answer keeps >= 1 token; M must be >= 2 and 1 <= Q < M, so one prompt and one answer token always fit.
 
+Checks after tokenisation and truncation (`pair_token_check`, `example_token_check`: a RowCheck that
+trainables/data.py runs on every valid row, so a faulted row is listed with its file and line, or dropped
+and counted under data.drop_invalid like any other bad row):
+- a prompt that tokenises to no tokens;
+- an answer that tokenises to no tokens of its own (only characters the tokenizer drops): empty after
+  tokenisation, only the eos would be trained on;
+- chosen and rejected identical after tokenisation/truncation (the same token ids): texts that differ only
+  in what the tokenizer does not keep (whitespace, words it maps to its unknown token), or only beyond
+  max_length. Such a pair has loss ln 2 and zero gradient forever: it is never trained on silently.
+`load_tokenized_pairs` / `load_tokenized_examples` load, validate, tokenise and check in one call.
+
 Collation: collate_pairs puts prompt+chosen in rows [0:B] and prompt+rejected in rows [B:2B] of one
 right-padded batch, so both go through the model in one forward pass. The attention mask is built from
 lengths, not from pad ids, so pad == eos is safe. Tested by `python -m pytest tests/test_tokenization.py -q`.
@@ -26,11 +37,25 @@ from typing import Sequence
 
 import torch
 
-from trainables.data import PreferencePair, PromptAnswer
+from trainables.data import PreferencePair, PromptAnswer, RowCheck, load_preference_pairs, load_prompt_answers
+from trainables.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 TRUNCATION_RULE = "prompt-left-then-answer-right-v1"
+TOKEN_CHECK_FIXES = {
+    "identical after tokenisation/truncation": (
+        "for a pair identical after tokenisation/truncation, make chosen and rejected differ in words the tokenizer "
+        "keeps, or, when they differ only beyond max_length, raise data.max_length (or lower data.max_prompt_length, "
+        "which leaves more of max_length to the answers); or remove the row"),
+    "empty after tokenisation/truncation": (
+        "for an answer empty after tokenisation, write text the tokenizer keeps (visible words), or remove the row"),
+    "the prompt tokenises to nothing": "for a prompt without tokens, write a prompt the tokenizer keeps, or remove the row",
+}
+
+
+class TokenizationError(UserError, ValueError):
+    """The tokenizer or the length limits cannot tokenise the data (no eos token, max_length too small)."""
 
 
 @dataclass(frozen=True)
@@ -50,9 +75,10 @@ def prepare_tokenizer(tokenizer):
     """Give the tokenizer a pad token (its eos, logged) when it has none; error when it has neither."""
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
-            raise ValueError(
-                f"tokenizer {type(tokenizer).__name__} has neither a pad nor an eos token; set "
-                "tokenizer.eos_token (answers must end with it) before training"
+            raise TokenizationError(
+                f"tokenizer {type(tokenizer).__name__} has neither a pad nor an eos token; answers must end with "
+                "an eos token: use a tokenizer that has one (model.tokenizer_path), or set eos_token in its "
+                "tokenizer_config.json"
             )
         tokenizer.pad_token = tokenizer.eos_token
         logger.warning("tokenizer has no pad token: using its eos token %r (id %d) for padding",
@@ -63,12 +89,13 @@ def prepare_tokenizer(tokenizer):
 def resolve_max_prompt_length(max_length: int, max_prompt_length: int | None) -> int:
     """Check the limits and return max_prompt_length (default max_length // 2)."""
     if max_length < 2:
-        raise ValueError(f"max_length={max_length} cannot hold one prompt token and one answer token; use at least 2")
+        raise TokenizationError(f"data.max_length: max_length={max_length} cannot hold one prompt token and one "
+                                "answer token; use at least 2")
     limit = max_length // 2 if max_prompt_length is None else max_prompt_length
     if not 1 <= limit < max_length:
-        raise ValueError(
-            f"max_prompt_length={max_prompt_length} must be between 1 and max_length - 1 = {max_length - 1} "
-            "so that at least one answer token fits"
+        raise TokenizationError(
+            f"data.max_prompt_length: max_prompt_length={max_prompt_length} must be between 1 and max_length - 1 = "
+            f"{max_length - 1} so that at least one answer token fits; lower it or raise data.max_length"
         )
     return limit
 
@@ -94,7 +121,8 @@ def keep_prompt_end(prompt_ids: Sequence[int], keep: int, bos_token_id: int | No
 
 def _eos_token_id(tokenizer) -> int:
     if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no eos token, so answers cannot be terminated; set tokenizer.eos_token")
+        raise TokenizationError("the tokenizer has no eos token, so answers cannot be terminated; use a tokenizer "
+                                "that has one (model.tokenizer_path), or set eos_token in its tokenizer_config.json")
     return tokenizer.eos_token_id
 
 
@@ -125,8 +153,18 @@ def _tokenize_answers(tokenizer, answers: Sequence[str], eos_token_id: int) -> l
     return [tuple(token_ids) + (eos_token_id,) for token_ids in encoded]
 
 
-def _tokenize(prompts: Sequence[str], answer_lists: Sequence[Sequence[str]], tokenizer, max_length: int,
-              max_prompt_length: int | None, what: str) -> list[tuple[tuple[int, ...], ...]]:
+@dataclass(frozen=True)
+class _Cut:
+    """One row's token ids: the prompt and answers as kept by the truncation rule, and before truncation."""
+
+    prompt: tuple[int, ...]
+    answers: tuple[tuple[int, ...], ...]
+    full_prompt: tuple[int, ...]
+    full_answers: tuple[tuple[int, ...], ...]
+
+
+def _cut_rows(prompts: Sequence[str], answer_lists: Sequence[Sequence[str]], tokenizer, max_length: int,
+              max_prompt_length: int | None, what: str) -> list[_Cut]:
     """Token ids (prompt, *answers) per row, truncated by the rule; logs how many rows were cut."""
     prompt_limit = resolve_max_prompt_length(max_length, max_prompt_length)
     eos_token_id = _eos_token_id(tokenizer)
@@ -134,24 +172,33 @@ def _tokenize(prompts: Sequence[str], answer_lists: Sequence[Sequence[str]], tok
     answer_ids = [_tokenize_answers(tokenizer, answers, eos_token_id) for answers in answer_lists]
     rows, prompts_cut, answers_cut = [], 0, 0
     for index, prompt in enumerate(prompt_ids):
-        if not prompt:
-            raise ValueError(f"{what} {index}: the prompt {prompts[index][:60]!r} tokenised to no tokens; every prompt "
-                             "needs at least one token (a non-empty prompt, or a tokenizer that adds BOS)")
-        answers = [ids[index] for ids in answer_ids]
+        answers = tuple(ids[index] for ids in answer_ids)
         kept_prompt, answer_limit = truncation_plan(len(prompt), max(map(len, answers)), max_length, prompt_limit)
         prompts_cut += kept_prompt < len(prompt)
         answers_cut += any(len(answer) > answer_limit for answer in answers)
-        kept_prompt_ids = keep_prompt_end(prompt, kept_prompt, tokenizer.bos_token_id)
-        rows.append((kept_prompt_ids, *(answer[:answer_limit] for answer in answers)))
+        kept = keep_prompt_end(prompt, kept_prompt, tokenizer.bos_token_id) if prompt else ()
+        rows.append(_Cut(kept, tuple(answer[:answer_limit] for answer in answers), prompt, answers))
     if prompts_cut or answers_cut:
         logger.info("truncated to max_length=%d (%s): prompts cut in %d of %d %ss, answers cut in %d",
                     max_length, TRUNCATION_RULE, prompts_cut, len(rows), what, answers_cut)
     return rows
 
 
+def _tokenize(prompts: Sequence[str], answer_lists: Sequence[Sequence[str]], tokenizer, max_length: int,
+              max_prompt_length: int | None, what: str) -> list[tuple[tuple[int, ...], ...]]:
+    """Token ids (prompt, *answers) per row; a prompt without tokens is an error (checked loading reports rows)."""
+    rows = _cut_rows(prompts, answer_lists, tokenizer, max_length, max_prompt_length, what)
+    for index, row in enumerate(rows):
+        if not row.prompt:
+            raise TokenizationError(
+                f"{what} {index}: the prompt {prompts[index][:60]!r} tokenised to no tokens; every prompt needs at "
+                "least one token (a non-empty prompt, or a tokenizer that adds BOS)")
+    return [(row.prompt, *row.answers) for row in rows]
+
+
 def tokenize_pairs(pairs: Sequence[PreferencePair], tokenizer, max_length: int,
                    max_prompt_length: int | None = None) -> list[TokenizedPair]:
-    """Tokenise and truncate preference pairs (see the module docstring for the rule)."""
+    """Tokenise and truncate preference pairs (see the module docstring for the rule); no row checks."""
     rows = _tokenize([p.prompt for p in pairs], [[p.chosen for p in pairs], [p.rejected for p in pairs]],
                      tokenizer, max_length, max_prompt_length, "pair")
     return [TokenizedPair(prompt, chosen, rejected) for prompt, chosen, rejected in rows]
@@ -163,6 +210,81 @@ def tokenize_examples(examples: Sequence[PromptAnswer], tokenizer, max_length: i
     rows = _tokenize([e.prompt for e in examples], [[e.answer for e in examples]], tokenizer, max_length,
                      max_prompt_length, "example")
     return [TokenizedExample(prompt, answer) for prompt, answer in rows]
+
+
+def _faults(row: _Cut, answer_fields: Sequence[str], tokenizer, max_length: int) -> list[tuple[str, str]]:
+    """What makes a tokenised row unusable for training (see the module docstring), as (field, reason)."""
+    faults = []
+    if not row.full_prompt:
+        faults.append(("prompt", "no tokens: the prompt tokenises to nothing with this tokenizer (only characters "
+                                 "it drops); every prompt needs at least one token"))
+    for name, full in zip(answer_fields, row.full_answers):
+        if len(full) <= 1:  # only the eos appended to every answer
+            faults.append((name, "empty after tokenisation/truncation: the text becomes no tokens with this tokenizer "
+                                 "(only characters it drops, e.g. zero-width or control characters)"))
+    if len(row.answers) == 2 and row.answers[0] == row.answers[1] and not faults:
+        count = len(row.answers[0])
+        if row.full_answers[0] == row.full_answers[1]:
+            unk = tokenizer.unk_token_id
+            unknown = (f", or words it maps to its unknown token {tokenizer.unk_token!r}"
+                       if unk is not None and unk in row.answers[0] else "")
+            why = f"the texts differ only in what the tokenizer does not keep (whitespace{unknown})"
+        else:
+            why = (f"they differ only after answer token {count}, beyond data.max_length={max_length} "
+                   f"(the prompt keeps {len(row.prompt)} of its {len(row.full_prompt)} tokens)")
+        faults.append(("", f"chosen and rejected are identical after tokenisation/truncation to {count} tokens: {why}; "
+                           "the pair expresses no preference"))
+    return faults
+
+
+def pair_token_check(tokenizer, max_length: int, max_prompt_length: int | None = None) -> RowCheck:
+    """A RowCheck that tokenises preference pairs: per pair (TokenizedPair, faults); see the module docstring."""
+    resolve_max_prompt_length(max_length, max_prompt_length)  # a bad limit is a config error, not a row's
+
+    def run(pairs: list[PreferencePair]) -> list[tuple[TokenizedPair, list[tuple[str, str]]]]:
+        rows = _cut_rows([p.prompt for p in pairs], [[p.chosen for p in pairs], [p.rejected for p in pairs]],
+                         tokenizer, max_length, max_prompt_length, "pair")
+        return [(TokenizedPair(row.prompt, *row.answers), _faults(row, ("chosen", "rejected"), tokenizer, max_length))
+                for row in rows]
+
+    return RowCheck(run, TOKEN_CHECK_FIXES)
+
+
+def example_token_check(tokenizer, max_length: int, max_prompt_length: int | None = None) -> RowCheck:
+    """A RowCheck that tokenises SFT examples: per example (TokenizedExample, faults)."""
+    resolve_max_prompt_length(max_length, max_prompt_length)
+
+    def run(examples: list[PromptAnswer]) -> list[tuple[TokenizedExample, list[tuple[str, str]]]]:
+        rows = _cut_rows([e.prompt for e in examples], [[e.answer for e in examples]], tokenizer, max_length,
+                         max_prompt_length, "example")
+        return [(TokenizedExample(row.prompt, row.answers[0]), _faults(row, ("answer",), tokenizer, max_length))
+                for row in rows]
+
+    return RowCheck(run, TOKEN_CHECK_FIXES)
+
+
+def load_tokenized_pairs(source: str, *, max_length: int, max_prompt_length: int | None = None, tokenizer=None,
+                         **loader_args) -> list[TokenizedPair]:
+    """Load, validate, tokenise and check preference pairs in one pass (load_preference_pairs' arguments);
+    rows faulted after tokenisation are reported or dropped with the others. tokenizer: default
+    chat_template_tokenizer, which renders conversational rows (and is `tokenizer` when not given)."""
+    tokenizer = tokenizer if tokenizer is not None else loader_args.get("chat_template_tokenizer")
+    if tokenizer is None:
+        raise TypeError("a tokenizer is needed: pass tokenizer= or chat_template_tokenizer=")
+    loader_args.setdefault("chat_template_tokenizer", tokenizer)
+    check = pair_token_check(tokenizer, max_length, max_prompt_length)
+    return load_preference_pairs(source, after=check, **loader_args)
+
+
+def load_tokenized_examples(source: str, *, max_length: int, max_prompt_length: int | None = None, tokenizer=None,
+                            **loader_args) -> list[TokenizedExample]:
+    """As load_tokenized_pairs, for SFT examples (load_prompt_answers' arguments)."""
+    tokenizer = tokenizer if tokenizer is not None else loader_args.get("chat_template_tokenizer")
+    if tokenizer is None:
+        raise TypeError("a tokenizer is needed: pass tokenizer= or chat_template_tokenizer=")
+    loader_args.setdefault("chat_template_tokenizer", tokenizer)
+    check = example_token_check(tokenizer, max_length, max_prompt_length)
+    return load_prompt_answers(source, after=check, **loader_args)
 
 
 def _collate_rows(prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]],

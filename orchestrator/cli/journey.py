@@ -16,11 +16,14 @@ orchestrator/cli/main.py.
 from __future__ import annotations
 
 import argparse
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import ConfigError, NotFoundError
+from orchestrator.redaction import excerpt, excerpt_text, redact_text
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 DEFAULT_STORAGE = "./runs"
@@ -39,6 +42,17 @@ class Source:
 
 # ---- arguments ---------------------------------------------------------------------------------------
 
+def finite_float(text: str) -> float:
+    """A command-line number that is finite (argparse turns the error into exit 2 naming the flag)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{excerpt(text, 60)} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{excerpt(text, 60)} is not a finite number")
+    return value
+
+
 def _add_source_arguments(parser: argparse.ArgumentParser, *, name_allowed: bool) -> None:
     if name_allowed:
         parser.add_argument("target", help="a YAML experiment config (the sweep is its name) or a bare sweep name")
@@ -55,9 +69,9 @@ def _add_source_arguments(parser: argparse.ArgumentParser, *, name_allowed: bool
                       "else eval/preference_accuracy)")
     rule.add_argument("--kl-metric", default="eval/kl", help="KL curve the budget applies to (default eval/kl)")
     rule.add_argument("--kl-budget", default="none", help="largest KL a trial may reach, or none (default none)")
-    rule.add_argument("--benchmark-tolerance", type=float, default=0.05,
+    rule.add_argument("--benchmark-tolerance", type=finite_float, default=0.05,
                       help="largest bench/* regression, as a fraction of the starting score (default 0.05)")
-    rule.add_argument("--tie-tolerance", type=float, default=0.01,
+    rule.add_argument("--tie-tolerance", type=finite_float, default=0.01,
                       help="scores this close to the best are tied and go to the smaller beta (default 0.01)")
     rule.add_argument("--stage", default="dpo", help="only runs of this dpo.stage tag, or any (default dpo)")
     rule.add_argument("--arm", default=None, help="a study's arm only, e.g. sft_then_dpo (default: every trial)")
@@ -97,13 +111,18 @@ def selection_rule(args: argparse.Namespace):
 
     budget = None if str(args.kl_budget).lower() in ("none", "null", "off", "") else args.kl_budget
     try:
+        if budget is not None and math.isnan(float(budget)):
+            raise ValueError(f"--kl-budget must be a number > 0 or none (got {excerpt_text(str(budget), 40)})")
         return SelectionRule(metric=args.metric, kl_metric=args.kl_metric,
                              kl_budget=None if budget is None else float(budget),
                              benchmark_tolerance=args.benchmark_tolerance, tie_tolerance=args.tie_tolerance,
                              stage=None if args.stage == "any" else args.stage, arm=args.arm)
     except ValueError as error:
         detail = str(error).removeprefix("SelectionRule: ")  # the rule's own name means nothing on the command line
-        raise ConfigError(f"selection rule (--kl-budget, --benchmark-tolerance, --tie-tolerance): {detail}") from None
+        if detail.startswith("could not convert"):
+            detail = f"--kl-budget must be a number > 0 or none (got {excerpt_text(str(budget), 40)})"
+        raise ConfigError(f"selection rule (--kl-budget, --benchmark-tolerance, --tie-tolerance): "
+                          f"{excerpt_text(detail, 300)}") from None
 
 
 def resolve_source(args: argparse.Namespace, *, require_records: bool = True) -> Source:
@@ -113,26 +132,37 @@ def resolve_source(args: argparse.Namespace, *, require_records: bool = True) ->
     """
     from orchestrator.config import load_config
     from orchestrator.config.layout import StorageLayout
+    from orchestrator.tracking.schema import NAME_PATTERN
     from orchestrator.tracking.server import prepare_tracking_uri, resolve_tracking_uri
 
     target = str(args.target)
     config = None
-    if target.endswith(CONFIG_SUFFIXES) or Path(target).is_file():
+    if target.endswith(CONFIG_SUFFIXES) or _is_file(target):
         config = load_config(target, args.overrides)
         name, storage = config.name, args.storage_path or config.storage_path
         uri_setting = args.tracking_uri or config.tracking.uri
         experiment = args.experiment or config.tracking.experiment or config.name
     else:
+        if not re.fullmatch(NAME_PATTERN, target):
+            raise ConfigError(f"{excerpt(target)} is neither a config file (.yaml, .yml or .json) nor a sweep name "
+                              "(letters, digits, '.', '_' and '-'); give the sweep's config or its name")
         if args.overrides:
-            raise ConfigError(f"--set needs a config file; {target!r} is taken as a sweep name")
+            raise ConfigError(f"--set needs a config file; {excerpt(target)} is taken as a sweep name")
         name, storage, uri_setting = target, args.storage_path or DEFAULT_STORAGE, args.tracking_uri
         experiment = args.experiment or target
     uri, embedded = resolve_tracking_uri(uri_setting, storage)
-    if require_records and embedded and not (Path(uri) / "mlflow.db").is_file():
-        raise NotFoundError(f"no MLflow records for sweep {name!r}: {uri}/mlflow.db does not exist. Pass the "
-                            "sweep's storage path (--storage-path or storage_path in the config) or --tracking-uri")
+    if require_records and embedded and not _is_file(str(Path(uri) / "mlflow.db")):
+        raise NotFoundError(f"no MLflow records for sweep {name!r}: {excerpt_text(uri, 400)}/mlflow.db does not exist. "
+                            "Pass the sweep's storage path (--storage-path or storage_path in the config) or --tracking-uri")
     return Source(uri=prepare_tracking_uri(uri_setting, storage), name=name, experiment=experiment,
                   layout=StorageLayout.of(storage, name), config=config)
+
+
+def _is_file(path: str) -> bool:
+    try:
+        return Path(path).is_file()
+    except (OSError, ValueError):  # a name too long for the filesystem, a NUL character
+        return False
 
 
 def first_held_out_prompt(config: Any | None, default: str) -> str:
@@ -185,12 +215,14 @@ def print_export(result) -> None:
 
 def analyze(args: argparse.Namespace) -> int:
     """Exit 0 with a chosen trial, 1 when no trial is eligible under the rule."""
+    selection_rule(args)  # the rule's options are checked before anything is read or started
     analysis = run_analyze(resolve_source(args), args)
-    print("\n".join(analysis.lines()))
+    print(redact_text("\n".join(analysis.lines())))
     return 0 if analysis.selection.chosen else 1
 
 
 def export(args: argparse.Namespace) -> int:
+    selection_rule(args)  # the rule's options are checked before anything is read or started
     print_export(run_export(resolve_source(args), args, args.out))
     return 0
 
@@ -200,13 +232,14 @@ def quickstart(args: argparse.Namespace) -> int:
     from orchestrator.config.spec import resolve_experiment
     from orchestrator.workflows.sweep import print_summary, run_sweep
 
+    selection_rule(args)  # the rule's options are checked before anything is read or started
     source = resolve_source(args, require_records=False)
     config = source.config
     if not config.tracking.enabled:
         raise ConfigError("tracking.enabled: quickstart reads the sweep back from MLflow; set it to true")
     print_summary(run_sweep(resolve_experiment(config), address=args.address))
     analysis = run_analyze(source, args)
-    print("\n".join(analysis.lines()))
+    print(redact_text("\n".join(analysis.lines())))
     if analysis.selection.chosen is None:
         return 1
     out = args.out or str(Path(str(config.output_dir)) / "model")
@@ -218,5 +251,5 @@ def quickstart(args: argparse.Namespace) -> int:
           f"{chosen['learning_rate']:g}, trial {chosen['trial_id']})")
     print(f"report:         {analysis.report.html}")
     print(f"exported model: {exported.directory}")
-    print(f"MLflow:         {analysis.run_url()}")
+    print(f"MLflow:         {redact_text(analysis.run_url())}")
     return 0

@@ -11,11 +11,15 @@
     dpo analyze CONFIG|NAME [--kl-budget X ...]        pick beta from the sweep's MLflow runs, write the report
     dpo export CONFIG|NAME --out DIR [--trial ID] [--register MODEL_NAME]   best checkpoint -> HF model directory
     dpo quickstart CONFIG [--out DIR]                  sweep -> analyze -> export in one command
+    dpo plan CONFIG [--gpu-memory GB] [--json]         per-GPU memory from config.json only; does it fit
 
 The config is loaded and validated once, here, and resolved into the run spec before any work. A user
 error (trainables.errors.UserError: bad config, bad data, a missing sweep or checkpoint, an unreachable
 tracking server) exits with status 2 and a message naming the key, file, rows and reason; nothing is
-trained and nothing is written. `python -m orchestrator ...` is the same as `dpo ...`.
+trained and nothing is written. A bad command line (an unknown flag, a --log-level that is not a level)
+is argparse's exit 2. Any other exception is a bug: its traceback is printed and the exit status is 1.
+Nothing `main` prints or logs shows a secret (orchestrator/redaction.py: messages, tracebacks and every
+log record are redacted). `python -m orchestrator ...` is the same as `dpo ...`.
 """
 
 from __future__ import annotations
@@ -27,9 +31,30 @@ from dataclasses import dataclass
 from typing import Callable
 
 from orchestrator.cli import journey
+from orchestrator.redaction import excerpt_text, install_log_redaction, redact_text, redacted_traceback
 from trainables.errors import UserError
 
 EXIT_BAD_INPUT = UserError.exit_code
+EXIT_BUG = 1
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+ARGUMENT_MESSAGE_CHARS = 300
+MAX_MESSAGE_CHARS = 3000
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its error messages cut short and redacted (they quote the command line)."""
+
+    def error(self, message: str):
+        super().error(excerpt_text(message, ARGUMENT_MESSAGE_CHARS))
+
+
+def log_level(text: str) -> str:
+    """--log-level: a real level, any case (argparse turns the ValueError into exit 2)."""
+    level = text.strip().upper()
+    if level not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"{excerpt_text(repr(text), 60)} is not a log level; use one of "
+                                         f"{', '.join(LOG_LEVELS)} (any case)")
+    return level
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,13 +102,11 @@ def config_reference(args: argparse.Namespace) -> int:
 
 def check(args: argparse.Namespace) -> int:
     from orchestrator.config import load_config
-    from orchestrator.config.spec import resolve_run
-    from trainables.entrypoints import load_preference_data
+    from orchestrator.workflows.check import check as check_config
 
     config = load_config(args.config, args.overrides)
-    spec = resolve_run(config)
-    data = load_preference_data(spec.model, spec.data)
-    print(f"ok: {len(data.train)} training pairs, {len(data.eval)} held-out pairs, config {config.name}")
+    report = check_config(config)
+    print(f"ok: {report.train_pairs} training pairs, {report.held_out_pairs} held-out pairs, config {config.name}")
     return 0
 
 
@@ -137,6 +160,12 @@ def ui(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan():
+    from orchestrator.workflows import plan
+
+    return plan
+
+
 @dataclass(frozen=True)
 class Command:
     help: str
@@ -164,12 +193,15 @@ COMMANDS: dict[str, Command] = {
                       journey.export),
     "quickstart": Command("the whole journey: sweep, MLflow, analysis, export", journey.add_quickstart_arguments,
                           journey.quickstart),
+    "plan": Command("per-GPU memory of a config's run, from the model's config.json alone, and whether it fits",
+                    lambda parser: _plan().add_plan_arguments(parser), lambda args: _plan().plan_command(args)),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dpo", description="Ray-based DPO experiment orchestrator")
-    parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
+    parser = Parser(prog="dpo", description="Ray-based DPO experiment orchestrator")
+    parser.add_argument("--log-level", default="INFO", type=log_level, metavar="LEVEL",
+                        help="logging level: DEBUG, INFO, WARNING, ERROR or CRITICAL (any case; default INFO)")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, command in COMMANDS.items():
         command.add_arguments(commands.add_parser(name, help=command.help))
@@ -178,12 +210,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    install_log_redaction()
     try:
         return COMMANDS[args.command].run(args)
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
+        message = redact_text(str(error))
+        if len(message) > MAX_MESSAGE_CHARS:  # each part is cut at its source; this bounds the whole
+            message = message[:MAX_MESSAGE_CHARS] + f"... ({len(message) - MAX_MESSAGE_CHARS:,} more characters)"
+        print(f"error: {message}", file=sys.stderr)
         return error.exit_code
+    except Exception as error:  # noqa: BLE001 - a bug: its traceback is shown (redacted), not hidden
+        print(redacted_traceback(error), end="", file=sys.stderr)
+        print("error: the failure above is a bug in dpo, not a problem with your input; please report it "
+              "with the traceback", file=sys.stderr)
+        return EXIT_BUG
 
 
 if __name__ == "__main__":

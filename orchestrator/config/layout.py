@@ -5,10 +5,12 @@
     <storage_path>/<name>/sweep_summary.json    best trial, every trial's final metrics, decision log
     <storage_path>/<name>/reference_cache/      precomputed reference log-probs (default of reference.cache_dir)
     <storage_path>/<name>/analysis/             `dpo analyze`'s report
-    <storage_path>/<name>-trials/<trial_id>/    each trial's Ray Train run and its checkpoints
+    <storage_path>/<name>/<trial_id>/           each trial's Tune folder; a warm trial's checkpoints (checkpoint_*/)
+    <storage_path>/<name>-trials/<trial_id>/    a Ray Train trial's run and its checkpoints (multi-worker trials)
     <storage_path>/<name>/{sft,sft_then_dpo,dpo_only}/model/   a study's stage models (+ STAGE_*.json)
     <storage_path>/<name>/train-jobs/, evaluations/             a study's Ray Train jobs and evaluations
     <output_dir>/metrics.jsonl, config.yaml, checkpoints/step-NNNNNN/    `dpo train` / `dpo sft`
+    <output_dir>/run.json, run.lock             whose run the folder holds; the lock of the run in progress
 
 storage_path may be a local or shared folder or an object-store URI (s3://...); what needs a filesystem
 (the embedded MLflow server, the reference cache, study stages) says so with a ConfigError. Nothing
@@ -55,10 +57,12 @@ class StorageLayout:
     storage: str  # resolve_storage(storage_path)
     name: str
     reference_cache_dir: str | None = None  # reference.cache_dir when set; else under the sweep's folder
+    trial_mode: str | None = None  # how the sweep runs trials: warm | train (None: unknown, see trial_dir)
 
     @classmethod
-    def of(cls, storage_path: str, name: str, reference_cache_dir: str | None = None) -> "StorageLayout":
-        return cls(resolve_storage(storage_path), name, reference_cache_dir)
+    def of(cls, storage_path: str, name: str, reference_cache_dir: str | None = None,
+           trial_mode: str | None = None) -> "StorageLayout":
+        return cls(resolve_storage(storage_path), name, reference_cache_dir, trial_mode)
 
     @property
     def remote(self) -> bool:
@@ -71,11 +75,32 @@ class StorageLayout:
 
     @property
     def trials(self) -> str:
-        """Where each trial's Ray Train run lives (one folder per trial id)."""
+        """Where each Ray Train trial's run lives (one folder per trial id; trial_mode train only)."""
         return f"{self.root}-trials"
 
     def trial_dir(self, trial_id: str) -> str:
-        return f"{self.trials}/{trial_id}"
+        """The folder holding a trial's checkpoints (checkpoint_*/ one level down).
+
+        A warm trial reports its checkpoints to Tune, which keeps them in the trial's Tune folder
+        <root>/<trial_id>; a Ray Train trial keeps them in its TorchTrainer's run, <name>-trials/<trial_id>.
+        A layout that does not know the mode (made from a storage path and a name, as `dpo export
+        --storage-path` does) takes the Ray Train run when that folder exists, else the Tune folder.
+        """
+        warm, train = f"{self.root}/{trial_id}", f"{self.trials}/{trial_id}"
+        if self.trial_mode is None:
+            return train if not self.remote and Path(train).is_dir() else warm
+        return warm if self.trial_mode == "warm" else train
+
+    def ran_trials_as(self) -> str | None:
+        """The trial mode a sweep already stored here ran with (warm | train), None when unknown or new:
+        a Ray Train sweep leaves <name>-trials/, a warm one checkpoints in its Tune trial folders."""
+        if self.remote:
+            return None
+        if Path(self.trials).is_dir():
+            return "train"
+        if any(Path(self.root).glob(f"*/checkpoint_*/{CHECKPOINT_MANIFEST}")):
+            return "warm"
+        return None
 
     @property
     def reference_cache(self) -> str:
@@ -131,21 +156,47 @@ class StorageLayout:
 
 @dataclass(frozen=True)
 class OutputLayout:
-    """What a single-process run (`dpo train`, `dpo sft`, a study stage) writes under output_dir."""
+    """What a single-process run (`dpo train`, `dpo sft`, a study stage) writes under output_dir.
+
+    run.json (the run's record, written first) and run.lock (held while it runs) say whose folder it is;
+    orchestrator/workflows/output_dir.py refuses a run whose outputs would replace another run's or an input.
+    """
 
     output_dir: str
 
     @property
+    def root(self) -> Path:
+        return Path(self.output_dir)
+
+    @property
     def metrics_file(self) -> Path:
-        return Path(self.output_dir) / "metrics.jsonl"
+        return self.root / "metrics.jsonl"
 
     @property
     def config_file(self) -> Path:
-        return Path(self.output_dir) / "config.yaml"
+        return self.root / "config.yaml"
 
     @property
     def checkpoints(self) -> Path:
-        return Path(self.output_dir) / "checkpoints"
+        return self.root / "checkpoints"
+
+    @property
+    def run_file(self) -> Path:
+        return self.root / "run.json"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.root / "run.lock"
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        """The plain files a run writes (checkpoints/ aside)."""
+        return self.metrics_file, self.config_file, self.run_file, self.lock_file
+
+    @property
+    def results(self) -> tuple[Path, ...]:
+        """What makes the folder hold a run: its results, whose loss a later run must not cause."""
+        return self.metrics_file, self.config_file, self.checkpoints
 
 
 def find_checkpoints(folder: Path) -> list[tuple[int, Path]]:

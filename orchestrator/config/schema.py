@@ -12,11 +12,14 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from orchestrator.config.incremental import STEP_RANGE, default_of
-from orchestrator.config.search_values import check_search_values
+from orchestrator.config.search_values import check_search_values, refuse_booleans
 from orchestrator.config.study_schema import BenchmarkEntry, StudySection, check_study
+from orchestrator.config.value_rules import (MAX_BATCH, MAX_CPUS, MAX_GPUS, MAX_LORA_RANK, MAX_PADDING_BUCKETS,
+                                             MAX_ROUNDS, MAX_ROWS, MAX_SEED, MAX_STEPS, MAX_TOKENS, MAX_TRIALS,
+                                             MAX_WORKERS, at_most, check_scalar_kind)
 from orchestrator.tracking.schema import NAME_PATTERN
 from trainables.settings import PREFERENCE_LOSS_NAMES, check_loss_choice, check_padding_buckets, check_share_prompt
 
@@ -24,9 +27,15 @@ from trainables.settings import PREFERENCE_LOSS_NAMES, check_loss_choice, check_
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)  # .inf / .nan are errors
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _scalar_kind(cls, value: Any, info: ValidationInfo) -> Any:
+        """true is not a number and 1 is not true (orchestrator/config/value_rules.py)."""
+        return check_scalar_kind(value, cls.model_fields[info.field_name].annotation)
+
 
 class LoraSection(Section):
-    r: int = Field(8, gt=0, description="LoRA rank")
+    r: int = Field(8, gt=0, le=MAX_LORA_RANK, description="LoRA rank" + at_most(MAX_LORA_RANK))
     alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (scale = alpha / r)")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch")
     target_modules: str | list[str] = Field("all-linear", description="Modules that get adapters (peft syntax)")
@@ -50,11 +59,11 @@ class DataSection(Section):
     eval_split: str = Field("test", description="Split of eval when it is a hub dataset")
     layout: Literal["auto", "explicit", "conversational", "implicit_prompt"] = Field("auto", description="Pair layout; auto detects it")
     columns: dict[str, str] = Field(default_factory=dict, description="Column mapping, e.g. {prompt: question, chosen: good}")
-    max_length: int = Field(512, gt=1, description="Max tokens of prompt + answer; prompt cut from the left first, then answers from the right")
-    max_prompt_length: int | None = Field(None, gt=0, description="Max prompt tokens when truncating (default max_length // 2)")
+    max_length: int = Field(512, gt=1, le=MAX_TOKENS, description="Max tokens of prompt + answer; prompt cut from the left first, then answers from the right" + at_most(MAX_TOKENS))
+    max_prompt_length: int | None = Field(None, gt=0, le=MAX_TOKENS, description="Max prompt tokens when truncating (default max_length // 2)" + at_most(MAX_TOKENS))
     drop_invalid: bool = Field(False, description="Drop bad rows (counted and logged) instead of failing")
     max_invalid_fraction: float = Field(0.05, ge=0, le=1, description="With drop_invalid: fail if more than this fraction is bad")
-    eval_holdout: int = Field(0, ge=0, description="Without data.eval: hold out this many training rows for evaluation")
+    eval_holdout: int = Field(0, ge=0, le=MAX_ROWS, description="Without data.eval: hold out this many training rows for evaluation" + at_most(MAX_ROWS))
     sft_train: str | None = Field(None, description="SFT examples (prompt/completion or messages) for `dpo sft`")
     sft_eval: str | None = Field(None, description="Held-out SFT examples")
 
@@ -69,24 +78,25 @@ class DPOSection(Section):
 
 class TrainSection(Section):
     learning_rate: float = Field(1e-4, gt=0, description="Peak AdamW learning rate")
-    batch_size: int = Field(32, gt=0, description="Pairs per optimizer step, over all workers")
-    micro_batch_size: int | None = Field(None, gt=0, description="Pairs per forward/backward per worker (gradient accumulation); default batch_size / workers")
-    max_steps: int = Field(500, gt=0, description="Optimizer steps")
-    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps")
+    batch_size: int = Field(32, gt=0, le=MAX_BATCH, description="Pairs per optimizer step, over all workers" + at_most(MAX_BATCH))
+    micro_batch_size: int | None = Field(None, gt=0, le=MAX_BATCH, description="Pairs per forward/backward per worker (gradient accumulation); default batch_size / workers" + at_most(MAX_BATCH))
+    max_steps: int = Field(500, gt=0, le=MAX_STEPS, description="Optimizer steps" + at_most(MAX_STEPS))
+    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS, description="Linear warmup steps" + at_most(MAX_STEPS))
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not on biases / norms)")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null disables")
-    eval_every: int = Field(100, gt=0, description="Held-out evaluation every N steps (and at the end)")
-    checkpoint_every: int = Field(100, gt=0, description="Checkpoint every N steps (and at the end)")
-    keep_checkpoints: int | None = Field(2, gt=0, description="Keep only the newest N checkpoints; null keeps all")
-    log_every: int = Field(10, gt=0, description="Report train/ metrics (window means) every N steps; step 1 always")
-    seed: int = Field(0, description="Seed of the data order and initialisation")
+    eval_every: int = Field(100, gt=0, le=MAX_STEPS, description="Held-out evaluation every N steps (and at the end)" + at_most(MAX_STEPS))
+    checkpoint_every: int = Field(100, gt=0, le=MAX_STEPS, description="Checkpoint every N steps (and at the end)" + at_most(MAX_STEPS))
+    keep_checkpoints: int | None = Field(2, gt=0, le=MAX_STEPS, description="Keep only the newest N checkpoints; null keeps all" + at_most(MAX_STEPS))
+    log_every: int = Field(10, gt=0, le=MAX_STEPS, description="Report train/ metrics (window means) every N steps; step 1 always" + at_most(MAX_STEPS))
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of the data order and initialisation, 0 to 2^32 - 1")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on CUDA, fp32 on CPU")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N (single-process runs)")
-    eval_batch_size: int = Field(32, gt=0, description="Pairs per evaluation forward")
-    padding_buckets: int | str = Field("auto", description="Forwards per micro-batch, rows grouped by length to cut padding (same math): auto (padding vs per-forward cost) or K >= 1; 1 = one padded batch")
+    eval_batch_size: int = Field(32, gt=0, le=MAX_BATCH, description="Pairs per evaluation forward" + at_most(MAX_BATCH))
+    padding_buckets: int | str = Field("auto", description=f"Forwards per micro-batch, rows grouped by length to cut padding (same math): auto (padding vs per-forward cost) or K from 1 to {MAX_PADDING_BUCKETS:,}; 1 = one padded batch")
     share_prompt: bool | Literal["auto"] = Field("auto", description="DPO: each prompt computed once for chosen and rejected (one row per pair, 4D mask; same math): auto (eager/sdpa attention, it saves >= 10% of padded tokens and a first-batch probe agrees), true (required), false")
     resume_from: str | None = Field(None, description="Checkpoint folder or `latest` (under output_dir) to resume from")
+    overwrite_output_dir: bool = Field(False, description="dpo train/sft: replace the run already in output_dir (its metrics.jsonl, config.yaml, run.json and checkpoints) instead of refusing to start")
 
     @field_validator("device")
     @classmethod
@@ -98,7 +108,10 @@ class TrainSection(Section):
     @field_validator("padding_buckets", mode="before")
     @classmethod
     def _padding_buckets(cls, value: Any) -> int | str:
-        return check_padding_buckets(value)  # "auto" or an int >= 1; bools, floats and other strings are errors
+        value = check_padding_buckets(value)  # "auto" or an int >= 1; bools, floats and other strings are errors
+        if isinstance(value, int) and value > MAX_PADDING_BUCKETS:
+            raise ValueError(f"must be \"auto\" or an integer from 1 to {MAX_PADDING_BUCKETS:,}")
+        return value
 
     @field_validator("share_prompt", mode="before")
     @classmethod
@@ -110,7 +123,7 @@ class ReferenceSection(Section):
     mode: Literal["precomputed", "live", "none"] = Field("precomputed", description="precomputed: cached once; live: reference model in memory; none: reference-free")
     path: str | None = Field(None, description="Reference model (default: model.path, the model DPO starts from)")
     cache_dir: str | None = Field(None, description="Where precomputed log-probs are cached (default: <storage_path>/<name>/reference_cache in sweeps and studies, ~/.cache/dpo-orchestrator/reference for dpo train)")
-    batch_size: int = Field(32, gt=0, description="Pairs per reference forward while precomputing")
+    batch_size: int = Field(32, gt=0, le=MAX_BATCH, description="Pairs per reference forward while precomputing" + at_most(MAX_BATCH))
 
 
 SearchValues = float | list[float] | dict[str, Any] | None
@@ -118,8 +131,8 @@ SearchValues = float | list[float] | dict[str, Any] | None
 
 class SweepSection(Section):
     strategy: Literal["incremental_beta", "grid", "random", "optuna"] = Field("incremental_beta", description="How trials are proposed; incremental_beta: the procedure of docs/method.md")
-    max_trials: int = Field(20, gt=0, description="Upper bound on trials (random/optuna: the number of samples)")
-    max_concurrent_trials: int | None = Field(None, gt=0, description="Trials running at once (default: as many as resources allow)")
+    max_trials: int = Field(20, gt=0, le=MAX_TRIALS, description="Upper bound on trials (random/optuna: the number of samples)" + at_most(MAX_TRIALS))
+    max_concurrent_trials: int | None = Field(None, gt=0, le=MAX_WORKERS, description="Trials running at once (default: as many as resources allow)" + at_most(MAX_WORKERS))
     beta: SearchValues = Field(None, description="grid: list; random/optuna: list or {min, max, log}; incremental: unused (see start_beta)")
     kl_weight: SearchValues = Field(None, description="Values of lambda; incremental: the fan-out list of each round (default [dpo.kl_weight])")
     learning_rate: SearchValues = Field(None, description="Learning rates; incremental: the fan-out list of each round (default [train.learning_rate])")
@@ -133,8 +146,13 @@ class SweepSection(Section):
     step: float = Field(default_of("step"), ge=STEP_RANGE[0], le=STEP_RANGE[1], description="Beta increase per improving round (0.1 to 0.2)")
     backoff: Literal["halve_step", "raise_kl_weight"] = Field(default_of("backoff"), description="On oscillation or a drop: lower beta by half a step, or raise kl_weight")
     kl_weight_factor: float = Field(default_of("kl_weight_factor"), gt=1, description="raise_kl_weight: multiply kl_weight by this")
-    patience: int = Field(default_of("patience"), gt=0, description="Stop after this many rounds in a row without improvement")
-    max_rounds: int = Field(default_of("max_rounds"), gt=0, description="Hard limit on incremental rounds")
+    patience: int = Field(default_of("patience"), gt=0, le=MAX_ROUNDS, description="Stop after this many rounds in a row without improvement" + at_most(MAX_ROUNDS))
+    max_rounds: int = Field(default_of("max_rounds"), gt=0, le=MAX_ROUNDS, description="Hard limit on incremental rounds" + at_most(MAX_ROUNDS))
+
+    @field_validator("beta", "kl_weight", "learning_rate", mode="before")
+    @classmethod
+    def _no_booleans(cls, value: Any, info: ValidationInfo) -> Any:
+        return refuse_booleans(info.field_name, value)  # before pydantic would read true as 1.0
 
     @field_validator("beta", "kl_weight", "learning_rate")
     @classmethod
@@ -144,15 +162,15 @@ class SweepSection(Section):
 
 
 class ResourcesSection(Section):
-    num_workers: int = Field(1, gt=0, description="Ray Train workers per trial (data-parallel ranks)")
+    num_workers: int = Field(1, gt=0, le=MAX_WORKERS, description="Ray Train workers per trial (data-parallel ranks)" + at_most(MAX_WORKERS))
     use_gpu: bool = Field(False, description="One GPU per worker (or gpus_per_worker)")
-    cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker; also its torch thread count")
-    gpus_per_worker: float = Field(1, ge=0, description="GPUs per worker when use_gpu")
+    cpus_per_worker: float = Field(1, gt=0, le=MAX_CPUS, description="CPUs reserved per worker; also its torch thread count" + at_most(MAX_CPUS))
+    gpus_per_worker: float = Field(1, ge=0, le=MAX_GPUS, description="GPUs per worker when use_gpu" + at_most(MAX_GPUS))
     strategy: Literal["ddp", "fsdp"] = Field("ddp", description="ddp: a full model per worker; fsdp: shard models that do not fit one device")
 
 
 class FailureSection(Section):
-    max_failures: int = Field(1, ge=-1, description="Restarts of a trial's workers from their last checkpoint (-1: unlimited)")
+    max_failures: int = Field(1, ge=-1, le=MAX_ROUNDS, description="Restarts of a trial's workers from their last checkpoint (-1: unlimited)" + at_most(MAX_ROUNDS))
 
 
 class TrackingSection(Section):

@@ -94,6 +94,7 @@ class SweepSpec:
     kl_weight: SearchValues
     learning_rate: SearchValues
     incremental: IncrementalBetaSettings | None  # strategy incremental_beta only
+    trial_mode: str  # warm: the engine in Tune's reused trial actor; train: a TorchTrainer per trial
 
 
 @dataclass(frozen=True)
@@ -205,6 +206,20 @@ def resolve_run(config: ExperimentConfig, *, stage: str = "dpo", workers: int = 
                    params=tuple(flatten(config.model_dump()).items()))
 
 
+def trial_mode(config: ExperimentConfig) -> str:
+    """How a sweep runs its trials: `warm` (the engine inside Tune's reused trial actor, one worker) or
+    `train` (a Ray Train TorchTrainer per trial). resources.trial_mode `auto` (the default) is warm for
+    one worker per trial and train for several (docs/sweeps.md#warm-trials)."""
+    resources = config.resources
+    mode = getattr(resources, "trial_mode", "auto")
+    if mode == "auto":
+        return "warm" if resources.num_workers == 1 else "train"
+    if mode == "warm" and resources.num_workers != 1:
+        raise ConfigError(f"resources.trial_mode: warm runs one worker per trial, but resources.num_workers is "
+                          f"{resources.num_workers}; set trial_mode to auto or train, or num_workers to 1")
+    return mode
+
+
 def _sweep(config: ExperimentConfig) -> SweepSpec:
     sweep = config.sweep
     beta = sweep.beta if sweep.beta is not None else config.dpo.beta
@@ -216,12 +231,13 @@ def _sweep(config: ExperimentConfig) -> SweepSpec:
         incremental = settings_from_sweep(sweep, learning_rates=as_tuple(learning_rate), kl_weights=as_tuple(kl_weight))
     return SweepSpec(strategy=sweep.strategy, metric=sweep.metric, mode=sweep.mode, scheduler=sweep.scheduler,
                      max_trials=sweep.max_trials, max_concurrent_trials=sweep.max_concurrent_trials, beta=beta,
-                     kl_weight=kl_weight, learning_rate=learning_rate, incremental=incremental)
+                     kl_weight=kl_weight, learning_rate=learning_rate, incremental=incremental,
+                     trial_mode=trial_mode(config))
 
 
 def resolve_experiment(config: ExperimentConfig) -> Experiment:
     """A sweep's (or study's) resolution: its trials' base RunSpec, its layout, its search, its tracking."""
-    layout = StorageLayout.of(config.storage_path, config.name, config.reference.cache_dir)
+    layout = StorageLayout.of(config.storage_path, config.name, config.reference.cache_dir, trial_mode(config))
     run = resolve_run(config, workers=config.resources.num_workers, reference_cache=layout.reference_cache,
                       output_dir=layout.trials, show_progress=False)
     tracking = TrackingSpec(enabled=config.tracking.enabled, uri=config.tracking.uri,

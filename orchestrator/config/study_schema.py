@@ -15,15 +15,23 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from orchestrator.config.value_rules import (MAX_BATCH, MAX_CPUS, MAX_GPUS, MAX_ROWS, MAX_TOKENS, at_most,
+                                             check_scalar_kind)
 from orchestrator.tracking.schema import NAME_PATTERN
 
 ARMS = ("sft_then_dpo", "dpo_only")
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)  # .inf / .nan are errors
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _scalar_kind(cls, value: Any, info: ValidationInfo) -> Any:
+        """true is not a number and 1 is not true (orchestrator/config/value_rules.py)."""
+        return check_scalar_kind(value, cls.model_fields[info.field_name].annotation)
 
 
 class StudyArmSection(_Section):
@@ -38,8 +46,8 @@ class StudySection(_Section):
     sft: dict[str, Any] = Field(default_factory=dict, description="Overrides of the train section for the SFT stage, e.g. {learning_rate: 1.0e-3, max_steps: 600}")
     sft_then_dpo: StudyArmSection = Field(default_factory=StudyArmSection, description="The DPO of the SFT-then-DPO arm (starts from, and is referenced to, the SFT model)")
     dpo_only: StudyArmSection = Field(default_factory=StudyArmSection, description="The DPO of the DPO-only arm (starts from, and is referenced to, the base model)")
-    eval_cpus: float = Field(1, gt=0, description="CPUs each evaluation task reserves (also its torch threads)")
-    eval_gpus: float = Field(0, ge=0, description="GPUs each evaluation task reserves (1 on a GPU cluster)")
+    eval_cpus: float = Field(1, gt=0, le=MAX_CPUS, description="CPUs each evaluation task reserves (also its torch threads)" + at_most(MAX_CPUS))
+    eval_gpus: float = Field(0, ge=0, le=MAX_GPUS, description="GPUs each evaluation task reserves (1 on a GPU cluster)" + at_most(MAX_GPUS))
 
 
 def _resolve_demo(value: str | None) -> str | None:
@@ -48,9 +56,26 @@ def _resolve_demo(value: str | None) -> str | None:
     return resolve_demo_path(value) if isinstance(value, str) and value.startswith(DEMO_PREFIX) else value
 
 
-class _Benchmark(_Section):
+class _Benchmark(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)  # .inf / .nan are errors
+
+    @model_validator(mode="before")
+    @classmethod
+    def _scalar_kinds(cls, values: Any) -> Any:
+        """true is not a number and 1 is not true; checked per entry, as `kind` picks the fields (value_rules.py)."""
+        if isinstance(values, dict):
+            for key, value in values.items():
+                if key != "kind" and key in cls.model_fields:
+                    try:
+                        check_scalar_kind(value, cls.model_fields[key].annotation)
+                    except ValueError as error:
+                        from orchestrator.redaction import excerpt
+
+                        raise ValueError(f"{key} {error} (got {excerpt(value)})") from None
+        return values
+
     name: str = Field(description="Metric name: logged as bench/<name>, bench_delta/<name> and bench_delta_vs_base/<name>")
-    limit: int | None = Field(None, gt=0, description="Use only the first N rows (or documents)")
+    limit: int | None = Field(None, gt=0, le=MAX_ROWS, description="Use only the first N rows (or documents)" + at_most(MAX_ROWS))
 
     @field_validator("name")
     @classmethod
@@ -69,8 +94,8 @@ class PreferenceAccuracyBenchmark(_Benchmark):
     kind: Literal["preference_accuracy"] = Field(description="Held-out preference accuracy: share of pairs with a positive implicit reward margin")
     data: str = Field(description="Held-out preference pairs (any layout training accepts), e.g. demo:preference_eval")
     reference: Literal["start", "base", "none"] = Field("start", description="Margins against the model it started from (its DPO reference), the base model, or none (reference-free)")
-    max_length: int = Field(512, gt=1, description="Max tokens of prompt + answer (training's truncation rule)")
-    batch_size: int = Field(32, gt=0, description="Pairs per forward pass")
+    max_length: int = Field(512, gt=1, le=MAX_TOKENS, description="Max tokens of prompt + answer (training's truncation rule)" + at_most(MAX_TOKENS))
+    batch_size: int = Field(32, gt=0, le=MAX_BATCH, description="Pairs per forward pass" + at_most(MAX_BATCH))
 
 
 class WinRateBenchmark(_Benchmark):
@@ -79,8 +104,8 @@ class WinRateBenchmark(_Benchmark):
     against: Literal["start", "base"] = Field("start", description="Compare with the model it started from (its DPO reference) or the base model")
     judge: Literal["program", "reward_model"] = Field("program", description="program: the embedded task's grader (demo data only); reward_model: a sequence-classification model")
     reward_model: str | None = Field(None, description="judge reward_model: directory of an AutoModelForSequenceClassification with num_labels=1")
-    max_new_tokens: int = Field(32, gt=0, description="Greedy tokens generated per prompt")
-    batch_size: int = Field(32, gt=0, description="Prompts per generation batch")
+    max_new_tokens: int = Field(32, gt=0, le=MAX_TOKENS, description="Greedy tokens generated per prompt" + at_most(MAX_TOKENS))
+    batch_size: int = Field(32, gt=0, le=MAX_BATCH, description="Prompts per generation batch" + at_most(MAX_BATCH))
 
     @model_validator(mode="after")
     def _judge(self) -> "WinRateBenchmark":
@@ -92,15 +117,15 @@ class WinRateBenchmark(_Benchmark):
 class ExactMatchBenchmark(_Benchmark):
     kind: Literal["exact_match"] = Field(description="Share of greedy answers equal to the reference answer (whitespace runs collapsed)")
     data: str = Field(description="JSONL of prompt + answer (or completion/response), e.g. demo:benchmark")
-    max_new_tokens: int = Field(32, gt=0, description="Greedy tokens generated per prompt")
-    batch_size: int = Field(32, gt=0, description="Prompts per generation batch")
+    max_new_tokens: int = Field(32, gt=0, le=MAX_TOKENS, description="Greedy tokens generated per prompt" + at_most(MAX_TOKENS))
+    batch_size: int = Field(32, gt=0, le=MAX_BATCH, description="Prompts per generation batch" + at_most(MAX_BATCH))
 
 
 class PerplexityBenchmark(_Benchmark):
     kind: Literal["perplexity"] = Field(description="Per-token perplexity of held-out text (lower is better): the capability kept or lost")
     data: str = Field(description="JSONL rows with a `text` string, e.g. demo:general_text")
-    max_length: int = Field(512, gt=1, description="Tokens per text scored; longer texts are cut")
-    batch_size: int = Field(32, gt=0, description="Texts per forward pass")
+    max_length: int = Field(512, gt=1, le=MAX_TOKENS, description="Tokens per text scored; longer texts are cut" + at_most(MAX_TOKENS))
+    batch_size: int = Field(32, gt=0, le=MAX_BATCH, description="Texts per forward pass" + at_most(MAX_BATCH))
 
 
 class LmEvalBenchmarkSection(_Benchmark):
@@ -109,10 +134,10 @@ class LmEvalBenchmarkSection(_Benchmark):
     metric: str | None = Field(None, description="Result key, e.g. acc,none or exact_match,strict-match; default: the task's only metric")
     include_path: str | None = Field(None, description="Folder of your own task YAMLs")
     include_defaults: bool | None = Field(None, description="Index lm_eval's ~15k built-in tasks (about 15 s); default: only when include_path is unset")
-    num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples (default: the task's)")
-    batch_size: int = Field(32, gt=0, description="Requests per forward pass")
-    max_length: int = Field(2048, gt=1, description="Context length in tokens; longer contexts are cut from the left")
-    max_gen_toks: int = Field(256, gt=0, description="Default generation budget of generate_until tasks")
+    num_fewshot: int | None = Field(None, ge=0, le=10_000, description="Few-shot examples (default: the task's)" + at_most(10_000))
+    batch_size: int = Field(32, gt=0, le=MAX_BATCH, description="Requests per forward pass" + at_most(MAX_BATCH))
+    max_length: int = Field(2048, gt=1, le=MAX_TOKENS, description="Context length in tokens; longer contexts are cut from the left" + at_most(MAX_TOKENS))
+    max_gen_toks: int = Field(256, gt=0, le=MAX_TOKENS, description="Default generation budget of generate_until tasks" + at_most(MAX_TOKENS))
 
 
 class PythonBenchmark(_Benchmark):
@@ -130,13 +155,17 @@ BenchmarkEntry = Annotated[
 
 def _merged(section_class, base: BaseModel, overrides: dict[str, Any], where: str) -> BaseModel:
     """base's values with overrides on top, validated as section_class; errors name the override key."""
+    from orchestrator.redaction import REDACTED, excerpt, is_secret_key
+
     try:
         return section_class.model_validate({**base.model_dump(), **overrides})
     except ValidationError as error:
         problems = []
-        for item in error.errors():
-            key = ".".join(str(part) for part in item["loc"])
-            detail = "unknown key" if item["type"] == "extra_forbidden" else f"{item['msg']} (got {item.get('input')!r})"
+        for item in error.errors()[:10]:
+            key = ".".join(str(part) for part in item["loc"] if not re.match(r"^(float|list\[|dict\[|function-)", str(part)))
+            shown = REDACTED if is_secret_key(key) else excerpt(item.get("input"))
+            detail = "unknown key" if item["type"] == "extra_forbidden" else \
+                f"{item['msg'].removeprefix('Value error, ')} (got {shown})"
             problems.append(f"{where}.{key}: {detail}")
         raise ValueError("; ".join(problems)) from None
 

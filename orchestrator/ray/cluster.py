@@ -3,6 +3,12 @@
 `dpo sweep` and `dpo study` join a running cluster with `--address` (auto, ray://host:10001) or start a
 local Ray bound to 127.0.0.1 (loopback.py), sized to this machine. Every Ray worker gets the same small
 environment (worker_environment).
+
+Two commands started on one machine without `--address` are isolated: each starts its own local Ray
+(`ray.init(address="local")`, never the Ray another command started), and every worker of that Ray is
+told its own cluster's address (setup_local_worker), because Ray's own helpers that look a cluster up
+(Ray Train's placement-group cleaner, through the state API) otherwise fail with "Found multiple active
+Ray instances" when two are running. docs/sweeps.md#two-sweeps-on-one-machine.
 """
 
 from __future__ import annotations
@@ -22,11 +28,27 @@ def start_ray(address: str | None, resources: Resources) -> None:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
         bind_local_ray_to_loopback()
-        # torch.distributed's store (one per trial) would otherwise listen on every interface
-        runtime_env["worker_process_setup_hook"] = "orchestrator.ray.loopback.bind_torch_to_loopback"
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=os.cpu_count(),
+        runtime_env["worker_process_setup_hook"] = "orchestrator.ray.cluster.setup_local_worker"
+        # address="local": a Ray of our own even when another command's local Ray runs on this machine
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=os.cpu_count(),
                  runtime_env=runtime_env, log_to_driver=True)
     check_cluster_fits(resources, ray.cluster_resources())
+
+
+def setup_local_worker() -> None:
+    """Runs in every worker process of the local Ray that start_ray starts, once connected.
+
+    - torch.distributed's store (one per Ray Train trial) listens on 127.0.0.1 (loopback.py);
+    - RAY_ADDRESS names this worker's own cluster: Ray's helpers that look a cluster up by address
+      (the state API behind Ray Train's placement-group cleaner) would otherwise scan the machine's
+      processes and fail when another local Ray runs next to this one.
+    """
+    import ray
+
+    from orchestrator.ray.loopback import bind_torch_to_loopback
+
+    bind_torch_to_loopback()
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 
 
 def bind_local_ray_to_loopback() -> None:
@@ -69,8 +91,11 @@ def worker_environment(local_cluster: bool = False) -> dict[str, str]:
     """
     # Train V2 workers hand each report to the controller, which collects it at every health check
     # (default every 2 s): a report blocks until then. Checking often keeps reports from stalling steps.
+    # A warm trial actor is reused only when its trial's thread has ended within this many seconds of the
+    # trial stopping (Tune's default 2 s); a trial stopped early (ASHA) still flushes its MLflow points.
     env = {"TOKENIZERS_PARALLELISM": "false",
-           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")}
+           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"),
+           "TUNE_FUNCTION_THREAD_TIMEOUT_S": os.environ.get("TUNE_FUNCTION_THREAD_TIMEOUT_S", "30")}
     if local_cluster:
         env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "DPO_DEMO_CACHE", "HF_HOME"):

@@ -3,14 +3,15 @@
 The SFT stage and a DPO arm in `mode: fixed` are each one TorchTrainer of trial.py's worker, named after
 the stage and stored under the study's `train-jobs/` (no timestamps: a rerun of the study finds the
 same run and continues from its last checkpoint). A DPO arm in `mode: sweep` is a whole `dpo sweep`
-(orchestrator/workflows/sweep.py) inside the study's Ray; its best trial's last checkpoint is the arm's
-model. Either way the caller gets a model folder (a checkpoint's model/). This module and trial.py are
-the only ones that touch ray.train. Exercised by `python -m pytest tests/test_study.py -m ray -q`.
+(orchestrator/workflows/sweep.py) inside the study's Ray (warm trials for one worker); its best trial's
+last checkpoint is the arm's model. Either way the caller gets a model folder (a checkpoint's model/).
+This module and trial.py are the only ones that touch ray.train. Exercised by `python -m pytest tests/test_study.py -m ray -q`.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,8 @@ def checkpoint_model_dir(checkpoint: Path) -> str:
 
 
 def final_trial_model_dir(layout: StorageLayout, trial_id: str) -> str:
-    """The model of a sweep trial's last complete checkpoint (the highest step)."""
+    """The model of a sweep trial's last complete checkpoint (the highest step), in the trial's folder for
+    the layout's trial mode (a warm trial's Tune folder or a Ray Train trial's run)."""
     checkpoints = find_checkpoints(Path(layout.trial_dir(trial_id)))
     if not checkpoints:
         raise NotFoundError(f"sweep {layout.name}: trial {trial_id} left no complete checkpoint under "
@@ -67,5 +69,7 @@ def run_arm_sweep(arm_config: ExperimentConfig) -> tuple[str, dict[str, Any]]:
     best = summary.get("best")
     if not best:
         raise NotFoundError(f"the sweep {experiment.name} produced no trial with a finite {summary.get('metric')} "
-                            f"(every trial failed or diverged); see {layout.root} and {layout.trials}")
-    return final_trial_model_dir(layout, best["trial_id"]), summary
+                            f"(every trial failed or diverged); see {layout.root}")
+    # the mode the trials ran with (a resumed sweep keeps its own); None, from an older summary: found on disk
+    ran_as = replace(layout, trial_mode=summary.get("trial_mode"))
+    return final_trial_model_dir(ran_as, best["trial_id"]), summary

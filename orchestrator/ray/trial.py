@@ -1,22 +1,29 @@
-"""One sweep trial = one Ray Train job (Train V2), driven by a Tune function trainable.
+"""One sweep trial, run one of two ways, and the Ray Train worker of multi-worker trials and study stages.
 
-The Tune-over-Train pattern of Ray's Train+Tune example:
-1) `run_trial` (the Tune trainable) takes the sweep's RunSpec, puts this trial's searched values in it,
-   opens (or finds again) the trial's MLflow run, and fits a TorchTrainer named after the trial id;
-2) every Train worker runs `train_worker`: the engine (trainables.entrypoints) with the spec's plain
-   arguments, Ray's DDP preparation or our FSDP sharding, and a report that forwards metrics and
-   checkpoints to Ray (and, on rank 0, to MLflow).
-This module and jobs.py are the only ones that touch ray.train.
+- Warm (one worker per trial, the default then): `warm_trial` is the Tune function trainable and runs
+  the engine itself, in Tune's trial actor. The Tuner reuses that actor for the next trial (reuse_actors),
+  so torch, transformers, the engine and the sweep's tokenised pairs are loaded once per actor instead of
+  once per trial, and no Ray Train process starts. Metrics and checkpoints go to `ray.tune.report`; a
+  retried or resumed trial continues from `ray.tune.get_checkpoint()`; Tune's FailureConfig retries it.
+- Ray Train (several workers, or resources.trial_mode: train): `run_trial` fits a TorchTrainer named
+  after the trial id; every worker runs `train_worker` (DDP or FSDP); Ray Train retries the workers.
+Both run the same pieces: the trial's MLflow run (`trial_run`: found again on a retry or --resume, ended
+FINISHED, FAILED or KILLED), the engine with its report to Ray and, from rank 0, to MLflow (`run_engine`),
+and the optional start-up probe (probes.StartupClock). docs/sweeps.md#warm-trials says why the warm path
+calls the engine directly instead of Ray Train's local mode. This module and jobs.py are the only ones
+that touch ray.train.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import ray.train
 import ray.train.torch
@@ -26,8 +33,12 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from orchestrator.config.layout import StorageLayout
 from orchestrator.config.spec import Resources, RunSpec
+from orchestrator.ray.probes import StartupClock
 from orchestrator.tracking.schema import SEARCHED_PARAMS
+
+Send = Callable[[dict[str, Any], "Checkpoint | None"], None]  # ray.train.report or ray.tune.report
 
 
 @dataclass(frozen=True)
@@ -50,39 +61,48 @@ class TrialTracking:
 
 @dataclass(frozen=True)
 class WorkerJob:
-    """What every Ray Train worker of one job receives (the train_loop_config's only entry)."""
+    """What every process that runs the engine for one job receives (a Train worker's train_loop_config entry)."""
 
     spec: RunSpec
     shared: SharedRefs = SharedRefs()
     tracking_uri: str | None = None  # with run_id: rank 0 logs the step metrics into this MLflow run
     run_id: str | None = None
-    fit_called_at: float | None = None  # for the start-up probe (probes.StartupClock)
+    fit_called_at: float | None = None  # for the start-up probe (probes.StartupClock); None: no Ray Train
+    trial_started_at: float | None = None  # when the trial function started (probes.StartupClock)
 
 
-def train_worker(loop_config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker: the engine's DPO (or SFT) loop with Ray's model preparation and reporting."""
-    from orchestrator.ray.probes import StartupClock
+# ---- the pieces both ways share ------------------------------------------------------------------
 
-    job: WorkerJob = loop_config["job"]
-    startup = StartupClock(fit_called_at=job.fit_called_at, worker_entered_at=time.time())  # optional timing probe
-    from trainables.entrypoints import run_dpo, run_sft
+_SHARED_DATA: dict[str, Any] = {}  # this process's copy of the sweep's pairs: a warm actor reads them once
 
-    spec, resources = job.spec, job.spec.resources
-    # 1) what the sweep driver shares: its reference pass (Tune starts trials before it ends) and its data
+
+def read_shared(job: WorkerJob, startup: StartupClock) -> Any:
+    """Wait for the sweep's reference task (Tune starts trials before it ends); the shared pairs (or None)."""
     if job.shared.reference_ready is not None:
         with startup.waiting_for_reference():
             ray.get(job.shared.reference_ready)
-    data = ray.get(job.shared.data) if job.shared.data is not None and spec.stage == "dpo" else None
-    # 2) this worker's threads, scratch folder and device
+    if job.shared.data is None or job.spec.stage != "dpo":
+        return None
+    key = job.shared.data.hex()
+    if key not in _SHARED_DATA:  # read-only in the engine, so one copy serves every trial of this sweep
+        _SHARED_DATA.clear()
+        _SHARED_DATA[key] = ray.get(job.shared.data)
+    return _SHARED_DATA[key]
+
+
+def run_engine(job: WorkerJob, *, rank: int, device: str, send: Send, restored: Checkpoint | None,
+               startup: StartupClock, prepare_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None) -> None:
+    """The engine's DPO (or SFT) run of job.spec in this process; reports go to `send` (Ray) and, on rank 0
+    with a run id, to MLflow; `restored`: the checkpoint to continue from (None: from the start)."""
+    from trainables.entrypoints import run_dpo, run_sft
+
+    spec, resources = job.spec, job.spec.resources
+    data = read_shared(job, startup)
     if not resources.use_gpu:
-        torch.set_num_threads(max(1, int(resources.cpus_per_worker)))  # Ray pins the worker to these CPUs
-    context = ray.train.get_context()
-    local_dir = Path(tempfile.mkdtemp(prefix=f"dpo-{context.get_experiment_name()}-rank{context.get_world_rank()}-"))
-    device = ray.train.torch.get_device()
-    device = device[0] if isinstance(device, list) else device
-    # 3) reports go to Ray (metrics and checkpoints) and, from rank 0, to MLflow (metrics are all-reduced)
+        torch.set_num_threads(max(1, int(resources.cpus_per_worker)))  # the CPUs Ray reserved for this process
+    local_dir = Path(tempfile.mkdtemp(prefix=f"dpo-{spec.name}-rank{rank}-"))
     tracker = None
-    if job.run_id and context.get_world_rank() == 0:
+    if job.run_id and rank == 0:
         from orchestrator.tracking.trial_tracker import TrialTracker
 
         tracker = TrialTracker(job.tracking_uri, job.run_id)
@@ -90,21 +110,12 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     def to_ray_and_mlflow(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         if tracker is not None:  # asynchronous: never waits for the tracking server
             tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=int(metrics["step"]))
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
+        send(metrics, Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
 
-    report = startup.wrap(to_ray_and_mlflow)
-
-    def prepare_model(model: torch.nn.Module) -> torch.nn.Module:
-        if resources.strategy == "fsdp" and context.get_world_size() > 1:  # CPU (gloo) or CUDA (NCCL)
-            from trainables.modeling import resolve_autocast_dtype
-            from trainables.sharding import shard_model
-
-            compute_dtype = resolve_autocast_dtype(spec.runtime.precision, device)
-            return shard_model(model, device=device, compute_dtype=compute_dtype)
-        return ray.train.torch.prepare_model(model, parallel_strategy="ddp")  # DDP; one worker: just the device
+    report = startup.wrap(to_ray_and_mlflow)  # optional timing probe: perf/* figures on every report
 
     def run(resume_from: str | None) -> None:
-        worker = spec.on_worker(output_dir=str(local_dir), device=str(device), resume_from=resume_from)
+        worker = spec.on_worker(output_dir=str(local_dir), device=device, resume_from=resume_from)
         if worker.stage == "sft":
             run_sft(worker.model, worker.data, worker.loop, worker.runtime, report, prepare_model=prepare_model)
         else:
@@ -112,7 +123,6 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                     prepare_model=prepare_model, data=data)
 
     try:
-        restored = ray.train.get_checkpoint()
         if restored is None:
             run(None)
         else:
@@ -120,8 +130,92 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                 run(checkpoint_dir)
     finally:
         if tracker is not None:
-            tracker.close(timeout_s=60)  # flush; run_trial sets the run's status
+            tracker.close(timeout_s=60)  # flush; trial_run sets the run's status
         shutil.rmtree(local_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def trial_run(tracking: TrialTracking | None, trial_config: dict[str, Any], spec: RunSpec,
+              checkpoint_dir: str) -> Iterator[str | None]:
+    """The trial's MLflow child run (None without tracking), found again by its trial_id tag on a retry or
+    --resume; ends FINISHED, FAILED with the error as a tag, or KILLED when Tune stopped the trial (ASHA,
+    a stopper: Tune ends a stopped trial's thread with SystemExit inside a report)."""
+    if tracking is None:
+        yield None
+        return
+    from orchestrator.tracking import records
+
+    trial_id = tune.get_context().get_trial_id()
+    searched = {key: trial_config[key] for key in SEARCHED_PARAMS if key in trial_config}
+    run_id = records.find_or_create_trial_run(
+        tracking.uri, tracking.experiment_id, tracking.parent_run_id, trial_id, tracking.sweep,
+        {**searched, **spec.param_dict()},
+        tags={"decision": str(trial_config.get("decision", "")), "round": str(trial_config.get("round", ""))},
+        stage="dpo", checkpoint_dir=checkpoint_dir)
+    try:
+        yield run_id
+    except SystemExit:
+        records.end_run(tracking.uri, run_id, "KILLED")
+        raise
+    except BaseException as error:
+        records.end_run(tracking.uri, run_id, "FAILED", error=f"{type(error).__name__}: {error}")
+        raise
+    records.end_run(tracking.uri, run_id, "FINISHED")
+
+
+# ---- warm: the engine in Tune's (reused) trial actor ---------------------------------------------
+
+def warm_device(resources: Resources) -> str:
+    """The trial actor's device: Ray sets CUDA_VISIBLE_DEVICES to the GPU (or GPU share) Tune assigned it."""
+    return "cuda:0" if resources.use_gpu else "cpu"
+
+
+def warm_resources(resources: Resources) -> dict[str, float]:
+    """What a warm trial reserves, so that Tune runs as many at once as fit: its CPUs and GPU (share)."""
+    return {"cpu": resources.cpus_per_worker} | ({"gpu": resources.gpus_per_worker} if resources.use_gpu else {})
+
+
+def warm_trial(trial_config: dict[str, Any], *, spec: RunSpec, layout: StorageLayout,
+               tracking: TrialTracking | None = None, shared: SharedRefs = SharedRefs()) -> None:
+    """The Tune function trainable of a warm sweep: this trial's engine run, in this (reused) actor."""
+    started = time.time()
+    trial_spec = spec.for_trial(trial_config)
+    trial_id = tune.get_context().get_trial_id()
+    try:
+        with trial_run(tracking, trial_config, trial_spec, layout.trial_dir(trial_id)) as run_id:
+            job = WorkerJob(spec=trial_spec, shared=shared, tracking_uri=tracking.uri if tracking else None,
+                            run_id=run_id, trial_started_at=started)
+            run_engine(job, rank=0, device=warm_device(spec.resources),
+                       send=lambda metrics, checkpoint: tune.report(metrics, checkpoint=checkpoint),
+                       restored=tune.get_checkpoint(), startup=StartupClock.of(job, entered_at=started))
+    finally:
+        gc.collect()  # the next trial in this actor starts without this one's model and optimizer
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+# ---- Ray Train: a TorchTrainer per trial ---------------------------------------------------------
+
+def train_worker(loop_config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker: the engine with Ray's model preparation (DDP) or our FSDP sharding."""
+    job: WorkerJob = loop_config["job"]
+    startup = StartupClock.of(job, entered_at=time.time())
+    context = ray.train.get_context()
+    device = ray.train.torch.get_device()
+    device = device[0] if isinstance(device, list) else device
+
+    def prepare_model(model: torch.nn.Module) -> torch.nn.Module:
+        if job.spec.resources.strategy == "fsdp" and context.get_world_size() > 1:  # CPU (gloo) or CUDA (NCCL)
+            from trainables.modeling import resolve_autocast_dtype
+            from trainables.sharding import shard_model
+
+            compute_dtype = resolve_autocast_dtype(job.spec.runtime.precision, device)
+            return shard_model(model, device=device, compute_dtype=compute_dtype)
+        return ray.train.torch.prepare_model(model, parallel_strategy="ddp")  # DDP; one worker: just the device
+
+    run_engine(job, rank=context.get_world_rank(), device=str(device),
+               send=lambda metrics, checkpoint: ray.train.report(metrics, checkpoint=checkpoint),
+               restored=ray.train.get_checkpoint(), startup=startup, prepare_model=prepare_model)
 
 
 def scaling_for(resources: Resources) -> ScalingConfig:
@@ -145,32 +239,19 @@ def train_job(job: WorkerJob, *, name: str, storage: str, callbacks: list | None
     )
 
 
-def run_trial(trial_config: dict[str, Any], *, spec: RunSpec, trials_storage: str,
+def run_trial(trial_config: dict[str, Any], *, spec: RunSpec, layout: StorageLayout,
               tracking: TrialTracking | None = None, shared: SharedRefs = SharedRefs()) -> None:
-    """The Tune function trainable: one TorchTrainer per trial, named after the trial id.
-
-    With tracking, the trial's MLflow child run (found again by its trial_id tag on resume) ends FINISHED,
-    or FAILED with the error as a tag; the workers' rank 0 logs the step metrics into it.
-    """
+    """The Tune function trainable of a Ray Train sweep: one TorchTrainer per trial, named after the trial id,
+    stored under layout.trials; the workers' rank 0 logs the step metrics into the trial's MLflow run."""
+    started = time.time()
     trial_spec = spec.for_trial(trial_config)
     trial_id = tune.get_context().get_trial_id()
-    run_id = None
-    if tracking:
-        from orchestrator.tracking import records
+    with trial_run(tracking, trial_config, trial_spec, layout.trial_dir(trial_id)) as run_id:
+        job = WorkerJob(spec=trial_spec, shared=shared, tracking_uri=tracking.uri if tracking else None, run_id=run_id,
+                        fit_called_at=time.time(), trial_started_at=started)
+        train_job(job, name=trial_id, storage=layout.trials, callbacks=[TuneReportCallback()]).fit()
 
-        searched = {key: trial_config[key] for key in SEARCHED_PARAMS if key in trial_config}
-        run_id = records.find_or_create_trial_run(
-            tracking.uri, tracking.experiment_id, tracking.parent_run_id, trial_id, tracking.sweep,
-            {**searched, **trial_spec.param_dict()},
-            tags={"decision": str(trial_config.get("decision", "")), "round": str(trial_config.get("round", ""))},
-            stage="dpo", checkpoint_dir=f"{trials_storage}/{trial_id}")
-    job = WorkerJob(spec=trial_spec, shared=shared, tracking_uri=tracking.uri if tracking else None, run_id=run_id,
-                    fit_called_at=time.time())
-    try:
-        train_job(job, name=trial_id, storage=trials_storage, callbacks=[TuneReportCallback()]).fit()
-    except BaseException as error:
-        if run_id:
-            records.end_run(tracking.uri, run_id, "FAILED", error=f"{type(error).__name__}: {error}")
-        raise
-    if run_id:
-        records.end_run(tracking.uri, run_id, "FINISHED")
+
+def trial_trainable(mode: str) -> Callable[..., None]:
+    """The Tune function trainable of a sweep whose trials run `mode` (warm | train)."""
+    return warm_trial if mode == "warm" else run_trial

@@ -1,8 +1,15 @@
-"""The Tuner of a sweep: Tune over Train, as in Ray's Train+Tune example.
+"""The Tuner of a sweep: Tune over the engine (warm trials) or over Ray Train (multi-worker trials).
 
-Tune proposes (beta, kl_weight, learning_rate) with the configured searcher; each trial is the function
-trainable orchestrator.ray.trial.run_trial, which runs one Ray Train job. The one invariant: a trial's
-folder is named by its trial id alone (no timestamps), so `--resume` finds its checkpoints again.
+Tune proposes (beta, kl_weight, learning_rate) with the configured searcher. Each trial is a function
+trainable of orchestrator/ray/trial.py, chosen by the sweep's trial mode:
+- warm: `warm_trial` runs the engine in the trial actor, which reserves the trial's CPUs (and GPU share),
+  so Tune runs as many trials at once as fit; the actor is reused by the next trial (no new Python, no new
+  imports); Tune retries a failed trial from its last checkpoint (FailureConfig) and keeps
+  keep_checkpoints of them (CheckpointConfig);
+- train: `run_trial` fits one TorchTrainer per trial (its workers reserve the resources; Ray Train
+  retries them and keeps the checkpoints).
+The one invariant: a trial's folder is named by its trial id alone (no timestamps), so `--resume` finds
+its checkpoints again.
 """
 
 from __future__ import annotations
@@ -27,26 +34,38 @@ def searcher_and_space(sweep: SweepSpec):
     return None, space, 1 if sweep.strategy == "grid" else sweep.max_trials
 
 
+def build_trainable(experiment: Experiment, tracking: TrialTracking | None = None, shared: SharedRefs = SharedRefs()):
+    """The sweep's Tune trainable with what every trial reads, and what each trial reserves."""
+    from ray import tune
+
+    from orchestrator.ray.trial import trial_trainable, warm_resources
+
+    warm = experiment.sweep.trial_mode == "warm"
+    trainable = tune.with_parameters(trial_trainable(experiment.sweep.trial_mode), spec=experiment.run,
+                                     layout=experiment.layout, tracking=tracking, shared=shared)
+    # A Ray Train trial's driver only waits (Ray needs a non-empty bundle); its Train workers reserve CPUs/GPUs.
+    return tune.with_resources(trainable, warm_resources(experiment.run.resources) if warm else {"cpu": 0, "memory": 1})
+
+
 def build_tuner(experiment: Experiment, resume: bool, tracking: TrialTracking | None = None,
                 shared: SharedRefs = SharedRefs()):
-    """The sweep's Tuner (restored from its folder on resume); shared: what every trial worker reads."""
+    """The sweep's Tuner (restored from its folder on resume); shared: what every trial reads."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from orchestrator.ray.trial import run_trial
-
-    layout, sweep, loop = experiment.layout, experiment.sweep, experiment.run.loop
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, spec=experiment.run, trials_storage=layout.trials, tracking=tracking, shared=shared),
-        {"cpu": 0, "memory": 1},  # the trial driver only waits (Ray needs a non-empty bundle); its Train workers reserve CPUs/GPUs
-    )
+    layout, sweep, loop, resources = experiment.layout, experiment.sweep, experiment.run.loop, experiment.run.resources
+    trainable = build_trainable(experiment, tracking, shared)
     if resume:
         return tune.Tuner.restore(layout.root, trainable=trainable, resume_unfinished=True, resume_errored=False)
     search_alg, space, num_samples = searcher_and_space(sweep)
     scheduler = None
     if sweep.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="step", max_t=loop.max_steps, grace_period=max(1, loop.eval_every))
-    storage_root, name = layout.storage, layout.name
+    if sweep.trial_mode == "warm":  # Tune restarts a failed trial from its last checkpoint, and keeps the newest ones
+        failure = tune.FailureConfig(max_failures=resources.max_failures)
+        checkpoints = tune.CheckpointConfig(num_to_keep=resources.keep_checkpoints)
+    else:  # Ray Train restarts a trial's workers and keeps its checkpoints
+        failure, checkpoints = tune.FailureConfig(max_failures=0), None
     return tune.Tuner(
         trainable,
         param_space=space,
@@ -54,10 +73,8 @@ def build_tuner(experiment: Experiment, resume: bool, tracking: TrialTracking | 
             metric=sweep.metric, mode=sweep.mode, search_alg=search_alg, scheduler=scheduler,
             num_samples=num_samples, max_concurrent_trials=sweep.max_concurrent_trials,
             trial_dirname_creator=lambda trial: trial.trial_id,
-            reuse_actors=True,  # the next trial's driver runs in the finished one's process: no new Python start-up
+            reuse_actors=True,  # the next trial runs in a finished one's actor: no new Python start-up or imports
         ),
-        run_config=tune.RunConfig(name=name, storage_path=storage_root, failure_config=tune.FailureConfig(max_failures=0),
-                                  stop=reference_stopper()),
+        run_config=tune.RunConfig(name=layout.name, storage_path=layout.storage, failure_config=failure,
+                                  checkpoint_config=checkpoints, stop=reference_stopper()),
     )
-
-

@@ -6,7 +6,8 @@ again by their tags, so `dpo sweep --resume` continues the same parent run (tags
 `dpo.role=parent`) and each trial its own child run (tags `trial_id`, `sweep`), never a duplicate.
 `close_stale_runs` ends runs left RUNNING by a killed driver. Params are the resolved config flattened to
 dotted keys (values cut at MLflow's 6000 characters, sent 100 per call); keys that look like secrets and
-passwords inside URIs are replaced by `***` before anything is logged. Step metrics go through
+passwords inside URIs are replaced by `***` before anything is logged (orchestrator/redaction.py, re-exported
+here); `write_config_yaml` writes a run's config.yaml the same way, with mode 0600. Step metrics go through
 orchestrator/tracking/trial_tracker.py (asynchronous).
 Tests: `python -m pytest tests/test_tracking.py -q` (server tests marked `mlflow`).
 """
@@ -26,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from orchestrator.redaction import REDACTED, is_secret_key, redact, write_private_text  # noqa: F401 - re-exported
 from orchestrator.tracking.schema import (ARM_TAG, CHECKPOINT_DIR_TAG, CLOSED_BY_TAG, CONFIG_ARTIFACT, DATA_TAG_PREFIX,
                                           ERROR_TAG, GIT_COMMIT_TAG, MLFLOW_GIT_COMMIT_TAG, PARENT_ROLE, PARENT_RUN_TAG,
                                           RESUMED_AT_TAG, ROLE_TAG, SEARCH_SPACE_ARTIFACT, STAGE_TAG, SWEEP_TAG,
@@ -38,38 +40,10 @@ MAX_PARAM_VALUE_LENGTH = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
 MAX_TAG_VALUE_LENGTH = 8000
 MAX_KEY_LENGTH = 250
 PARAMS_PER_CALL = 100  # MAX_PARAMS_TAGS_PER_BATCH
-REDACTED = "***"
-SECRET_WORDS = {"token", "password", "passwd", "pwd", "secret", "credential", "credentials", "apikey"}
-SECRET_PAIRS = {("api", "key"), ("access", "key"), ("private", "key"), ("secret", "key")}
-URI_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^/\s:@]*:)(?P<password>[^@\s/]+)(?=@)", re.I)
-QUERY_SECRET = re.compile(r"(?P<head>[?&](?:[a-z_]*token|password|secret|api[_-]?key|sig|signature)=)[^&\s]+", re.I)
-TOKEN_LIKE = re.compile(r"\b(?:hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|AKIA[0-9A-Z]{16})\b")
 PACKAGES = ("torch", "transformers", "ray", "mlflow", "datasets", "tokenizers", "peft", "trl")
 
 
 # ---- redaction and flattening (pure) ----------------------------------------------------------
-
-def is_secret_key(key: str) -> bool:
-    """hf_token, password, db_passwd, client_secret, api_key, apiKey, aws_secret_access_key: yes; tokenizer_path, max_tokens: no."""
-    last = re.sub(r"([a-z])([A-Z])", r"\1_\2", key.rsplit(".", 1)[-1]).lower()
-    words = [word for word in re.split(r"[_\-\s]+", last) if word]
-    return bool(SECRET_WORDS & set(words)) or any(pair in SECRET_PAIRS for pair in zip(words, words[1:]))
-
-
-def redact(value: Any, key: str | None = None) -> Any:
-    """`***` for a secret-looking key; inside strings, URI passwords, query tokens and known token formats."""
-    if key is not None and is_secret_key(key) and value not in (None, "", False):
-        return REDACTED
-    if isinstance(value, Mapping):
-        return {k: redact(v, str(k)) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [redact(v) for v in value]
-    if isinstance(value, str):
-        value = URI_PASSWORD.sub(lambda m: m.group("head") + REDACTED, value)
-        value = QUERY_SECRET.sub(lambda m: m.group("head") + REDACTED, value)
-        return TOKEN_LIKE.sub(REDACTED, value)
-    return value
-
 
 def redact_params(params: Mapping[str, Any]) -> dict[str, Any]:
     """Each value redacted by its (dotted) key and its content."""
@@ -110,6 +84,11 @@ def tag_text(value: Any, key: str) -> str:
 def config_yaml(config: Mapping[str, Any]) -> str:
     """The resolved config as YAML, secrets redacted (the parent run's config.yaml artifact)."""
     return yaml.safe_dump(redact(dict(config)), sort_keys=False)
+
+
+def write_config_yaml(path: str | Path, config: Mapping[str, Any]) -> Path:
+    """A run's config.yaml on disk: the resolved config, secrets redacted, mode 0600, never through a symlink."""
+    return write_private_text(path, config_yaml(config))
 
 
 # ---- environment --------------------------------------------------------------------------------

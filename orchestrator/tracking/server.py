@@ -51,7 +51,8 @@ def resolve_tracking_uri(config_uri: str | None, storage_path: str) -> tuple[str
             uri = uri.strip()
             if uri.startswith("sqlite:"):
                 logger.warning("tracking URI %s: many trial processes writing one SQLite file can fail with 'database "
-                               "is locked'; leave tracking.uri unset to use the embedded server in front of it", uri)
+                               "is locked'; leave tracking.uri unset to use the embedded server in front of it",
+                               redact_uri(uri))
             return uri, False
     return str(mlflow_root(storage_path)), True
 
@@ -217,12 +218,19 @@ def ensure_reachable(uri: str, timeout_s: float = 10.0) -> None:
     """Raise TrackingUnavailableError (naming the URI) unless the tracking backend answers within timeout_s."""
     shown = redact_uri(uri)
     if uri.startswith(("http://", "https://")):
-        request = health_request(uri)
+        try:
+            request = health_request(uri)
+        except ValueError as error:  # e.g. a port that is not a number
+            raise TrackingConfigError(f"tracking URI {shown} is not a valid URL ({redact_uri(str(error))[:200]}); "
+                                      "write it as http://host:port") from None
         deadline = time.monotonic() + timeout_s
         while True:
             try:
                 with urllib.request.urlopen(request, timeout=max(0.5, min(5.0, deadline - time.monotonic()))):
                     return
+            except ValueError as error:  # http.client.InvalidURL: a space or control character in the host
+                raise TrackingConfigError(f"tracking URI {shown} is not a valid URL ({redact_uri(str(error))[:200]}); "
+                                          "write it as http://host:port") from None
             except urllib.error.HTTPError as error:
                 if error.code in (401, 403):
                     raise TrackingUnavailableError(
@@ -232,7 +240,7 @@ def ensure_reachable(uri: str, timeout_s: float = 10.0) -> None:
             except (urllib.error.URLError, OSError) as error:
                 if time.monotonic() >= deadline:
                     raise TrackingUnavailableError(
-                        f"MLflow tracking server {shown} is unreachable ({getattr(error, 'reason', error)}); start it, "
+                        f"MLflow tracking server {shown} is unreachable ({redact_uri(str(getattr(error, 'reason', error)))[:200]}); start it, "
                         "fix tracking.uri / MLFLOW_TRACKING_URI, or unset both to use the embedded local server") from error
                 time.sleep(0.5)
     _check_store(uri, shown, timeout_s)
@@ -280,13 +288,15 @@ def _check_store(uri: str, shown: str, timeout_s: float) -> None:
     if not outcome:
         raise TrackingUnavailableError(f"MLflow tracking store {shown} did not answer within {timeout_s:.0f} s")
     if outcome[0] is not None:
-        raise TrackingUnavailableError(f"MLflow tracking store {shown} is unusable: {outcome[0]}") from outcome[0]
+        detail = redact_uri(str(outcome[0]).replace(uri, shown))[:400]
+        raise TrackingUnavailableError(f"MLflow tracking store {shown} is unusable: {detail}") from None
 
 
 def redact_uri(uri: str) -> str:
-    from orchestrator.tracking.records import redact
+    """The URI (or any text holding one) with passwords and tokens replaced by ***."""
+    from orchestrator.redaction import redact_text
 
-    return str(redact(uri))
+    return redact_text(str(uri))
 
 
 def prepare_tracking_uri(config_uri: str | None, storage_path: str, *, timeout_s: float = 10.0) -> str:

@@ -2,8 +2,11 @@
 
 No Ray here: the engine runs in this process, and every report is appended as one JSON object to
 `<output_dir>/metrics.jsonl` (with `step` and the metric keys) while a progress bar shows the steps.
-The resolved config is written beside it as `config.yaml`. Nothing is written before the data has been
-validated: the first file appears with the first report.
+The resolved config is written beside it as `config.yaml` (secrets redacted, mode 0600). Before any work
+the run claims output_dir (orchestrator/workflows/output_dir.py): it is refused when the folder holds
+another run it does not resume or replace (train.overwrite_output_dir), when another run holds its lock,
+or when an output would overwrite an input or follow a link. metrics.jsonl and config.yaml appear with the
+first report; a run that fails before it leaves the folder as it found it.
 Run: `dpo train configs/quickstart.yaml` or `dpo sft CONFIG` (with data.sft_train).
 """
 
@@ -12,14 +15,15 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from orchestrator.config import ExperimentConfig
 from orchestrator.config.layout import OutputLayout
 from orchestrator.config.spec import resolve_run
+from orchestrator.tracking.records import write_config_yaml
+from orchestrator.workflows.output_dir import Claim, claim
 from trainables.entrypoints import run_dpo, run_sft
 
 logger = logging.getLogger(__name__)
@@ -28,10 +32,11 @@ logger = logging.getLogger(__name__)
 class MetricsFile:
     """The `report` callable of single-process runs: appends metrics to output_dir/metrics.jsonl."""
 
-    def __init__(self, output: OutputLayout, config: ExperimentConfig, *, append: bool):
+    def __init__(self, output: OutputLayout, config: ExperimentConfig, *, append: bool, owner: Claim | None = None):
         self.output = output
         self.config = config
         self.append = append
+        self.owner = owner  # the claim on output_dir, told when the run starts writing results
         self.opened = False
         self.first: dict[str, Any] | None = None
         self.last: dict[str, Any] = {}
@@ -42,19 +47,25 @@ class MetricsFile:
 
     def __call__(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         if not self.opened:
-            Path(self.output.output_dir).mkdir(parents=True, exist_ok=True)
-            self.output.config_file.write_text(yaml.safe_dump(self.config.model_dump(), sort_keys=False))
-            if not self.append:
-                self.path.write_text("")
+            if self.owner is not None:
+                self.owner.start()
+            self.output.root.mkdir(parents=True, exist_ok=True)
+            write_config_yaml(self.output.config_file, self.config.model_dump())
+            self._open(truncate=not self.append).close()
             self.opened = True
         record = dict(metrics)
         if checkpoint_dir:
             record["checkpoint"] = checkpoint_dir
-        with self.path.open("a") as handle:
+        with self._open(truncate=False) as handle:
             handle.write(json.dumps(record) + "\n")
         if self.first is None:
             self.first = record
         self.last.update(record)
+
+    def _open(self, *, truncate: bool):
+        """metrics.jsonl for appending (emptied first when `truncate`), never through a symbolic link."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_TRUNC if truncate else 0)
+        return os.fdopen(os.open(self.path, flags, 0o644), "a", encoding="utf-8")
 
 
 def _summary(metrics: dict[str, Any]) -> str:
@@ -62,10 +73,21 @@ def _summary(metrics: dict[str, Any]) -> str:
     return "  ".join(f"{k}={metrics[k]:.4f}" for k in keys if isinstance(metrics[k], float) and math.isfinite(metrics[k]))
 
 
-def _run_in_process(config: ExperimentConfig, run) -> MetricsFile:
-    """Run `run(sink)` with a metrics.jsonl sink under output_dir (appending when resuming) and print the end."""
-    sink = MetricsFile(OutputLayout(str(config.output_dir)), config, append=config.train.resume_from is not None)
-    run(sink)
+def _run_in_process(config: ExperimentConfig, stage: str, run) -> MetricsFile:
+    """Claim output_dir, run `run(sink)` with a metrics.jsonl sink there (appending when resuming), print the end.
+
+    A run that fails before its first report gives the folder back as it was (Claim.abandon).
+    """
+    owner = claim(config, stage)
+    sink = MetricsFile(owner.layout, config, append=config.train.resume_from is not None, owner=owner)
+    try:
+        run(sink)
+    except BaseException:
+        if not owner.started:
+            owner.abandon()
+        raise
+    finally:
+        owner.release()
     print(f"done: {sink.path}  {_summary(sink.last)}")
     return sink
 
@@ -73,10 +95,10 @@ def _run_in_process(config: ExperimentConfig, run) -> MetricsFile:
 def train(config: ExperimentConfig) -> MetricsFile:
     """DPO in this process; returns the metrics sink (first and last records)."""
     spec = resolve_run(config)
-    return _run_in_process(config, lambda sink: run_dpo(spec.model, spec.data, spec.preference, spec.loop, spec.runtime, sink))
+    return _run_in_process(config, "dpo", lambda sink: run_dpo(spec.model, spec.data, spec.preference, spec.loop, spec.runtime, sink))
 
 
 def sft(config: ExperimentConfig) -> MetricsFile:
     """SFT in this process on data.sft_train; output under output_dir."""
     spec = resolve_run(config, stage="sft")
-    return _run_in_process(config, lambda sink: run_sft(spec.model, spec.data, spec.loop, spec.runtime, sink))
+    return _run_in_process(config, "sft", lambda sink: run_sft(spec.model, spec.data, spec.loop, spec.runtime, sink))

@@ -126,7 +126,10 @@ def finish_study_run(uri: str, run_id: str, artifacts: Mapping[str, str], error:
 
 
 def results_json(results: Mapping[str, Any]) -> str:
-    return json.dumps(results, indent=1, default=str)
+    """The results as JSON, secrets (a password in the tracking URI) redacted: it is written to disk and MLflow."""
+    from orchestrator.redaction import redact
+
+    return json.dumps(redact(dict(results)), indent=1, default=str)
 
 
 # ---- the table -------------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
-"""`dpo sweep`: Ray Tune over Ray Train trials, with the incremental beta procedure as a searcher.
+"""`dpo sweep`: Ray Tune over the engine's trials, with the incremental beta procedure as a searcher.
 
 1) validate the config (done by the CLI) and every data row, before any server or Ray starts;
 2) start or join Ray; start (or reach) the MLflow server; open the sweep's parent run;
 3) compute the reference log-probs once, as a Ray task, into the sweep's cache, while Tune starts;
-4) fit the Tuner (orchestrator/ray/tuner.py): each trial is one Ray Train job of the engine;
+4) fit the Tuner (orchestrator/ray/tuner.py): each trial runs the engine in a reused Tune trial actor
+   (one worker) or as a Ray Train job (several workers);
 5) summarise: the best trial, the searcher's decision log and the reference-cache key are printed,
    logged on the parent run and written to the layout's sweep_summary.json.
 `--resume` restores the Tuner of that name: finished trials are not rerun, unfinished ones continue
@@ -17,7 +18,7 @@ import logging
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from orchestrator.config.layout import StorageLayout
@@ -86,13 +87,15 @@ def summarize(results, experiment: Experiment, cache_key: str | None) -> dict[st
             "ray_train_start_seconds": metrics.get("perf/ray_train_start_seconds"),
             "reference_wait_seconds": metrics.get("perf/reference_wait_seconds"), "load_seconds": metrics.get("perf/load_seconds"),
             "trial_seconds": metrics.get("time_total_s"),  # Tune: from the trial's start to its last report
+            "trial_started_at": metrics.get("perf/trial_started_at"),  # when the trial function started (epoch s)
         })
     scored = [t for t in trials if isinstance(t["metric"], (int, float)) and math.isfinite(t["metric"]) and not t["error"]]
     reverse = sweep.mode == "max"
     best = sorted(scored, key=lambda t: t["metric"], reverse=reverse)[0] if scored else None
     return {"name": experiment.name, "metric": sweep.metric, "mode": sweep.mode, "best": best,
             "trials": trials, "reference_cache_key": cache_key,
-            "decision_log": read_decision_log(experiment.layout), "storage": experiment.layout.root}
+            "decision_log": read_decision_log(experiment.layout), "storage": experiment.layout.root,
+            "trial_mode": sweep.trial_mode}
 
 
 def read_decision_log(layout: StorageLayout) -> list[dict[str, Any]]:
@@ -134,6 +137,17 @@ def start_tracking(tracking: TrackingSpec, layout: StorageLayout) -> Callable[[]
     return booting.result
 
 
+def as_stored(experiment: Experiment) -> Experiment:
+    """On --resume: the experiment with the trial mode its stored trials ran with (a sweep started in the
+    other mode, e.g. by an earlier version, resumes its trials from their own checkpoints)."""
+    stored = experiment.layout.ran_trials_as()
+    if stored is None or stored == experiment.sweep.trial_mode:
+        return experiment
+    logger.info("--resume: the sweep %s ran its trials as %s; they continue that way", experiment.name, stored)
+    return replace(experiment, sweep=replace(experiment.sweep, trial_mode=stored),
+                   layout=replace(experiment.layout, trial_mode=stored))
+
+
 def run_sweep(experiment: Experiment, *, address: str | None = None, resume: bool = False) -> dict[str, Any]:
     """The whole `dpo sweep` of a resolved experiment; returns the summary."""
     import ray
@@ -151,6 +165,9 @@ def run_sweep(experiment: Experiment, *, address: str | None = None, resume: boo
     logger.info("data ok: %d training pairs, %d held-out pairs", len(data.train), len(data.eval))
     if resume and not layout.exists():
         raise ConfigError(f"--resume: no sweep named {experiment.name!r} under {layout.storage} ({layout.root})")
+    if resume:
+        experiment = as_stored(experiment)
+        layout = experiment.layout
     started_here = not ray.is_initialized()
     if started_here and not address:
         check_cluster_fits(spec.resources, local_resources())  # a local Ray's size is known before it starts
@@ -188,7 +205,9 @@ def run_sweep(experiment: Experiment, *, address: str | None = None, resume: boo
         if started_here:
             ray.shutdown()
     if layout.summary_file is not None:
-        layout.summary_file.write_text(json.dumps(summary, indent=1, default=str))
+        from orchestrator.redaction import redact
+
+        layout.summary_file.write_text(json.dumps(redact(summary), indent=1, default=str))  # no password in a file
     return summary
 
 
