@@ -246,3 +246,21 @@ def test_export_prompt_is_the_first_held_out_prompt_rendered_with_the_chat_templ
     assert prompt != "FALLBACK" and prompt == expected.prompt
     first_user_message = json.loads(Path(eval_).read_text().splitlines()[0])["prompt"][0]["content"]
     assert first_user_message in prompt
+
+
+def test_check_also_reads_the_sft_examples_and_refuses_a_bad_one(world, tmp_path, capsys):
+    """`dpo check` validates data.sft_train as `dpo sft` reads it: a good file is counted, a row without a
+    completion is refused naming the file, the line and the field, before any training."""
+    examples = [{"prompt": row["prompt"], "completion": row["chosen"]} for row in pair_rows("explicit", 6, seed=4)]
+    good = write_jsonl(tmp_path / "sft-good.jsonl", examples)
+    bad = write_jsonl(tmp_path / "sft-bad.jsonl", [*examples[:3], {"prompt": "p", "completion": ""}, *examples[3:]])
+    train, eval_ = world["pairs"]["explicit"]
+    output_dir = tmp_path / "never-written"
+
+    assert main(cli_args("check", world["models"]["llama"], train, eval_, output_dir, f"data.sft_train={good}")) == 0
+    assert "6 SFT examples" in capsys.readouterr().out
+
+    assert main(cli_args("check", world["models"]["llama"], train, eval_, output_dir, f"data.sft_train={bad}")) == 2
+    error = capsys.readouterr().err
+    assert str(bad) in error and "(line 4)" in error and "completion" in error, error
+    assert_nothing_written(output_dir)

@@ -232,6 +232,14 @@ def run_dpo(
     )
 
 
+def load_sft_data(model_args: ModelArgs, data_args: DataArgs, runtime_args: RuntimeArgs | None = None):
+    """(tokenizer, train, held-out) SFT examples, checked and tokenised as `dpo sft` trains on them."""
+    tokenizer = check_model_can_train(model_args, data_args, None, runtime_args)
+    limits = dict(max_length=data_args.max_length, max_prompt_length=data_args.max_prompt_length)
+    train, held_out = _train_and_held_out(load_tokenized_examples, data_args, tokenizer, **limits)
+    return tokenizer, train, held_out
+
+
 def run_sft(
     model_args: ModelArgs,
     data_args: DataArgs,
@@ -242,9 +250,7 @@ def run_sft(
 ) -> dict[str, float]:
     """Supervised fine-tuning on prompt/completion examples; returns the last reported metrics."""
     device, autocast_dtype = _device_and_autocast(runtime_args, loop_settings.seed)
-    tokenizer = check_model_can_train(model_args, data_args, None, runtime_args)
-    limits = dict(max_length=data_args.max_length, max_prompt_length=data_args.max_prompt_length)
-    train, held_out = _train_and_held_out(load_tokenized_examples, data_args, tokenizer, **limits)
+    tokenizer, train, held_out = load_sft_data(model_args, data_args, runtime_args)
     checkpoint, lineage = _resume_checkpoint(runtime_args.resume_from, loop_settings.output_dir, run_lineage(
         stage="sft", model_args=model_args, tokenizer=tokenizer, train=train, eval=held_out))
     model = _load_policy(model_args, checkpoint, device, prepare_model)

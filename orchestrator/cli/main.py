@@ -106,7 +106,8 @@ def check(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     report = check_config(config)
-    print(f"ok: {report.train_pairs} training pairs, {report.held_out_pairs} held-out pairs, config {config.name}")
+    sft = "" if report.sft_examples is None else f", {report.sft_examples} SFT examples"
+    print(f"ok: {report.train_pairs} training pairs, {report.held_out_pairs} held-out pairs{sft}, config {config.name}")
     return 0
 
 

@@ -19,12 +19,17 @@ from orchestrator.config.spec import resolve_run
 class CheckReport:
     train_pairs: int
     held_out_pairs: int
+    sft_examples: int | None  # data.sft_train, when the config has one (checked as `dpo sft` reads it)
 
 
 def check(config: ExperimentConfig) -> CheckReport:
     """Validate the model, the device and the data as training would; raises a UserError naming the problem."""
-    from trainables.entrypoints import load_preference_data
+    from trainables.entrypoints import load_preference_data, load_sft_data
 
     spec = resolve_run(config)
     data = load_preference_data(spec.model, spec.data, spec.preference, spec.runtime)
-    return CheckReport(train_pairs=len(data.train), held_out_pairs=len(data.eval))
+    sft_examples = None
+    if config.data.sft_train:
+        sft = resolve_run(config, stage="sft")
+        sft_examples = len(load_sft_data(sft.model, sft.data, sft.runtime)[1])
+    return CheckReport(train_pairs=len(data.train), held_out_pairs=len(data.eval), sft_examples=sft_examples)
