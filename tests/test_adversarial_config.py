@@ -141,7 +141,7 @@ def test_config_file_breaking_a_parser_rule_is_refused(world, tmp_path, case, co
     config = build(world, tmp_path)
     started = time.monotonic()
     refused([command, str(config)], names=(str(config), *names), **guarded(world, tmp_path))
-    assert time.monotonic() - started < 5, "a hostile config must be refused in bounded time"
+    assert time.monotonic() - started < 30, "a hostile config must be refused in bounded time (the unbounded parser ran 84 s into MemoryError)"
 
 
 def test_alias_bomb_is_refused_in_well_under_a_second(world, tmp_path):

@@ -438,3 +438,37 @@ def test_a_local_ray_started_next_to_another_is_its_own_and_its_workers_find_it(
     assert address == own, (address, own)
     print(f"placement-group cleaner's lookup next to another local Ray: {outcome}")
 
+
+
+@pytest.mark.ray
+@pytest.mark.mlflow
+def test_asha_stops_a_warm_trial_early_and_the_actor_runs_the_next_one(world, tmp_path, local_ray):
+    """ASHA (on eval/loss, lower is better) stops the learning-rate-1e-7 trial at its first rung, because the
+    first trial's loss there was lower: the stopped trial ends without error and its MLflow run KILLED; the
+    next trial runs in the same, warm actor (no new imports)."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.tracking.server import EmbeddedServer
+
+    config = tiny_config(world, tmp_path, tracking={"enabled": True},
+                         sweep={"strategy": "grid", "learning_rate": [5e-3, 1e-7, 4e-3], "scheduler": "asha",
+                                "metric": "eval/loss", "mode": "min", "max_concurrent_trials": 1},
+                         train={"max_steps": 40, "eval_every": 4, "checkpoint_every": 8, "log_every": 1},
+                         resources={"num_workers": 1, "cpus_per_worker": 1})
+    try:
+        summary = run_sweep(config)
+        client = MlflowClient(tracking_uri=summary["mlflow"]["uri"])
+        parent = client.get_run(summary["mlflow"]["parent_run_id"])
+        runs = {run.data.tags["trial_id"]: run for run in client.search_runs(
+            [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")}
+    finally:
+        EmbeddedServer(mlflow_root(config.storage_path)).stop()
+
+    trials = sorted(summary["trials"], key=lambda t: t["trial_started_at"])
+    assert [t["config"]["learning_rate"] for t in trials] == [5e-3, 1e-7, 4e-3]
+    first, slow, after = trials
+    assert all(t["error"] is None for t in trials), trials
+    assert first["step"] == 40 and runs[first["trial_id"]].info.status == "FINISHED"
+    assert slow["step"] < 40, slow  # stopped at a rung
+    assert runs[slow["trial_id"]].info.status == "KILLED" and "error" not in runs[slow["trial_id"]].data.tags
+    assert after["load_seconds"] < first["load_seconds"], (after["load_seconds"], first["load_seconds"])

@@ -138,8 +138,9 @@ def run_engine(job: WorkerJob, *, rank: int, device: str, send: Send, restored: 
 def trial_run(tracking: TrialTracking | None, trial_config: dict[str, Any], spec: RunSpec,
               checkpoint_dir: str) -> Iterator[str | None]:
     """The trial's MLflow child run (None without tracking), found again by its trial_id tag on a retry or
-    --resume; ends FINISHED, FAILED with the error as a tag, or KILLED when Tune stopped the trial (ASHA,
-    a stopper: Tune ends a stopped trial's thread with SystemExit inside a report)."""
+    --resume; ends FINISHED, FAILED with the error as a tag, or KILLED when Tune stopped the trial before
+    its last step (ASHA, a stopper: Tune ends a stopped trial's thread with SystemExit inside a report; ASHA
+    also stops every trial at its last report, which is FINISHED: its final checkpoint is there)."""
     if tracking is None:
         yield None
         return
@@ -154,13 +155,24 @@ def trial_run(tracking: TrialTracking | None, trial_config: dict[str, Any], spec
         stage="dpo", checkpoint_dir=checkpoint_dir)
     try:
         yield run_id
-    except SystemExit:
-        records.end_run(tracking.uri, run_id, "KILLED")
+    except SystemExit as stop:
+        from orchestrator.config.layout import find_checkpoints
+        print("DEBUGSTOP", repr(stop), checkpoint_dir, find_checkpoints(Path(checkpoint_dir)), spec.loop.max_steps, flush=True)
+        records.end_run(tracking.uri, run_id, "FINISHED" if reached_last_step(spec, checkpoint_dir) else "KILLED")
         raise
     except BaseException as error:
         records.end_run(tracking.uri, run_id, "FAILED", error=f"{type(error).__name__}: {error}")
         raise
     records.end_run(tracking.uri, run_id, "FINISHED")
+
+
+def reached_last_step(spec: RunSpec, checkpoint_dir: str) -> bool:
+    """Whether the trial's folder holds the checkpoint of its last step (the engine always checkpoints it)."""
+    from orchestrator.config.layout import find_checkpoints, is_remote
+
+    if is_remote(checkpoint_dir):
+        return False  # unknown in object storage: the run ends KILLED, as a stopped trial's
+    return any(step >= spec.loop.max_steps for step, _ in find_checkpoints(Path(checkpoint_dir)))
 
 
 # ---- warm: the engine in Tune's (reused) trial actor ---------------------------------------------
