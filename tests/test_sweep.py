@@ -302,6 +302,13 @@ def test_a_failing_reference_task_stops_the_sweep_and_raises_its_error(world, tm
     trainer_runs = [p.name for p in (tmp_path / "runs" / "tiny").iterdir() if p.is_dir()]
     assert len(trainer_runs) <= 1, f"trials went on after the reference task failed: {trainer_runs}"
 
+    # The next sweep of this process (a study runs several) is not stopped by that failure, also without a
+    # reference task of its own.
+    after = tiny_config(world, tmp_path, name="after", reference={"mode": "live"},
+                        sweep={"strategy": "grid", "beta": [0.1]})
+    [trial] = run_sweep(after)["trials"]
+    assert trial["error"] is None and trial["step"] == after.train.max_steps, trial
+
 
 # ---- concurrency ----------------------------------------------------------------------------------
 
@@ -310,6 +317,29 @@ def overlap_seconds(trials: list[dict[str, Any]]) -> float:
     starts = [t["trial_started_at"] for t in trials]
     ends = [t["trial_started_at"] + t["trial_seconds"] for t in trials]
     return min(ends) - max(starts)
+
+
+@pytest.mark.ray
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two trials of one CPU each need two CPUs")
+@pytest.mark.parametrize("sweep", [
+    {"strategy": "grid", "beta": [0.1, 0.2]},
+    {"strategy": "incremental_beta", "learning_rate": [5e-3, 4e-3], "max_trials": 2},  # one round, fanned out
+], ids=["grid", "incremental-fan-out"])
+def test_trials_that_fit_together_run_at_the_same_time(world, tmp_path, local_ray, sweep):
+    """Two CPUs, one CPU per trial: both trials of a grid, or of one incremental round, run at once, each in
+    its own trial actor (a live reference, so that no reference task holds a CPU while they start)."""
+    config = tiny_config(world, tmp_path, sweep=sweep, reference={"mode": "live"},
+                         train={"max_steps": 40, "eval_every": 20, "checkpoint_every": 20},
+                         resources={"num_workers": 1, "cpus_per_worker": 1})
+
+    summary = run_sweep(config)
+
+    trials = summary["trials"]
+    assert len(trials) == 2 and all(t["error"] is None and t["step"] == 40 for t in trials), trials
+    assert overlap_seconds(trials) > 0.0, [(t["trial_started_at"], t["trial_seconds"]) for t in trials]
+    if sweep["strategy"] == "incremental_beta":
+        assert {t["config"]["learning_rate"] for t in trials} == {5e-3, 4e-3}
+        assert {t["config"]["round"] for t in trials} == {1}
 
 
 def gcs_servers(process: psutil.Process) -> list[int]:

@@ -155,9 +155,7 @@ def trial_run(tracking: TrialTracking | None, trial_config: dict[str, Any], spec
         stage="dpo", checkpoint_dir=checkpoint_dir)
     try:
         yield run_id
-    except SystemExit as stop:
-        from orchestrator.config.layout import find_checkpoints
-        print("DEBUGSTOP", repr(stop), checkpoint_dir, find_checkpoints(Path(checkpoint_dir)), spec.loop.max_steps, flush=True)
+    except SystemExit:
         records.end_run(tracking.uri, run_id, "FINISHED" if reached_last_step(spec, checkpoint_dir) else "KILLED")
         raise
     except BaseException as error:

@@ -153,7 +153,7 @@ def run_sweep(experiment: Experiment, *, address: str | None = None, resume: boo
     import ray
 
     from orchestrator.ray.cluster import check_cluster_fits, local_resources, start_ray
-    from orchestrator.ray.reference_task import ReferenceTask
+    from orchestrator.ray.reference_task import REFERENCE_FAILED, ReferenceTask
     from orchestrator.ray.trial import SharedRefs, TrialTracking
     from orchestrator.ray.tuner import build_tuner
     from trainables.entrypoints import load_preference_data
@@ -179,6 +179,7 @@ def run_sweep(experiment: Experiment, *, address: str | None = None, resume: boo
     try:
         data_ref = ray.put(data)  # trials and the reference task read the validated, tokenised data from here
         # 3) the reference pass, overlapping Tune's start
+        REFERENCE_FAILED.clear()  # an earlier sweep's failed reference task (this process) must not stop this one
         precomputed = spec.preference.reference_mode == "precomputed"
         reference = ReferenceTask(spec, data_ref) if precomputed else None
         tracking_uri = tracking_uri_when_ready()
