@@ -97,6 +97,7 @@ class TrainSection(Section):
     share_prompt: bool | Literal["auto"] = Field("auto", description="DPO: each prompt computed once for chosen and rejected (one row per pair, 4D mask; same math): auto (eager/sdpa attention, it saves >= 10% of padded tokens and a first-batch probe agrees), true (required), false")
     resume_from: str | None = Field(None, description="Checkpoint folder or `latest` (under output_dir) to resume from")
     overwrite_output_dir: bool = Field(False, description="dpo train/sft: replace the run already in output_dir (its metrics.jsonl, config.yaml, run.json and checkpoints) instead of refusing to start")
+    preemption_grace_s: float = Field(60.0, gt=0, le=86_400, description="dpo train/sft: on SIGTERM or SIGINT, seconds to finish the step in progress and write its checkpoint before stopping (exit status 75); a second signal stops at once. At most 86,400")
 
     @field_validator("device")
     @classmethod

@@ -6,7 +6,9 @@ The resolved config is written beside it as `config.yaml` (secrets redacted, mod
 the run claims output_dir (orchestrator/workflows/output_dir.py): it is refused when the folder holds
 another run it does not resume or replace (train.overwrite_output_dir), when another run holds its lock,
 or when an output would overwrite an input or follow a link. metrics.jsonl and config.yaml appear with the
-first report; a run that fails before it leaves the folder as it found it.
+first report; a run that fails before it leaves the folder as it found it. SIGTERM or SIGINT stops the run
+at the end of the step in progress with a checkpoint of it, within train.preemption_grace_s
+(trainables/preemption.py); the exit status is then 75 and `--set train.resume_from=latest` goes on.
 Run: `dpo train configs/quickstart.yaml` or `dpo sft CONFIG` (with data.sft_train).
 """
 
@@ -25,6 +27,7 @@ from orchestrator.config.spec import resolve_run
 from orchestrator.tracking.records import write_config_yaml
 from orchestrator.workflows.output_dir import Claim, claim
 from trainables.entrypoints import run_dpo, run_sft
+from trainables.preemption import stop_on_signals
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +84,8 @@ def _run_in_process(config: ExperimentConfig, stage: str, run) -> MetricsFile:
     owner = claim(config, stage)
     sink = MetricsFile(owner.layout, config, append=config.train.resume_from is not None, owner=owner)
     try:
-        run(sink)
+        with stop_on_signals(config.train.preemption_grace_s):  # SIGTERM/SIGINT: checkpoint, then Preempted (exit 75)
+            run(sink)
     except BaseException:
         if not owner.started:
             owner.abandon()

@@ -1,0 +1,227 @@
+"""Preemption of `dpo train` (issue 23, promise 3): SIGTERM / SIGINT save a checkpoint at the next step boundary.
+
+Each test runs `dpo train` in a child process whose steps are slowed down (a sleep per step, so that a
+signal lands mid-run), signals it the way a cluster scheduler or Ctrl-C would, and checks what was left on
+disk and what a resumed run reports. The uninterrupted run is trained once in this process.
+Run: `python -m pytest tests/test_preemption.py -q` (about 40-60 s on 2 shared cores).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchestrator.cli.main import main
+from tests.tiny_world import build_model_dir, pair_rows, write_jsonl
+from trainables.checkpointing import checkpoint_problem, latest_checkpoint, load_training_state
+from trainables.preemption import EXIT_PREEMPTED, Preempted, stop_on_signals, stop_requested
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_STEPS = 10
+
+# `dpo train` in a child process, every step slowed by `step_sleep` s, the checkpoint saved after a stop signal by
+# `save_sleep` s (a slow disk).
+SLOWED_TRAIN = r"""
+import json, sys, time
+import trainables.checkpointing as checkpointing
+import trainables.loop as loop
+from orchestrator.cli.main import main
+from trainables.preemption import stop_requested
+
+job = json.loads(sys.argv[1])
+real_indices, real_save_model = loop.global_batch_indices, checkpointing.save_model_and_tokenizer
+
+def slow_indices(*args, **kwargs):
+    time.sleep(job["step_sleep"])
+    return real_indices(*args, **kwargs)
+
+def slow_save_model(*args, **kwargs):
+    result = real_save_model(*args, **kwargs)
+    if stop_requested():
+        time.sleep(job["save_sleep"])
+    return result
+
+loop.global_batch_indices = slow_indices
+checkpointing.save_model_and_tokenizer = slow_save_model
+print("started", flush=True)
+sys.exit(main(job["argv"]))
+"""
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("preemption-world")
+    model = build_model_dir(root / "model", "llama")
+    train = write_jsonl(root / "train.jsonl", pair_rows("explicit", 24, seed=1))
+    eval_ = write_jsonl(root / "eval.jsonl", pair_rows("explicit", 8, seed=2))
+    config = {
+        "name": "preemption", "model": {"path": str(model)}, "data": {"train": str(train), "eval": str(eval_), "max_length": 48},
+        "train": {"max_steps": MAX_STEPS, "batch_size": 4, "learning_rate": 1e-3, "warmup_steps": 2, "device": "cpu",
+                  "log_every": 2, "eval_every": 5, "checkpoint_every": 4, "keep_checkpoints": None, "seed": 0},
+        "reference": {"cache_dir": str(root / "reference-cache")},
+    }
+    path = root / "train.yaml"
+    path.write_text(json.dumps(config))  # JSON is YAML
+    uninterrupted = root / "uninterrupted"
+    assert main(["train", str(path), "--set", f"output_dir={uninterrupted}"]) == 0
+    return {"config": str(path), "root": root, "uninterrupted": read_metrics(uninterrupted)}
+
+
+def read_metrics(output_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def start_child(world, output_dir: Path, *, step_sleep: float, save_sleep: float = 0.0, grace_s: float = 60.0):
+    job = {"step_sleep": step_sleep, "save_sleep": save_sleep,
+           "argv": ["train", world["config"], "--set", f"output_dir={output_dir}",
+                    "--set", f"train.preemption_grace_s={grace_s}"]}
+    return subprocess.Popen([sys.executable, "-c", SLOWED_TRAIN, json.dumps(job)], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def wait_for_step(child, output_dir: Path, step: int, timeout_s: float = 240) -> None:
+    """Until metrics.jsonl holds a report of `step` (or later)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert child.poll() is None, child.communicate()[1][-3000:]
+        metrics = output_dir / "metrics.jsonl"
+        if metrics.is_file() and any(json.loads(line)["step"] >= step for line in metrics.read_text().splitlines() if line.strip()):
+            return
+        time.sleep(0.05)
+    child.kill()
+    raise AssertionError(f"step {step} was not reported within {timeout_s} s")
+
+
+def assert_same_losses(reports: list[dict[str, Any]], uninterrupted: list[dict[str, Any]]) -> float:
+    """Every train/ and eval/ value of `reports` equals the uninterrupted run's at the same step within 1e-6."""
+    expected = {report["step"]: report for report in uninterrupted}
+    largest = 0.0
+    for report in reports:
+        for key, value in report.items():
+            if key.startswith(("train/loss", "train/reward", "train/grad_norm", "eval/")):
+                assert key in expected[report["step"]], (report["step"], key)
+                largest = max(largest, abs(value - expected[report["step"]][key]))
+    assert largest < 1e-6, largest
+    return largest
+
+
+@pytest.mark.integration
+def test_a_stop_signal_saves_the_step_in_progress_and_resuming_gives_the_uninterrupted_losses(world, tmp_path):
+    signal_number = signal.SIGTERM  # SIGINT takes the same handler (test_the_handlers_come_back...)
+    output_dir = tmp_path / "preempted"
+    child = start_child(world, output_dir, step_sleep=0.4)
+    wait_for_step(child, output_dir, 2)  # step 3 is not a log step (log_every 2): its metric window will be in flight
+    sent = time.monotonic()
+    child.send_signal(signal_number)
+    _, stderr = child.communicate(timeout=120)
+    exited_after = time.monotonic() - sent
+
+    name = signal.Signals(signal_number).name
+    assert child.returncode == EXIT_PREEMPTED, stderr[-3000:]
+    assert f"training stopped by {name} after step" in stderr and "train.resume_from=latest" in stderr
+    reports = read_metrics(output_dir)
+    stopped_at = reports[-1]["step"]
+    assert 3 <= stopped_at < MAX_STEPS and reports[-1]["checkpoint"].endswith(f"step-{stopped_at:06d}")
+    checkpoints = output_dir / "checkpoints"
+    assert latest_checkpoint(checkpoints) == checkpoints / f"step-{stopped_at:06d}"
+    assert load_training_state(checkpoints / f"step-{stopped_at:06d}")["step"] == stopped_at
+    print(f"{name}: stopped after step {stopped_at}, {exited_after:.2f} s after the signal (steps take 0.4 s + training)")
+
+    assert main(["train", world["config"], "--set", f"output_dir={output_dir}", "--set", "train.resume_from=latest"]) == 0
+    resumed = read_metrics(output_dir)[len(reports):]
+    assert [report["step"] for report in reports + resumed if "train/loss" in report] == \
+        [report["step"] for report in world["uninterrupted"] if "train/loss" in report]
+    largest = assert_same_losses(reports + resumed, world["uninterrupted"])
+    print(f"{name}: resumed run equals the uninterrupted one, largest difference {largest:.1e}")
+
+
+@pytest.mark.integration
+def test_a_second_sigint_stops_at_once_and_the_last_good_checkpoint_stays_usable(world, tmp_path):
+    output_dir = tmp_path / "interrupted-twice"
+    child = start_child(world, output_dir, step_sleep=0.2, save_sleep=30.0)
+    staging = output_dir / "checkpoints"
+    while not (staging / "step-000004").is_dir():  # the regular checkpoint of step 4, written in full
+        assert child.poll() is None, child.communicate()[1][-3000:]
+        time.sleep(0.05)
+    child.send_signal(signal.SIGINT)  # first: a checkpoint at the next step boundary...
+    while not any(path.name.startswith(".staging-") for path in staging.iterdir()):
+        assert child.poll() is None, child.communicate()[1][-3000:]
+        time.sleep(0.05)
+    [cut_short] = [path for path in staging.iterdir() if path.name.startswith(".staging-")]
+    time.sleep(0.5)  # ...which is now being written (its model files are there; 30 s of sleep inside the save)
+    sent = time.monotonic()
+    child.send_signal(signal.SIGINT)  # second: stop at once
+    _, stderr = child.communicate(timeout=60)
+    stopped_within = time.monotonic() - sent
+
+    assert child.returncode != 0 and child.returncode != EXIT_PREEMPTED, stderr[-3000:]
+    assert stopped_within < 10, stopped_within  # not the 30 s the save would still take
+    stop_step = cut_short.name.split("-")[2]
+    assert not (staging / f"step-{stop_step}").exists()  # the cut-short save never took a real name
+    assert latest_checkpoint(staging) == staging / "step-000004"
+    assert checkpoint_problem(staging / "step-000004") is None
+    print(f"second SIGINT: stopped {stopped_within:.2f} s after it; step-000004 intact")
+
+    assert main(["train", world["config"], "--set", f"output_dir={output_dir}", "--set", "train.resume_from=latest"]) == 0
+    resumed = [report for report in read_metrics(output_dir) if report["step"] > 4]
+    assert [report["step"] for report in resumed if "train/loss" in report or "eval/loss" in report] == \
+        [report["step"] for report in world["uninterrupted"] if report["step"] > 4]
+    assert_same_losses(resumed, world["uninterrupted"])
+    assert not cut_short.exists()  # removed by the resumed run's first save
+
+
+@pytest.mark.integration
+def test_a_step_longer_than_the_grace_period_stops_without_a_new_checkpoint(world, tmp_path):
+    output_dir = tmp_path / "grace"
+    child = start_child(world, output_dir, step_sleep=0.2, save_sleep=30.0, grace_s=1.0)
+    while not (output_dir / "checkpoints" / "step-000004").is_dir():
+        assert child.poll() is None, child.communicate()[1][-3000:]
+        time.sleep(0.05)
+    sent = time.monotonic()
+    child.send_signal(signal.SIGTERM)  # step 5's checkpoint would take 30 s; the grace period is 1 s
+    _, stderr = child.communicate(timeout=60)
+    stopped_within = time.monotonic() - sent
+
+    assert child.returncode != 0 and child.returncode != EXIT_PREEMPTED, stderr[-3000:]
+    assert "grace period" in stderr and "PreemptionTimeout" in stderr
+    assert stopped_within < 10, stopped_within
+    assert latest_checkpoint(output_dir / "checkpoints") == output_dir / "checkpoints" / "step-000004"
+    print(f"grace 1 s: stopped {stopped_within:.2f} s after SIGTERM; step-000004 intact")
+
+
+def test_sigint_then_sigterm_request_a_stop_then_stop_at_once_and_the_handlers_come_back():
+    import threading
+
+    before = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
+    with stop_on_signals(5.0) as installed:
+        assert installed and signal.getsignal(signal.SIGINT) is not before[signal.SIGINT]
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: no KeyboardInterrupt, only a request
+        time.sleep(0.01)  # the handler runs between bytecodes
+        assert stop_requested() == "SIGINT"
+        assert 0 < signal.getitimer(signal.ITIMER_REAL)[0] <= 5.0  # the grace period runs
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)  # any second stop signal: at once
+            time.sleep(0.1)
+    assert {number: signal.getsignal(number) for number in before} == before and stop_requested() is None
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(stop_on_signals(5.0).__enter__()))
+    thread.start()
+    thread.join()
+    assert seen == [False]
+
+
+def test_the_stop_message_says_how_to_go_on():
+    error = Preempted("SIGTERM", 7, 10, "/runs/x/checkpoints/step-000007")
+    assert error.exit_code == EXIT_PREEMPTED == 75
+    assert str(error) == ("training stopped by SIGTERM after step 7 of 10: checkpoint /runs/x/checkpoints/step-000007 "
+                          "saved; continue with --set train.resume_from=latest")

@@ -1,0 +1,115 @@
+"""Preemption: SIGTERM or SIGINT becomes a checkpoint at the next step boundary, within a grace period.
+
+A cluster that takes a node back (spot instances, Slurm or Kubernetes preemption) sends SIGTERM and kills
+the process some seconds later; Ctrl-C sends SIGINT. While `stop_on_signals(grace_s)` is active (it is
+installed by `dpo train` / `dpo sft` in the main thread, orchestrator/workflows/local_run.py):
+1) the first SIGTERM or SIGINT only records the request. The training loop (trainables/loop.py) reads
+   `stop_requested()` at the end of the step it is in, writes a checkpoint of that step (atomically:
+   trainables/checkpointing.py), reports it and raises `Preempted`;
+2) if that step and its checkpoint are not done within grace_s seconds of the signal, `PreemptionTimeout`
+   is raised wherever the loop is. A checkpoint cut short stays a staging folder, which is never picked,
+   so the previous checkpoint is the one to resume from;
+3) a second SIGTERM or SIGINT stops at once (KeyboardInterrupt), for the same reason without harm.
+Python runs signal handlers between bytecodes, so a signal that arrives inside one long C call (a big
+matrix product) is seen when that call returns. Handlers can only be installed in the main thread; in any
+other thread (a Ray trial's training thread) `stop_on_signals` changes nothing. No torch here.
+Tested by `python -m pytest tests/test_preemption.py -q`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+import time
+from collections.abc import Iterator
+
+from trainables.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL (sysexits.h): stopped on request with a checkpoint; run it again to go on
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Preempted(UserError):
+    """Training stopped on SIGTERM / SIGINT after saving a checkpoint of the step it was in.
+
+    A UserError only for its exit path: `dpo`'s main prints the message (which says how to go on) without a
+    traceback and exits with EXIT_PREEMPTED instead of 2.
+    """
+
+    exit_code = EXIT_PREEMPTED
+
+    def __init__(self, signal_name: str, step: int, max_steps: int, checkpoint: str | None):
+        self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
+        saved = f"checkpoint {checkpoint} saved" if checkpoint else "no checkpoint saved on this rank"
+        super().__init__(f"training stopped by {signal_name} after step {step} of {max_steps}: {saved}; continue "
+                         "with --set train.resume_from=latest")
+
+
+class PreemptionTimeout(BaseException):
+    """The grace period ran out before the step in progress and its checkpoint were done.
+
+    A BaseException, like KeyboardInterrupt, so that no `except Exception` on the way swallows it.
+    """
+
+
+class _StopRequest:
+    """What the signal handler records; read by the training loop at each step boundary."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self.received_at: float | None = None
+        self.grace_s: float | None = None
+
+    def clear(self) -> None:
+        self.signal_name = self.received_at = self.grace_s = None
+
+
+_REQUEST = _StopRequest()
+
+
+def stop_requested() -> str | None:
+    """The name of the signal that asked training to stop (e.g. "SIGTERM"), or None."""
+    return _REQUEST.signal_name
+
+
+def _on_alarm(signum, frame) -> None:
+    raise PreemptionTimeout(f"the step in progress and its checkpoint did not finish within the {_REQUEST.grace_s:g} s "
+                            f"grace period after {_REQUEST.signal_name}; stopped without a new checkpoint (the "
+                            "previous one is intact: continue with --set train.resume_from=latest)")
+
+
+def _on_stop_signal(signum, frame) -> None:
+    name = signal.Signals(signum).name
+    if _REQUEST.signal_name is not None:
+        logger.warning("%s again: stopping at once, without a checkpoint of the step in progress", name)
+        raise KeyboardInterrupt(f"second stop signal ({name})")
+    _REQUEST.signal_name, _REQUEST.received_at = name, time.monotonic()
+    signal.signal(signal.SIGALRM, _on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, _REQUEST.grace_s)
+    logger.warning("%s: saving a checkpoint at the end of the step in progress, then stopping (grace period %g s; "
+                   "send it again to stop at once)", name, _REQUEST.grace_s)
+
+
+@contextlib.contextmanager
+def stop_on_signals(grace_s: float) -> Iterator[bool]:
+    """Turn SIGTERM / SIGINT into a stop at the next step boundary while the block runs; yields whether the
+    handlers were installed (only in the main thread). The previous handlers come back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield False
+        return
+    _REQUEST.clear()
+    _REQUEST.grace_s = float(grace_s)
+    previous = {number: signal.getsignal(number) for number in (*STOP_SIGNALS, signal.SIGALRM)}
+    for number in STOP_SIGNALS:
+        signal.signal(number, _on_stop_signal)
+    try:
+        yield True
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        _REQUEST.clear()
