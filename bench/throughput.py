@@ -51,7 +51,7 @@ from trainables.data import PreferencePair, load_preference_pairs  # noqa: E402
 from trainables.dpo_objective import CachedReference, DPOObjective, LiveReference  # noqa: E402
 from trainables.entrypoints import PreferenceData, precompute_reference, tokenizer_for  # noqa: E402
 from trainables.loop import global_batch_indices, run_training_loop  # noqa: E402
-from trainables.losses import preference_loss_by_name  # noqa: E402
+from trainables.preference_loss import build_preference_loss  # noqa: E402
 from trainables.modeling import load_causal_lm, parameter_count, resolve_device  # noqa: E402
 from trainables.tokenization import TokenizedPair, pair_token_count, tokenize_pairs  # noqa: E402
 
@@ -162,9 +162,8 @@ def run_engine(inputs: Inputs, args: argparse.Namespace, repeat: int, variant: s
         model = inputs.load_model().to(inputs.device)
         objective = TimedDPOObjective(
             clock, train_pairs=inputs.tokenized, eval_pairs=[], reference=reference,
-            loss_fn=preference_loss_by_name(spec.preference.loss, spec.preference.label_smoothing), beta=args.beta,
-            kl_weight=0.0, exact_kl=False,
-            length_normalize=False, pad_token_id=inputs.tokenizer.pad_token_id, device=inputs.device,
+            loss=build_preference_loss(spec.preference.loss), beta=args.beta,
+            kl_weight=0.0, exact_kl=False, pad_token_id=inputs.tokenizer.pad_token_id, device=inputs.device,
             autocast_dtype=inputs.autocast_dtype, eval_batch_size=args.batch_size, padding_buckets=padding_buckets,
             share_prompt=share_prompt,
         )

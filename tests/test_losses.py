@@ -18,7 +18,7 @@ from trainables.losses import (
     exact_token_kl,
     hinge_loss,
     ipo_loss,
-    k3_token_kl,
+    k2_token_kl,
     masked_token_mean,
     preference_loss_by_name,
     sigmoid_dpo_loss,
@@ -142,7 +142,7 @@ def test_preference_loss_by_name_returns_the_variant_and_rejects_bad_settings():
         preference_loss_by_name("dpo")
     with pytest.raises(ValueError, match="cdpo.*label_smoothing"):
         preference_loss_by_name("cdpo")  # label_smoothing 0 would silently be plain DPO
-    with pytest.raises(ValueError, match="only applies to loss 'cdpo'"):
+    with pytest.raises(ValueError, match="only used by dpo.loss=cdpo"):
         preference_loss_by_name("ipo", label_smoothing=0.1)
 
 
@@ -152,29 +152,38 @@ def test_mismatched_shapes_are_reported():
         sigmoid_dpo_loss(policy_chosen, policy_rejected, reference_chosen, torch.zeros(3), BETA)
 
 
-def test_k3_hand_values_mask_and_sign():
-    """k3 = e^d - d - 1, d = ref - policy.
-    (0,0): d = -0.5 - (-1.0) = 0.5  -> 1.648721 - 0.5 - 1 = 0.148721
-    (0,1): d = -1.0 - (-0.5) = -0.5 -> 0.606531 + 0.5 - 1 = 0.106531
+def test_k2_hand_values_mask_and_sign():
+    """k2 = d^2 / 2, d = policy - ref.
+    (0,0): d = -1.0 - (-0.5) = -0.5 -> 0.125
+    (0,1): d = -0.5 - (-1.0) = 0.5  -> 0.125 (symmetric in the sign of d)
     (0,2): masked out (and garbage reference -1e4 must not leak) -> 0
-    (1,*): policy == reference -> 0
+    (1,0): d = -0.7 - (-30.7) = 30  -> 450 (finite where k3 = e^-30 + 30 - 1 would be 29 and e^30 the other way)
+    (1,1..2): policy == reference -> 0
     """
     policy = torch.tensor([[-1.0, -0.5, -2.0], [-0.7, -3.0, -0.1]], dtype=torch.float64)
-    reference = torch.tensor([[-0.5, -1.0, -1e4], [-0.7, -3.0, -0.1]], dtype=torch.float64)
+    reference = torch.tensor([[-0.5, -1.0, -1e4], [-30.7, -3.0, -0.1]], dtype=torch.float64)
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
-    kl = k3_token_kl(policy, reference, mask)
-    expected = torch.tensor([[0.148721, 0.106531, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
-    torch.testing.assert_close(kl, expected, atol=1e-6, rtol=0)
-    float_mask_kl = k3_token_kl(policy, reference, mask.double())
-    torch.testing.assert_close(float_mask_kl, kl)
+    kl = k2_token_kl(policy, reference, mask)
+    expected = torch.tensor([[0.125, 0.125, 0.0], [450.0, 0.0, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(kl, expected, atol=1e-12, rtol=0)
+    torch.testing.assert_close(k2_token_kl(policy, reference, mask.double()), kl)
 
 
-def test_k3_is_never_negative_and_its_gradient_is_finite():
+def test_k2_stays_finite_where_the_policy_pushes_a_token_far_below_the_reference():
+    """d = -200 nats: k3 = exp(200) - ... overflows float32 to inf; k2 = 20000 and its gradient d = -200."""
+    policy = torch.tensor([[-200.0]], requires_grad=True)
+    kl = k2_token_kl(policy, torch.zeros(1, 1), torch.ones(1, 1, dtype=torch.bool))
+    assert kl.item() == 20000.0
+    kl.sum().backward()
+    assert policy.grad.item() == -200.0
+
+
+def test_k2_is_never_negative_and_its_gradient_is_finite():
     generator = torch.Generator().manual_seed(0)
     policy = (torch.randn(8, 16, generator=generator) * 3).requires_grad_(True)
     reference = policy.detach() + torch.randn(8, 16, generator=generator) * 1e-4
     mask = torch.rand(8, 16, generator=generator) > 0.3
-    kl = k3_token_kl(policy, reference, mask)
+    kl = k2_token_kl(policy, reference, mask)
     assert (kl >= 0).all()
     assert (kl[~mask] == 0).all()
     kl.sum().backward()
@@ -527,7 +536,7 @@ def test_spec_requirements():
     (spec("cdpo"), r"loss 'cdpo' needs label_smoothing in \(0.0, 0.5\)"),
     (spec("exo_pair"), r"exo_pair.*1e-3"),
     (spec("robust", label_smoothing=0.5), r"loss 'robust' needs label_smoothing in \[0.0, 0.5\)"),
-    (spec("nca_pair", label_smoothing=0.1), r"only applies to loss 'cdpo'"),
+    (spec("nca_pair", label_smoothing=0.1), r"only used by dpo.loss=cdpo, robust"),
     (spec("sigmoid", f_divergence="kl"), r"dpo.f_divergence: unknown"),
     (spec("nca_pair", f_divergence="js_divergence"), r"not to \['nca_pair'\]"),
     (spec("simpo", f_divergence="forward_kl"), r"not to \['simpo'\]"),

@@ -1,13 +1,23 @@
-"""The DPO objective: preference loss + kl_weight * KL(pi || pi_ref) on answer tokens, and its metrics.
+"""The DPO objective: preference loss + kl_weight * a KL penalty on answer tokens, and its metrics.
 
-L_total = L_pref(beta) + kl_weight * mean over answer tokens of k3(d), d = logp_ref - logp_policy
-(or the exact full-vocabulary KL when the reference model is live and dpo.kl_estimator is `exact`).
-The preference loss function is picked once, by name, before training (trainables/losses.py). The
-reference values come from one of three sources: the precomputed cache, a live reference model, or
-none (reference-free: reference log-probs are 0). Policy (and live-reference) log-probs come from the
+L_total = L_pref(beta) + kl_weight * (mean over answer tokens of the penalty estimator), where the
+estimator is k2 = (log pi(y_t) - log pi_ref(y_t))^2 / 2 on the dataset's answer tokens (finite for any
+log-ratio: a second-order approximation of KL around the reference, not an estimate of KL far from it),
+or the exact full-vocabulary KL when the reference model is live and dpo.kl_estimator is `exact`.
+The preference loss (any of the family, trainables/preference_loss.py) is built once, before training,
+from the run's LossSpec; losses with state (bco_pair) keep it across steps, ranks and resume
+(`state_dict`, saved in every checkpoint). The reference values come from one of three sources: the
+precomputed cache, a live reference model, or none (reference-free: reference log-probs are 0).
+
+`eval/kl` is the exact per-token KL(pi || pi_ref) over the full vocabulary at the held-out answer
+positions, whatever the penalty: the reference's distributions come from a reference model run live at
+evaluation (`ReferenceDistributions`: the live reference itself, the LoRA policy with its adapters off, or,
+with precomputed log-probs, the reference model loaded at the first evaluation and kept), beside the
+sequence-level log-ratio statistics `eval/log_ratio_chosen`, `eval/log_ratio_rejected` and the penalty's
+own value `eval/kl_penalty`. Policy (and live-reference) log-probs come from the
 shared-prompt forward (trainables/shared_prompt.py: each prompt computed once for chosen and rejected)
-when `share_prompt` allows it and its probe agrees, else from logprobs.forward_logps; exact KL always uses
-the latter (it needs full-vocabulary logits). Used by trainables/loop.py; tested by
+when `share_prompt` allows it and its probe agrees, else from logprobs.forward_logps; the exact KL and WPO
+always use the latter (they need full-vocabulary logits). Used by trainables/loop.py; tested by
 `python -m pytest tests/test_engine.py -q`.
 """
 
@@ -16,14 +26,16 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from trainables.bucketing import PaddingBuckets
 from trainables.logprobs import padding_buckets_for_world, split_chosen_rejected
 from trainables.loop import all_reduce_sums, rank_and_world
-from trainables.losses import PreferenceLossFn, exact_token_kl, k3_token_kl
+from trainables import loss_family as family
+from trainables.losses import exact_token_kl, k2_token_kl
+from trainables.preference_loss import PairLogps, PreferenceLoss
 from trainables.reference_cache import ReferenceLogps
 from trainables.shared_prompt import PairForward, SharePrompt
 from trainables.sharding import lockstep_padding
@@ -93,6 +105,25 @@ class NoReference:
         return ReferenceValues(zeros, zeros, None, None)
 
 
+class ReferenceDistributions:
+    """The reference's full next-token distributions for the exact `eval/kl`, from a reference model run at
+    evaluation: `load()` gives a LiveReference that keeps logits, called once, at the first evaluation.
+
+    Cost: one reference forward per held-out batch per evaluation, the (2B, seq, vocab) logits of policy and
+    reference for one batch at a time, and, with precomputed reference log-probs, the reference's weights in
+    memory from the first evaluation on (none extra when the reference is live or is the LoRA policy).
+    """
+
+    def __init__(self, load: Callable[[], LiveReference]):
+        self._load, self._live = load, None
+
+    def logits(self, pairs: Sequence[TokenizedPair], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(2B, seq, vocab) reference logits aligned with the tokens they predict."""
+        if self._live is None:
+            self._live = self._load()
+        return self._live.values("eval", range(len(pairs)), pairs, batch).logits
+
+
 class DPOObjective:
     """Computes one micro-batch's DPO loss and the sums behind the train/ and eval/ metrics."""
 
@@ -102,70 +133,116 @@ class DPOObjective:
         train_pairs: Sequence[TokenizedPair],
         eval_pairs: Sequence[TokenizedPair],
         reference: CachedReference | LiveReference | NoReference,
-        loss_fn: PreferenceLossFn,
+        loss: PreferenceLoss,
         beta: float,
         kl_weight: float,
         exact_kl: bool,
-        length_normalize: bool,
         pad_token_id: int,
         device: torch.device,
         autocast_dtype: torch.dtype | None,
         eval_batch_size: int,
         padding_buckets: PaddingBuckets,
         share_prompt: SharePrompt = "auto",
+        reference_distributions: ReferenceDistributions | None = None,
     ):
         self.train_pairs, self.eval_pairs = train_pairs, eval_pairs
-        self.reference, self.loss_fn = reference, loss_fn
-        self.beta, self.kl_weight = beta, kl_weight
-        self.exact_kl, self.length_normalize = exact_kl, length_normalize
+        self.reference, self.loss = reference, loss
+        self.beta, self.kl_weight, self.exact_kl = beta, kl_weight, exact_kl
         self.pad_token_id, self.device = pad_token_id, device
         self.autocast_dtype, self.eval_batch_size = autocast_dtype, eval_batch_size
+        self.reference_distributions = reference_distributions
+        self.has_reference = not isinstance(reference, NoReference)
         self.dataset_size = len(train_pairs)
         self.answer_tokens = [len(p.chosen_ids) + len(p.rejected_ids) for p in train_pairs]
         # forwards per micro-batch (padding_buckets: 1, K or "auto"); share_prompt: "auto" | True | False
-        self.forward = PairForward(share_prompt, pad_token_id, padding_buckets_for_world(padding_buckets), exact_kl,
-                                   "policy")
-        if exact_kl and share_prompt is True:
-            logger.warning("share_prompt=true ignored: the exact KL needs the standard forward's full-vocabulary logits")
+        buckets = padding_buckets_for_world(padding_buckets)
+        needs_logits = exact_kl or loss.spec.use_weighting  # full-vocabulary logits: exact KL, WPO's sum_v pi(v)^2
+        self.forward = PairForward(share_prompt, pad_token_id, buckets, needs_logits, "policy")
+        self.eval_forward = (PairForward(False, pad_token_id, buckets, True, "policy (evaluation)")
+                             if reference_distributions is not None else self.forward)
+        if needs_logits and share_prompt is True:
+            logger.warning("share_prompt=true ignored: the exact KL and WPO need the standard forward's full-vocabulary "
+                           "logits")
 
     def token_count(self, indices: Sequence[int]) -> int:
         return sum(self.answer_tokens[i] for i in indices)
 
+    def state_dict(self) -> dict:
+        """The running state to checkpoint: the preference loss's (bco_pair's reward mean; {} otherwise)."""
+        return {"preference_loss": self.loss.state_dict()}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        """Restore a checkpoint's state; None (a checkpoint written before losses kept state) is refused
+        only when this loss has state to restore."""
+        if state is None:
+            if self.loss.state_dict():
+                raise ValueError(f"the checkpoint holds no running state for loss {'+'.join(self.loss.spec.names)}; "
+                                 f"resume from a checkpoint of a run with this loss")
+            return
+        self.loss.load_state_dict(state["preference_loss"])
+
+    def _pair_logps(self, policy, reference: ReferenceValues, answer_mask: torch.Tensor) -> PairLogps:
+        """What the preference loss reads, from the forwards: summed (or LD-DPO) log-probs, lengths, WPO weights."""
+        spec = self.loss.spec
+        policy_sums = policy.sequence_logps  # (2B,)
+        if spec.ld_alpha is None:
+            policy_logps = policy_sums
+            reference_logps = torch.cat([reference.chosen_logps, reference.rejected_logps]).to(policy_sums.dtype)
+        else:
+            policy_logps = family.ld_dpo_logps(policy.token_logps, answer_mask, spec.ld_alpha)  # (2B,)
+            reference_logps = (torch.zeros_like(policy_sums) if reference.token_logps is None else
+                               family.ld_dpo_logps(reference.token_logps.to(policy_sums.dtype), answer_mask, spec.ld_alpha))
+        lengths = family.answer_lengths(answer_mask).to(policy_sums.dtype)  # (2B,)
+        weights = None
+        if spec.use_weighting:  # WPO: log sum_v pi(v)^2 at each answer position, from the policy's logits
+            weights = family.wpo_weights(policy.token_logps, family.log_sum_squared_probs(policy.logits), answer_mask)
+        policy_chosen, policy_rejected = split_chosen_rejected(policy_logps)
+        reference_chosen, reference_rejected = split_chosen_rejected(reference_logps)
+        chosen_lengths, rejected_lengths = split_chosen_rejected(lengths)
+        chosen_weights, rejected_weights = (None, None) if weights is None else split_chosen_rejected(weights)
+        return PairLogps(policy_chosen, policy_rejected, reference_chosen, reference_rejected, chosen_lengths,
+                         rejected_lengths, split_chosen_rejected(policy_sums)[0] if spec.ld_alpha is not None else None,
+                         chosen_weights, rejected_weights)
+
     def _sums(self, model, pairs, indices, split) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-        """(summed preference loss, summed token KL, metric sums) for one batch of pairs."""
+        """(summed preference loss, summed token KL penalty, metric sums) for one batch of pairs."""
         batch_pairs = [pairs[i] for i in indices]
         batch = {k: v.to(self.device) for k, v in collate_pairs(batch_pairs, self.pad_token_id).items()}
         answer_mask = batch["answer_mask"]  # (2B, seq)
+        forward = self.eval_forward if split == "eval" else self.forward
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
-            policy = self.forward(model, batch_pairs, batch)
+            policy = forward(model, batch_pairs, batch)
         reference = self.reference.values(split, indices, batch_pairs, batch)
-        policy_chosen, policy_rejected = split_chosen_rejected(policy.sequence_logps)  # (B,), (B,)
-        reference_chosen, reference_rejected = reference.chosen_logps, reference.rejected_logps
-        if self.length_normalize:
-            lengths_chosen, lengths_rejected = split_chosen_rejected(answer_mask.sum(-1).clamp(min=1))
-            policy_chosen, policy_rejected = policy_chosen / lengths_chosen, policy_rejected / lengths_rejected
-            reference_chosen, reference_rejected = reference_chosen / lengths_chosen, reference_rejected / lengths_rejected
-        out = self.loss_fn(policy_chosen, policy_rejected, reference_chosen, reference_rejected, self.beta)
+        logps = self._pair_logps(policy, reference, answer_mask)
+        out = self.loss(logps, self.beta, update_state=split == "train")
         if self.exact_kl and reference.logits is not None:
             token_kl = exact_token_kl(policy.logits, reference.logits, answer_mask)  # (2B, seq)
         elif reference.token_logps is not None:
-            token_kl = k3_token_kl(policy.token_logps, reference.token_logps, answer_mask)  # (2B, seq)
+            token_kl = k2_token_kl(policy.token_logps, reference.token_logps, answer_mask)  # (2B, seq)
         else:
             token_kl = torch.zeros_like(policy.token_logps)
         margins = out.chosen_rewards - out.rejected_rewards  # (B,)
+        policy_chosen, policy_rejected = split_chosen_rejected(policy.sequence_logps.detach())  # (B,) summed log-probs
         sums = {
             "preference_loss": out.losses.detach().sum().item(),
             "correct": (margins > 0).sum().item(),
             "margin": margins.sum().item(),
             "reward_chosen": out.chosen_rewards.sum().item(),
             "reward_rejected": out.rejected_rewards.sum().item(),
-            "logp_chosen": policy_chosen.detach().sum().item(),
-            "logp_rejected": policy_rejected.detach().sum().item(),
+            "logp_chosen": policy_chosen.sum().item(),
+            "logp_rejected": policy_rejected.sum().item(),
             "kl": token_kl.detach().sum().item(),
             "answer_tokens": answer_mask.sum().item(),
             "pairs": float(len(indices)),
             "tokens": batch["attention_mask"].sum().item(),
         }
+        if split == "eval" and self.has_reference:
+            sums["log_ratio_chosen"] = (policy_chosen - reference.chosen_logps).sum().item()
+            sums["log_ratio_rejected"] = (policy_rejected - reference.rejected_logps).sum().item()
+            if self.reference_distributions is not None:
+                reference_logits = (reference.logits if reference.logits is not None
+                                    else self.reference_distributions.logits(batch_pairs, batch))
+                sums["exact_kl"] = exact_token_kl(policy.logits, reference_logits, answer_mask).sum().item()
         return out.losses.sum(), token_kl.sum(), sums
 
     def micro_batch(self, model, indices, global_batch_size, global_token_count):
@@ -175,10 +252,11 @@ class DPOObjective:
 
     def summarize(self, sums: dict[str, float], prefix: str) -> dict[str, float]:
         pairs = max(sums["pairs"], 1.0)
-        kl = sums["kl"] / max(sums["answer_tokens"], 1.0)
+        tokens = max(sums["answer_tokens"], 1.0)
+        penalty = sums["kl"] / tokens
         preference_loss = sums["preference_loss"] / pairs
-        return {
-            f"{prefix}/loss": preference_loss + self.kl_weight * kl,
+        metrics = {
+            f"{prefix}/loss": preference_loss + self.kl_weight * penalty,
             f"{prefix}/preference_loss": preference_loss,
             f"{prefix}/preference_accuracy": sums["correct"] / pairs,
             f"{prefix}/reward_margin": sums["margin"] / pairs,
@@ -186,8 +264,17 @@ class DPOObjective:
             f"{prefix}/reward_rejected": sums["reward_rejected"] / pairs,
             f"{prefix}/logp_chosen": sums["logp_chosen"] / pairs,
             f"{prefix}/logp_rejected": sums["logp_rejected"] / pairs,
-            f"{prefix}/kl": kl,
         }
+        if not self.has_reference:
+            return metrics  # reference-free: no KL to any reference, no log-ratios
+        metrics[f"{prefix}/kl"] = penalty  # train/: the penalty's estimator (k2 or exact), per answer token
+        if "log_ratio_chosen" in sums:
+            metrics[f"{prefix}/log_ratio_chosen"] = sums["log_ratio_chosen"] / pairs
+            metrics[f"{prefix}/log_ratio_rejected"] = sums["log_ratio_rejected"] / pairs
+        if "exact_kl" in sums:
+            metrics[f"{prefix}/kl_penalty"] = penalty
+            metrics[f"{prefix}/kl"] = sums["exact_kl"] / tokens  # exact KL(pi || pi_ref), nats per answer token
+        return metrics
 
     @torch.no_grad()
     def evaluate(self, model) -> dict[str, float]:
@@ -203,7 +290,10 @@ class DPOObjective:
                 totals[key] = totals.get(key, 0.0) + value
         for _ in range(lockstep_padding(model, len(self.eval_pairs), len(mine), self.eval_batch_size)):
             self._sums(model, self.eval_pairs, [0], "eval")  # FSDP: keep in step with the other ranks' forwards
-        if not totals:
-            totals = {k: 0.0 for k in ("preference_loss", "correct", "margin", "reward_chosen", "reward_rejected",
-                                       "logp_chosen", "logp_rejected", "kl", "answer_tokens", "pairs", "tokens")}
+        if not totals:  # this rank had no eval pairs: zeros under every key the others sum
+            keys = ["preference_loss", "correct", "margin", "reward_chosen", "reward_rejected", "logp_chosen",
+                    "logp_rejected", "kl", "answer_tokens", "pairs", "tokens"]
+            if self.has_reference:
+                keys += ["log_ratio_chosen", "log_ratio_rejected"] + (["exact_kl"] if self.reference_distributions else [])
+            totals = {k: 0.0 for k in keys}
         return self.summarize(all_reduce_sums(totals, self.device), "eval")

@@ -134,9 +134,9 @@ def _check_label_smoothing(names: tuple[str, ...], label_smoothing: float) -> No
     readers = [name for name in names if name in LABEL_SMOOTHING_RANGES]
     if not readers:
         if label_smoothing != 0.0:
-            raise ValueError(f"dpo.label_smoothing: {label_smoothing} only applies to loss 'cdpo', 'robust', "
-                             f"'exo_pair', 'aot', 'aot_unpaired' or 'simpo', not {'+'.join(names)!r}: set it to 0 or "
-                             f"use one of those losses")
+            raise ValueError(f"dpo.label_smoothing: only used by dpo.loss=cdpo, robust, exo_pair, aot, aot_unpaired "
+                             f"or simpo; {label_smoothing} does not apply to {'+'.join(names)!r}: set it to 0 or use "
+                             f"one of those losses")
         return
     for name in readers:
         low, high, low_closed = LABEL_SMOOTHING_RANGES[name]

@@ -14,8 +14,8 @@ weighted sums and bco_pair's running state, is built from a `LossSpec` (trainabl
 `trainables.preference_loss.build_preference_loss`; its formulas are in trainables/loss_family.py.
 
 The KL term of the notes, L_total = L_DPO + kl_weight * KL(pi_theta || pi_ref), is built from
-`k3_token_kl` (works with cached reference log-probs) or `exact_token_kl` (needs live reference
-logits), reduced with `masked_token_mean`.
+`k2_token_kl` (a finite squared log-ratio penalty; works with cached reference log-probs) or
+`exact_token_kl` (needs full reference logits), reduced with `masked_token_mean`.
 
 Tested by `python -m pytest tests/test_losses.py -q`.
 """
@@ -31,7 +31,6 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from trainables.loss_options import LOSS_NAMES, LossSpec, check_loss_spec
-from trainables.settings import PREFERENCE_LOSS_NAMES
 
 
 @dataclass(frozen=True)
@@ -197,7 +196,6 @@ PREFERENCE_LOSSES: dict[str, PreferenceLossFn] = {
     "hinge": hinge_loss,
 }
 assert set(PREFERENCE_LOSSES) <= set(LOSS_NAMES), "every classic loss is a name of the loss family"
-assert set(PREFERENCE_LOSS_NAMES) <= set(LOSS_NAMES), "trainables.settings names only losses the family builds"
 
 
 def preference_loss_by_name(name: str, label_smoothing: float = 0.0) -> PreferenceLossFn:
@@ -220,33 +218,34 @@ def preference_loss_by_name(name: str, label_smoothing: float = 0.0) -> Preferen
     return PREFERENCE_LOSSES[name]
 
 
-def k3_token_kl(
+def k2_token_kl(
     policy_token_logps: torch.Tensor,
     reference_token_logps: torch.Tensor,
     answer_mask: torch.Tensor,
 ) -> torch.Tensor:
-    """Per-token k3 estimate of KL(pi_theta || pi_ref), Schulman 2020, "Approximating KL divergence":
-
-        k3 = exp(d) - d - 1,   d = log pi_ref(token) - log pi_theta(token)
+    """The KL penalty's per-token estimator on dataset answer tokens: k2 = d^2 / 2, d = log pi_theta - log pi_ref.
 
     Inputs are (sequences, seq_len) log-probs of the tokens actually in the batch (so cached reference
     log-probs suffice) and a float/bool answer mask; returns (sequences, seq_len), zero outside the mask.
-    k3 >= 0 for every token (exp(d) >= 1 + d); tiny negatives from rounding are clamped to 0. Note that
-    k3 is unbiased for KL only on tokens sampled from pi_theta; on dataset answers it is a non-negative
-    penalty that is 0 exactly where the policy's token log-probs equal the reference's.
+    What it is: a squared log-ratio penalty, 0 exactly where the policy's token log-probs equal the
+    reference's, with gradient d (linear, so finite for any log-ratio). On samples from the policy its mean
+    is KL(pi || pi_ref) to second order around the reference (Schulman 2020, "Approximating KL divergence");
+    on dataset tokens far from the reference it is not a KL estimate, only a finite pull back towards it.
+    It replaces k3 = exp(-d) + d - 1, which on dataset tokens grows like exp(|d|) wherever the policy pushes a
+    token far below the reference (values of 1e8 and more on the quickstart). The KL users read is the exact
+    `eval/kl` (trainables/dpo_objective.py).
     """
     if policy_token_logps.shape != reference_token_logps.shape or policy_token_logps.shape != answer_mask.shape:
         raise ValueError(
-            f"k3_token_kl needs policy_token_logps, reference_token_logps and "
+            f"k2_token_kl needs policy_token_logps, reference_token_logps and "
             f"answer_mask of the same (sequences, seq_len) shape, got {tuple(policy_token_logps.shape)}, "
             f"{tuple(reference_token_logps.shape)}, {tuple(answer_mask.shape)}."
         )
     in_answer = answer_mask != 0  # (sequences, seq_len) bool
     reference = reference_token_logps.to(policy_token_logps.dtype)  # (sequences, seq_len)
-    # Zero d before exp so prompt/padding positions (possibly garbage in a cache) cannot overflow or NaN.
-    log_ratio = torch.where(in_answer, reference - policy_token_logps, torch.zeros_like(policy_token_logps))
-    k3 = torch.expm1(log_ratio) - log_ratio  # (sequences, seq_len); expm1 keeps precision near d = 0
-    return k3.clamp_min(0.0)
+    # Zero d outside the answers so prompt/padding positions (possibly garbage in a cache) never count.
+    log_ratio = torch.where(in_answer, policy_token_logps - reference, torch.zeros_like(policy_token_logps))
+    return 0.5 * log_ratio.square()  # (sequences, seq_len)
 
 
 def _token_kl_chunk(policy_logits: torch.Tensor, reference_logits: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,9 @@ from orchestrator.config.value_rules import (MAX_BATCH, MAX_CPUS, MAX_GPUS, MAX_
                                              MAX_ROUNDS, MAX_ROWS, MAX_SEED, MAX_STEPS, MAX_TOKENS, MAX_TRIALS,
                                              MAX_WORKERS, at_most, check_scalar_kind)
 from orchestrator.tracking.schema import NAME_PATTERN
-from trainables.settings import PREFERENCE_LOSS_NAMES, check_loss_choice, check_padding_buckets, check_share_prompt
+from trainables.precision import check_weight_dtype
+from trainables.loss_options import F_DIVERGENCES, LOSS_NAMES, LossSpec, check_loss_spec
+from trainables.settings import check_padding_buckets, check_share_prompt
 
 
 class Section(BaseModel):
@@ -70,10 +72,32 @@ class DataSection(Section):
 
 class DPOSection(Section):
     beta: float = Field(0.1, gt=0, description="Inverse temperature of the implicit reward (docs/method.md, 'What beta does')")
-    kl_weight: float = Field(0.0, ge=0, description="lambda: weight of the explicit KL(pi || pi_ref) term on answer tokens")
-    loss: Literal[PREFERENCE_LOSS_NAMES] = Field("sigmoid", description="Preference loss variant")
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="cdpo: assumed fraction of flipped labels")
-    kl_estimator: Literal["k3", "exact"] = Field("k3", description="k3 works with cached reference log-probs; exact needs reference.mode=live")
+    kl_weight: float = Field(0.0, ge=0, description="lambda: weight of the explicit KL(pi || pi_ref) penalty on answer tokens")
+    loss: str | list[str] = Field("sigmoid", description=f"Preference loss, or a list of losses summed with dpo.loss_weights (sigmoid + sft is RPO); one of: {', '.join(LOSS_NAMES)} (docs/method.md)")
+    loss_weights: list[float] | None = Field(None, description="With a list of losses: one weight > 0 per loss (default all 1)")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="eps: assumed fraction of flipped labels (cdpo, robust, exo_pair, aot, aot_unpaired, simpo)")
+    f_divergence: Literal[F_DIVERGENCES] = Field("reverse_kl", description="f-DPO divergence of the losses built on the chosen-minus-rejected score (reverse_kl is plain DPO)")
+    f_alpha: float = Field(0.5, description="alpha of f_divergence alpha_divergence (TRL's f_alpha_divergence_coef)")
+    use_weighting: bool = Field(False, description="WPO: weight each pair by the policy's length-normalised probability of both answers")
+    ld_alpha: float | None = Field(None, ge=0, le=1, description="LD-DPO: weight of the tokens past the shorter answer's length (1 = plain sums); null: off")
+    simpo_gamma: float = Field(0.5, ge=0, description="simpo: target reward margin gamma")
+    discopop_tau: float = Field(0.05, gt=0, description="discopop: temperature tau of its log-ratio modulation")
+    kl_estimator: Literal["k2", "exact"] = Field("k2", description="The kl_weight penalty: k2 = (log-ratio)^2 / 2 on the answer tokens (works with cached log-probs); exact = full-vocabulary KL (needs reference.mode=live)")
+
+    @field_validator("loss", mode="before")
+    @classmethod
+    def _loss_names(cls, value: Any) -> Any:
+        if isinstance(value, str) and "," in value:  # --set dpo.loss=sigmoid,sft
+            return [name.strip() for name in value.split(",")]
+        return value
+
+    def loss_spec(self) -> LossSpec:
+        """The loss as the engine builds it (trainables/loss_options.py); checked by check_loss_spec."""
+        names = (self.loss,) if isinstance(self.loss, str) else tuple(self.loss)
+        weights = tuple(self.loss_weights) if self.loss_weights is not None else (1.0,) * len(names)
+        return LossSpec(names=names, weights=weights, label_smoothing=self.label_smoothing,
+                        f_divergence=self.f_divergence, f_alpha=self.f_alpha, use_weighting=self.use_weighting,
+                        ld_alpha=self.ld_alpha, simpo_gamma=self.simpo_gamma, discopop_tau=self.discopop_tau)
 
 
 class TrainSection(Section):
@@ -207,7 +231,16 @@ class ExperimentConfig(Section):
     def _consistent(self) -> "ExperimentConfig":
         if self.dpo.kl_estimator == "exact" and self.reference.mode != "live":
             raise ValueError("dpo.kl_estimator: exact needs reference.mode: live (cached log-probs hold no full distributions)")
-        check_loss_choice(self.dpo.loss, self.dpo.label_smoothing)
+        loss = self.dpo.loss_spec()
+        check_loss_spec(loss)  # messages name the dpo.* keys
+        if not loss.needs_reference:
+            # Reference-free losses (simpo, sft) read no reference log-probs: no reference model, no cache.
+            reason = f"dpo.loss {'+'.join(loss.names)} is reference-free: there is no reference"
+            if self.dpo.kl_weight > 0:
+                raise ValueError(f"dpo.kl_weight: must be 0 ({reason} to stay close to)")
+            if self.dpo.kl_estimator == "exact":
+                raise ValueError(f"dpo.kl_estimator: exact needs a reference ({reason}); use k2")
+            self.reference.mode = "none"
         if self.reference.mode == "none" and self.dpo.kl_weight > 0:
             raise ValueError("dpo.kl_weight: must be 0 with reference.mode: none (there is no reference to stay close to)")
         if self.output_dir is None:
