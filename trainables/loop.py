@@ -4,7 +4,8 @@ What differs between DPO and SFT lives in an `Objective` (dpo_objective.py, sft_
 loop owns AdamW with a warmup + decay schedule, gradient accumulation, gradient clipping, the
 deterministic data order (a seeded permutation per epoch, so the data position is just the step),
 metric windows, evaluation every `eval_every` steps and at the end, atomic checkpoints, resume, and
-the stop on a non-finite loss. It never imports Ray: progress leaves through `report(metrics,
+the stop on a non-finite loss, and the stop with a checkpoint that SIGTERM / SIGINT ask for under
+`dpo train` (trainables/preemption.py). It never imports Ray: progress leaves through `report(metrics,
 checkpoint_dir)`. Under torch.distributed (DDP, or FSDP via trainables/sharding.py) each rank takes a
 strided share of every global batch and metric sums are all-reduced, so W workers give the losses of 1
 worker with the same global batch.
@@ -25,11 +26,13 @@ from tqdm.auto import tqdm
 
 from trainables.settings import LoopSettings
 from trainables.checkpointing import restore_rng_state, save_checkpoint
+from trainables.preemption import Preempted, stop_requested
 from trainables.sharding import clip_gradients, gather_full_state, load_optimizer_state
 
 logger = logging.getLogger(__name__)
 
 Report = Callable[[dict[str, Any], "str | None"], None]
+METRIC_WINDOW_KEY = "metric_window"  # checkpoint extra: the train/ metric sums since the last logged step
 OBJECTIVE_STATE_KEY = "objective"  # checkpoint extra: the objective's running state (DPOObjective.state_dict)
 
 
@@ -139,8 +142,10 @@ def run_training_loop(
             objective.load_state_dict(resume_state.get("extra", {}).get(OBJECTIVE_STATE_KEY))
         logger.info("resumed at step %d (%d pairs consumed)", start_step, resume_state["pairs_consumed"])
     checkpoints_dir = Path(settings.output_dir) / "checkpoints"
-    window: dict[str, float] = {}
-    window_seconds = 0.0
+    # The metric window in progress is part of a checkpoint, so a resumed run reports the same window means.
+    saved_window = (resume_state or {}).get("extra", {}).get(METRIC_WINDOW_KEY) or {}
+    window: dict[str, float] = dict(saved_window.get("sums", {}))
+    window_seconds = float(saved_window.get("seconds", 0.0))
     step_seconds_total = 0.0  # time inside optimizer steps, for overhead accounting (bench/sweep.py)
     eval_seconds_total = 0.0
     last_metrics: dict[str, float] = {}
@@ -197,8 +202,13 @@ def run_training_loop(
             model.train()
             eval_seconds_total += time.perf_counter() - eval_started
         checkpoint_dir = None
-        checkpoint_step = done % settings.checkpoint_every == 0 or done == settings.max_steps
+        # SIGTERM / SIGINT under `dpo train` (trainables/preemption.py); always None in a Ray trial's thread
+        stop_signal = stop_requested()
+        checkpoint_step = done % settings.checkpoint_every == 0 or done == settings.max_steps or stop_signal is not None
         if checkpoint_step:
+            # per-rank window sums, all-reduced and split evenly: each rank restores 1/world of the total
+            window_state = {"sums": {key: value / world for key, value in all_reduce_sums(window, device).items()},
+                            "seconds": window_seconds}
             # FSDP: every rank takes part in gathering full tensors to rank 0; (None, None) otherwise.
             model_state, optimizer_state = gather_full_state(model, optimizer)
             if rank == 0:
@@ -207,7 +217,7 @@ def run_training_loop(
                         checkpoints_dir, done, model=model, tokenizer=tokenizer, optimizer=optimizer,
                         model_state=model_state, optimizer_state=optimizer_state,
                         scheduler=scheduler, pairs_consumed=done * settings.batch_size,
-                        extra={**(checkpoint_extra or {}),
+                        extra={**(checkpoint_extra or {}), METRIC_WINDOW_KEY: window_state,
                                **({OBJECTIVE_STATE_KEY: objective.state_dict()} if hasattr(objective, "state_dict") else {})},
                         keep_last=settings.keep_checkpoints,
                     )
@@ -220,5 +230,8 @@ def run_training_loop(
             metrics["perf/eval_seconds_total"] = eval_seconds_total
             report(metrics, checkpoint_dir)
             last_metrics.update(metrics)
+        if stop_signal is not None and done < settings.max_steps:
+            progress.close()
+            raise Preempted(stop_signal, done, settings.max_steps, checkpoint_dir)
     progress.close()
     return last_metrics
