@@ -20,12 +20,15 @@ import torch.distributed as dist
 from trainables.errors import UserError
 from trainables.checkpointing import CheckpointError, latest_checkpoint, load_training_state
 from trainables.lineage import LINEAGE_KEY, resume_lineage, run_lineage
-from trainables.dpo_objective import CachedReference, DPOObjective, LiveReference, NoReference, ReferenceDistributions
+from trainables.dpo_objective import CachedReference, DPOObjective, LiveReference, NoReference
 from trainables.loop import Report, rank_and_world, run_training_loop
-from trainables.preference_loss import build_preference_loss
+from trainables.losses import preference_loss_by_name
 from trainables.model_checks import check_model_can_train, load_prepared_tokenizer
-from trainables.modeling import attach_lora, load_causal_lm, model_fingerprint, resolve_autocast_dtype, resolve_device
-from trainables.reference_cache import ReferenceLogps, load_or_compute_reference_logps, reference_fingerprint
+from trainables.modeling import (attach_lora, check_trainable_dtype, enable_gradient_checkpointing, load_causal_lm,
+                                 model_class_name, model_fingerprint, resolve_autocast_dtype, resolve_device,
+                                 usable_attn_implementation)
+from trainables.reference_cache import (ReferenceKeyInputs, ReferenceLogps, load_or_compute_reference_logps,
+                                       reference_fingerprint)
 from trainables.settings import DataArgs, LoopSettings, ModelArgs, PreferenceArgs, RuntimeArgs
 from trainables.sft_objective import SFTObjective
 from trainables.tokenization import TokenizedPair, load_tokenized_examples, load_tokenized_pairs
@@ -60,7 +63,10 @@ def _train_and_held_out(loader: Callable[..., list], data_args: DataArgs, tokeni
     return _split_holdout(train, data_args.eval_holdout)
 
 
-def _device_and_autocast(runtime_args: RuntimeArgs, seed: int) -> tuple[torch.device, torch.dtype | None]:
+def _device_and_autocast(model_args: ModelArgs, runtime_args: RuntimeArgs, seed: int) -> tuple[torch.device, torch.dtype | None]:
+    """Refuses weights that would not train (16-bit without LoRA, fp16) before any work; seeds; the device and
+    the autocast dtype (trained weights stay fp32 master weights, computed in bf16 under autocast)."""
+    check_trainable_dtype(model_args.dtype, lora=model_args.lora_rank is not None)
     torch.manual_seed(seed)
     device = resolve_device(runtime_args.device)
     return device, resolve_autocast_dtype(runtime_args.precision, device)
@@ -80,10 +86,25 @@ def load_preference_data(model_args: ModelArgs, data_args: DataArgs, preference_
     return PreferenceData(tokenizer=tokenizer, train=train, eval=held_out)  # rows checked after tokenisation too
 
 
-def reference_cache_key(model_args: ModelArgs, preference_args: PreferenceArgs, data: PreferenceData, precision: str) -> str:
+def reference_key_inputs(model_args: ModelArgs, preference_args: PreferenceArgs, runtime_args: RuntimeArgs) -> ReferenceKeyInputs:
+    """What the reference log-probs depend on besides the pairs; hashes the reference's weights (once per
+    sweep: the driver's reference task does it and hands the key to every trial)."""
     reference_path = preference_args.reference_path or model_args.path
-    model_key = model_fingerprint(reference_path, model_args.revision)
-    return reference_fingerprint(model_key, list(data.train) + list(data.eval), precision)
+    autocast_dtype = resolve_autocast_dtype(runtime_args.precision, resolve_device(runtime_args.device))
+    return ReferenceKeyInputs(
+        weights=model_fingerprint(reference_path, model_args.revision),
+        model_class=model_class_name(reference_path),
+        weight_dtype=model_args.dtype,
+        compute_dtype=str(autocast_dtype or torch.float32).removeprefix("torch."),
+        attn_implementation=str(usable_attn_implementation(model_args.attn_implementation, warn=False)),
+    )
+
+
+def reference_cache_key(model_args: ModelArgs, preference_args: PreferenceArgs, data: PreferenceData,
+                        runtime_args: RuntimeArgs) -> str:
+    """The reference cache's key (trainables/reference_cache.py: ReferenceKeyInputs and every pair's tokens)."""
+    inputs = reference_key_inputs(model_args, preference_args, runtime_args)
+    return reference_fingerprint(inputs, list(data.train) + list(data.eval))
 
 
 def precompute_reference(
@@ -91,14 +112,16 @@ def precompute_reference(
     preference_args: PreferenceArgs,
     data: PreferenceData,
     runtime_args: RuntimeArgs,
+    key: str | None = None,
 ) -> tuple[ReferenceLogps, ReferenceLogps, str, bool]:
     """Reference log-probs of train and eval pairs from the cache, computing them once if absent.
 
     Returns (train values, eval values, cache key, reused). Train and eval share one cache file.
+    key: the cache key the sweep driver computed for these pairs (None: compute it here, hashing the weights).
     """
     device = resolve_device(runtime_args.device)
     autocast_dtype = resolve_autocast_dtype(runtime_args.precision, device)
-    key = reference_cache_key(model_args, preference_args, data, str(autocast_dtype))
+    key = key or reference_cache_key(model_args, preference_args, data, runtime_args)
     reference_path = preference_args.reference_path or model_args.path
     values, reused = load_or_compute_reference_logps(
         cache_dir=Path(preference_args.reference_cache_dir).expanduser(),
@@ -146,7 +169,7 @@ def _resume_checkpoint(resume_from: str | None, output_dir: str, lineage: dict[s
     return checkpoint, resume_lineage(checkpoint, lineage)
 
 
-def _load_policy(model_args: ModelArgs, checkpoint: Path | None, device, prepare_model):
+def _load_policy(model_args: ModelArgs, checkpoint: Path | None, device, prepare_model, gradient_checkpointing: bool):
     """The policy: full weights from the checkpoint, or the base model plus (resumed) LoRA adapters."""
     lora = model_args.lora_rank is not None
     full_checkpoint = checkpoint is not None and not lora
@@ -156,6 +179,8 @@ def _load_policy(model_args: ModelArgs, checkpoint: Path | None, device, prepare
         trust_remote_code=model_args.trust_remote_code, dtype=model_args.dtype,
         attn_implementation=model_args.attn_implementation, disable_dropout=model_args.disable_dropout,
     )
+    if gradient_checkpointing:  # before LoRA and DDP/FSDP wrap it: it switches Hugging Face's own decoder layers
+        enable_gradient_checkpointing(model)
     if lora:
         model = attach_lora(model, rank=model_args.lora_rank, alpha=model_args.lora_alpha,
                             dropout=model_args.lora_dropout, target_modules=model_args.lora_target_modules,
@@ -164,7 +189,7 @@ def _load_policy(model_args: ModelArgs, checkpoint: Path | None, device, prepare
 
 
 def _reference_for(model_args, preference_args, data, runtime_args, device, autocast_dtype, policy, reference_key=None):
-    if preference_args.reference_mode == "none" or not preference_args.loss.needs_reference:
+    if preference_args.reference_mode == "none":
         return NoReference(), None
     exact = preference_args.kl_estimator == "exact"
     if policy is not None:  # LoRA with a live reference: the policy with its adapters disabled
@@ -182,7 +207,8 @@ def _reference_for(model_args, preference_args, data, runtime_args, device, auto
     rank, world = rank_and_world()
     if world > 1 and rank != 0:
         dist.barrier()  # rank 0 fills the cache first; the others then read it
-    train_values, eval_values, key, _ = precompute_reference(model_args, preference_args, data, runtime_args)
+    train_values, eval_values, key, _ = precompute_reference(model_args, preference_args, data, runtime_args,
+                                                             key=reference_key)
     if world > 1 and rank == 0:
         dist.barrier()
     return CachedReference(train_values, eval_values), key
@@ -197,13 +223,16 @@ def run_dpo(
     report: Report,
     prepare_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
     data: PreferenceData | None = None,
+    reference_key: str | None = None,
 ) -> dict[str, float]:
     """Train a policy with DPO; returns the last reported metrics.
 
     data: the pairs of data_args already loaded and tokenised (a sweep driver's, shared through Ray's
     object store); read from data_args when None.
+    reference_key: the reference cache key of `data`, computed once by the sweep driver (None: computed
+    here; a sweep's trials and ranks never re-hash the weights).
     """
-    device, autocast_dtype = _device_and_autocast(runtime_args, loop_settings.seed)
+    device, autocast_dtype = _device_and_autocast(model_args, runtime_args, loop_settings.seed)
     data = data if data is not None else load_preference_data(model_args, data_args, preference_args, runtime_args)
     reference_path = None if preference_args.reference_mode == "none" else preference_args.reference_path or model_args.path
     checkpoint, lineage = _resume_checkpoint(runtime_args.resume_from, loop_settings.output_dir, run_lineage(
@@ -211,45 +240,18 @@ def run_dpo(
         reference_path=reference_path))
     reference_is_policy = (preference_args.reference_mode == "live" and model_args.lora_rank is not None
                            and not preference_args.reference_path)
-    model = _load_policy(model_args, checkpoint, device, prepare_model) if reference_is_policy else None
+    model = (_load_policy(model_args, checkpoint, device, prepare_model, runtime_args.gradient_checkpointing)
+             if reference_is_policy else None)
     # Otherwise the reference goes first, so a cache miss never holds two models in memory at once.
-    reference, cache_key = _reference_for(model_args, preference_args, data, runtime_args, device, autocast_dtype, model)
-def _reference_distributions(model_args, preference_args, data, runtime_args, device, autocast_dtype, reference,
-                             policy) -> ReferenceDistributions | None:
-    """Where the exact eval/kl gets the reference's full distributions: the live reference (a second view
-    that keeps logits, no second model), the LoRA policy with its adapters off, or, with precomputed
-    log-probs, the reference model loaded at the first evaluation. None without a reference or eval pairs."""
-    if isinstance(reference, NoReference) or not data.eval:
-        return None
-    options = dict(padding_buckets=runtime_args.padding_buckets, share_prompt=False,
-                   pad_token_id=data.tokenizer.pad_token_id)
-    if isinstance(reference, LiveReference):
-        view = LiveReference(reference.model, True, autocast_dtype, adapters_of_policy=reference.adapters_of_policy,
-                             **options)
-        return ReferenceDistributions(lambda: view)
-    if model_args.lora_rank is not None and not preference_args.reference_path:
-        return ReferenceDistributions(lambda: LiveReference(policy, True, autocast_dtype, adapters_of_policy=True,
-                                                            **options))
-
-    def load() -> LiveReference:
-        logger.info("eval/kl: loading the reference model for the exact KL at evaluation")
-        model = load_causal_lm(
-            preference_args.reference_path or model_args.path, revision=model_args.revision,
-            trust_remote_code=model_args.trust_remote_code, dtype=model_args.dtype,
-            attn_implementation=model_args.attn_implementation,
-        ).to(device)
-        return LiveReference(model, True, autocast_dtype, **options)
-
-    return ReferenceDistributions(load)
-
-
-    model = model or _load_policy(model_args, checkpoint, device, prepare_model)
+    reference, cache_key = _reference_for(model_args, preference_args, data, runtime_args, device, autocast_dtype, model,
+                                          reference_key)
+    model = model or _load_policy(model_args, checkpoint, device, prepare_model, runtime_args.gradient_checkpointing)
     objective = DPOObjective(
         train_pairs=data.train, eval_pairs=data.eval, reference=reference,
-        loss=build_preference_loss(preference_args.loss),
+        loss_fn=preference_loss_by_name(preference_args.loss, preference_args.label_smoothing),
         beta=preference_args.beta, kl_weight=preference_args.kl_weight,
         exact_kl=preference_args.kl_estimator == "exact" and preference_args.reference_mode == "live",
-        pad_token_id=data.tokenizer.pad_token_id,
+        length_normalize=preference_args.loss == "ipo", pad_token_id=data.tokenizer.pad_token_id,
         device=device, autocast_dtype=autocast_dtype, eval_batch_size=runtime_args.eval_batch_size,
         padding_buckets=runtime_args.padding_buckets, share_prompt=runtime_args.share_prompt,
     )
@@ -278,14 +280,12 @@ def run_sft(
     prepare_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
 ) -> dict[str, float]:
     """Supervised fine-tuning on prompt/completion examples; returns the last reported metrics."""
-    device, autocast_dtype = _device_and_autocast(runtime_args, loop_settings.seed)
+    device, autocast_dtype = _device_and_autocast(model_args, runtime_args, loop_settings.seed)
     tokenizer, train, held_out = load_sft_data(model_args, data_args, runtime_args)
     checkpoint, lineage = _resume_checkpoint(runtime_args.resume_from, loop_settings.output_dir, run_lineage(
         stage="sft", model_args=model_args, tokenizer=tokenizer, train=train, eval=held_out))
-    model = _load_policy(model_args, checkpoint, device, prepare_model)
+    model = _load_policy(model_args, checkpoint, device, prepare_model, runtime_args.gradient_checkpointing)
     objective = SFTObjective(
-        reference_distributions=_reference_distributions(model_args, preference_args, data, runtime_args, device,
-                                                         autocast_dtype, reference, model),
         train_examples=train, eval_examples=held_out, pad_token_id=tokenizer.pad_token_id,
         device=device, autocast_dtype=autocast_dtype, eval_batch_size=runtime_args.eval_batch_size,
         padding_buckets=runtime_args.padding_buckets,

@@ -88,6 +88,32 @@ def resolve_autocast_dtype(precision: str, device: torch.device) -> torch.dtype 
     return None
 
 
+def check_trainable_dtype(dtype: str, lora: bool) -> None:
+    """The engine's own guard (the config refuses the same at resolution): ModelError for model.dtype
+    float16, or bfloat16 without LoRA (trainables/precision.py says why)."""
+    from trainables.precision import check_weight_dtype
+
+    try:
+        check_weight_dtype(dtype, lora)
+    except ValueError as error:
+        raise ModelError(str(error)) from None
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each decoder layer in backward (non-reentrant torch.utils.checkpoint through Hugging Face's
+    own switch): the layers keep only their inputs for backward; losses and gradients are unchanged."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ModelError(f"train.gradient_checkpointing: {type(model).__name__} does not support gradient "
+                         "checkpointing in transformers; set train.gradient_checkpointing: false")
+    options = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x; the old one warns
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+    if getattr(model, "config", None) is not None and hasattr(model.config, "use_cache"):
+        model.config.use_cache = False  # a KV cache is useless in training and HF warns about it under checkpointing
+
+
 def load_causal_lm(
     path: str,
     *,
@@ -110,6 +136,14 @@ def load_causal_lm(
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except ImportError as error:  # flash-attn reported present but unusable (a broken or mismatched install)
+        if attn_implementation != "flash_attention_2":
+            raise ModelLoadError(f"could not load {path!r}: {excerpt(error)}") from error
+        logger.warning("model.attn_implementation: flash_attention_2 could not be used (%s); using sdpa (same "
+                       "results, slower on long rows). Fix the flash-attn install, or set model.attn_implementation: "
+                       "sdpa", excerpt(error, 160))
+        kwargs["attn_implementation"] = "sdpa"
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as error:
         if attn_implementation and "attn_implementation" in str(error):
@@ -209,6 +243,18 @@ def model_fingerprint(path: str, revision: str | None = None) -> str:
         digest.update(file.name.encode())
         _hash_file(file, digest)
     return digest.hexdigest()[:16]
+
+
+def model_class_name(path: str) -> str:
+    """The class config.json names (`architectures`) for a local model; the hub name stands for a hub one."""
+    config_file = Path(path).expanduser() / "config.json"
+    if not config_file.is_file():
+        return f"hub:{path}"
+    try:
+        architectures = json.loads(config_file.read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return "unreadable-config"
+    return ",".join(str(name) for name in architectures) or "unnamed"
 
 
 def parameter_count(model: torch.nn.Module) -> int:

@@ -3,9 +3,12 @@
 In `reference.mode: precomputed` the reference model runs once over the train and eval pairs; its
 per-sequence log-probs (for the DPO rewards) and per-token answer log-probs (for the KL term) are written
 as safetensors (never pickle) to `<cache_dir>/reference-<fingerprint>.safetensors`. The fingerprint
-covers the reference model's weights, every token id of the data (so the data, the tokenizer, max_length
-and the truncation rule), the truncation rule's version and the precision, so any changed input gives a
-new file. Training then loads a single model. A cache file that cannot be read or does not hold exactly
+(ReferenceKeyInputs, reference_fingerprint) covers the reference model's weights and class, its weight
+dtype, the autocast dtype it runs under, the attention kernel, every token id and length of the data (so
+the data, the tokenizer, max_length and the truncation), the truncation rule's version and the version of
+this computation, so any changed input gives a new file. The driver computes it once
+(trainables/entrypoints.reference_cache_key) and hands it to every trial and rank: no worker re-hashes
+the weights. Training then loads a single model. A cache file that cannot be read or does not hold exactly
 these pairs' values (truncated, another header, other shapes or token counts, non-finite values) is
 recomputed with a warning naming the file. Tested by `python -m pytest tests/test_engine.py
 tests/test_adversarial_model.py -q`.
@@ -70,10 +73,32 @@ class ReferenceLogps:
         return {name: getattr(self, name).contiguous() for name in self.__dataclass_fields__}
 
 
-def reference_fingerprint(model_fingerprint: str, pairs: Sequence[TokenizedPair], precision: str) -> str:
-    """Hash of everything the cached values depend on."""
+# Bump when compute_reference_logps changes the numbers it writes (the head, the batching, the reduction):
+# every cache written before then gets a new key and is recomputed.
+REFERENCE_COMPUTATION_VERSION = "2"
+
+
+@dataclass(frozen=True)
+class ReferenceKeyInputs:
+    """Everything about the reference model and how it runs that changes its log-probs (the pairs' token
+    ids and lengths, so the data, tokenizer, max_length and truncation, are hashed from the pairs)."""
+
+    weights: str  # modeling.model_fingerprint: the content hash of config.json and the safetensors (or hub@revision)
+    model_class: str  # config.json's architectures, e.g. LlamaForCausalLM
+    weight_dtype: str  # model.dtype the reference is loaded in
+    compute_dtype: str  # the autocast dtype it runs under (float32: none)
+    attn_implementation: str  # the kernel actually used (flash_attention_2 falls back to sdpa when missing)
+    truncation_rule: str = TRUNCATION_RULE
+    version: str = REFERENCE_COMPUTATION_VERSION
+
+    def describe(self) -> str:
+        return "|".join(f"{name}={getattr(self, name)}" for name in self.__dataclass_fields__)
+
+
+def reference_fingerprint(inputs: ReferenceKeyInputs, pairs: Sequence[TokenizedPair]) -> str:
+    """Hash of everything the cached values depend on: `inputs` and every pair's token ids and lengths."""
     digest = hashlib.sha256()
-    digest.update(f"{model_fingerprint}|{TRUNCATION_RULE}|{precision}|{len(pairs)}".encode())
+    digest.update(f"{inputs.describe()}|{len(pairs)}".encode())
     for pair in pairs:
         for ids in (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids):
             digest.update(len(ids).to_bytes(4, "little"))

@@ -157,7 +157,7 @@ def _data(config: ExperimentConfig, stage: str) -> DataArgs:
 
 def _preference(config: ExperimentConfig, reference_cache: str) -> PreferenceArgs:
     dpo, reference = config.dpo, config.reference
-    return PreferenceArgs(beta=dpo.beta, kl_weight=dpo.kl_weight, loss=dpo.loss_spec(),
+    return PreferenceArgs(beta=dpo.beta, kl_weight=dpo.kl_weight, loss=dpo.loss, label_smoothing=dpo.label_smoothing,
                           kl_estimator=dpo.kl_estimator, reference_mode=reference.mode, reference_path=reference.path,
                           reference_cache_dir=reference_cache, reference_batch_size=reference.batch_size)
 
@@ -178,7 +178,8 @@ def _loop(config: ExperimentConfig, workers: int, output_dir: str, show_progress
 
 def _runtime(config: ExperimentConfig, show_progress: bool) -> RuntimeArgs:
     train = config.train
-    return RuntimeArgs(device=train.device, precision=train.precision, eval_batch_size=train.eval_batch_size,
+    return RuntimeArgs(device=train.device, precision=train.precision,
+                       gradient_checkpointing=train.gradient_checkpointing, eval_batch_size=train.eval_batch_size,
                        padding_buckets=train.padding_buckets, share_prompt=train.share_prompt,
                        resume_from=train.resume_from, show_progress=show_progress)
 

@@ -98,6 +98,8 @@ def run_engine(job: WorkerJob, *, rank: int, device: str, send: Send, restored: 
 
     spec, resources = job.spec, job.spec.resources
     data = read_shared(job, startup)
+    # the cache key the reference task computed once for the sweep (already resolved): no rank re-hashes the weights
+    reference_key = ray.get(job.shared.reference_ready)[0] if job.shared.reference_ready is not None else None
     if not resources.use_gpu:
         torch.set_num_threads(max(1, int(resources.cpus_per_worker)))  # the CPUs Ray reserved for this process
     local_dir = Path(tempfile.mkdtemp(prefix=f"dpo-{spec.name}-rank{rank}-"))
@@ -120,7 +122,7 @@ def run_engine(job: WorkerJob, *, rank: int, device: str, send: Send, restored: 
             run_sft(worker.model, worker.data, worker.loop, worker.runtime, report, prepare_model=prepare_model)
         else:
             run_dpo(worker.model, worker.data, worker.preference, worker.loop, worker.runtime, report,
-                    prepare_model=prepare_model, data=data)
+                    prepare_model=prepare_model, data=data, reference_key=reference_key)
 
     try:
         if restored is None:
