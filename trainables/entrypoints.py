@@ -20,9 +20,9 @@ import torch.distributed as dist
 from trainables.errors import UserError
 from trainables.checkpointing import CheckpointError, latest_checkpoint, load_training_state
 from trainables.lineage import LINEAGE_KEY, resume_lineage, run_lineage
-from trainables.dpo_objective import CachedReference, DPOObjective, LiveReference, NoReference
+from trainables.dpo_objective import CachedReference, DPOObjective, LiveReference, NoReference, ReferenceDistributions
 from trainables.loop import Report, rank_and_world, run_training_loop
-from trainables.losses import preference_loss_by_name
+from trainables.preference_loss import build_preference_loss
 from trainables.model_checks import check_model_can_train, load_prepared_tokenizer
 from trainables.modeling import (attach_lora, check_trainable_dtype, enable_gradient_checkpointing, load_causal_lm,
                                  model_class_name, model_fingerprint, resolve_autocast_dtype, resolve_device,
@@ -189,7 +189,7 @@ def _load_policy(model_args: ModelArgs, checkpoint: Path | None, device, prepare
 
 
 def _reference_for(model_args, preference_args, data, runtime_args, device, autocast_dtype, policy, reference_key=None):
-    if preference_args.reference_mode == "none":
+    if preference_args.reference_mode == "none" or not preference_args.loss.needs_reference:
         return NoReference(), None
     exact = preference_args.kl_estimator == "exact"
     if policy is not None:  # LoRA with a live reference: the policy with its adapters disabled
@@ -212,6 +212,35 @@ def _reference_for(model_args, preference_args, data, runtime_args, device, auto
     if world > 1 and rank == 0:
         dist.barrier()
     return CachedReference(train_values, eval_values), key
+
+
+def _reference_distributions(model_args, preference_args, data, runtime_args, device, autocast_dtype, reference,
+                             policy) -> ReferenceDistributions | None:
+    """Where the exact eval/kl gets the reference's full distributions: the live reference (a second view
+    that keeps logits, no second model), the LoRA policy with its adapters off, or, with precomputed
+    log-probs, the reference model loaded at the first evaluation. None without a reference or eval pairs."""
+    if isinstance(reference, NoReference) or not data.eval:
+        return None
+    options = dict(padding_buckets=runtime_args.padding_buckets, share_prompt=False,
+                   pad_token_id=data.tokenizer.pad_token_id)
+    if isinstance(reference, LiveReference):
+        view = LiveReference(reference.model, True, autocast_dtype, adapters_of_policy=reference.adapters_of_policy,
+                             **options)
+        return ReferenceDistributions(lambda: view)
+    if model_args.lora_rank is not None and not preference_args.reference_path:
+        return ReferenceDistributions(lambda: LiveReference(policy, True, autocast_dtype, adapters_of_policy=True,
+                                                            **options))
+
+    def load() -> LiveReference:
+        logger.info("eval/kl: loading the reference model for the exact KL at evaluation")
+        model = load_causal_lm(
+            preference_args.reference_path or model_args.path, revision=model_args.revision,
+            trust_remote_code=model_args.trust_remote_code, dtype=model_args.dtype,
+            attn_implementation=model_args.attn_implementation,
+        ).to(device)
+        return LiveReference(model, True, autocast_dtype, **options)
+
+    return ReferenceDistributions(load)
 
 
 def run_dpo(
@@ -248,12 +277,14 @@ def run_dpo(
     model = model or _load_policy(model_args, checkpoint, device, prepare_model, runtime_args.gradient_checkpointing)
     objective = DPOObjective(
         train_pairs=data.train, eval_pairs=data.eval, reference=reference,
-        loss_fn=preference_loss_by_name(preference_args.loss, preference_args.label_smoothing),
+        loss=build_preference_loss(preference_args.loss),
         beta=preference_args.beta, kl_weight=preference_args.kl_weight,
         exact_kl=preference_args.kl_estimator == "exact" and preference_args.reference_mode == "live",
-        length_normalize=preference_args.loss == "ipo", pad_token_id=data.tokenizer.pad_token_id,
+        pad_token_id=data.tokenizer.pad_token_id,
         device=device, autocast_dtype=autocast_dtype, eval_batch_size=runtime_args.eval_batch_size,
         padding_buckets=runtime_args.padding_buckets, share_prompt=runtime_args.share_prompt,
+        reference_distributions=_reference_distributions(model_args, preference_args, data, runtime_args, device,
+                                                         autocast_dtype, reference, model),
     )
     extra = {"stage": "dpo", "base_model": model_args.path, "beta": preference_args.beta,
              "kl_weight": preference_args.kl_weight, "reference_cache_key": cache_key or "", LINEAGE_KEY: lineage}

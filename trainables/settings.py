@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from trainables.loss_options import LossSpec
+
 
 @dataclass(frozen=True)
 class ModelArgs:
@@ -56,10 +58,9 @@ class PreferenceArgs:
 
     beta: float
     kl_weight: float  # lambda: weight of the explicit KL(pi || pi_ref) term
-    loss: str  # sigmoid | ipo | cdpo | hinge
-    label_smoothing: float  # cdpo only (the config refuses it elsewhere)
-    kl_estimator: str  # k3 (works with cached log-probs) | exact (full vocabulary, live reference)
-    reference_mode: str  # precomputed | live | none
+    loss: LossSpec  # the preference loss: names, weights and options (trainables/loss_options.py)
+    kl_estimator: str  # the penalty's: k2 (works with cached log-probs) | exact (full vocabulary, live reference)
+    reference_mode: str  # precomputed | live | none (none: also whenever the loss is reference-free)
     reference_path: str | None  # None: the policy's model path
     reference_cache_dir: str  # where precomputed log-probs are cached
     reference_batch_size: int
@@ -116,19 +117,3 @@ def check_share_prompt(value: object) -> bool | str:
     if isinstance(value, bool) or (isinstance(value, str) and value == "auto"):
         return value
     raise ValueError('must be "auto" (shared-prompt forward when a probe agrees), true (required) or false (never)')
-
-
-PREFERENCE_LOSS_NAMES = ("cdpo", "hinge", "ipo", "sigmoid")  # trainables/losses.py registers one function per name
-
-
-def check_loss_choice(loss: str, label_smoothing: float) -> None:
-    """The loss name exists, and label_smoothing goes with cdpo only: cdpo needs it in (0, 0.5) (with 0 it
-    is plain sigmoid DPO, almost surely a missing setting); any other loss would silently ignore it."""
-    if loss not in PREFERENCE_LOSS_NAMES:
-        raise ValueError(f"dpo.loss: unknown preference loss {loss!r}; valid names are {sorted(PREFERENCE_LOSS_NAMES)}")
-    if loss == "cdpo" and not 0.0 < label_smoothing < 0.5:
-        raise ValueError(f"dpo.label_smoothing: loss 'cdpo' needs label_smoothing in (0, 0.5), e.g. 0.1, got "
-                         f"{label_smoothing} (0 is plain sigmoid DPO)")
-    if loss != "cdpo" and label_smoothing != 0.0:
-        raise ValueError(f"dpo.label_smoothing: only used by dpo.loss=cdpo; {label_smoothing} only applies to loss "
-                         f"'cdpo', not {loss!r}: set it to 0 or use loss 'cdpo'")

@@ -48,7 +48,7 @@ class ModelSection(Section):
     tokenizer_path: str | None = Field(None, description="Tokenizer location when it differs from model.path")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit)")
     trust_remote_code: bool = Field(False, description="Allow code shipped with the model to run; off unless you trust it")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Dtype the weights are loaded in")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Dtype the weights are stored in: float32 for trained weights (compute in bf16 with train.precision); bfloat16 only for a frozen base under model.lora; float16 is refused (no loss scaler)")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field("sdpa", description="Attention kernel")
     disable_dropout: bool = Field(True, description="Zero all dropout so step 0 starts exactly at ln 2 (as TRL does)")
     lora: LoraSection | None = Field(None, description="Train LoRA adapters (needs the `lora` extra: peft) instead of all weights")
@@ -114,7 +114,8 @@ class TrainSection(Section):
     keep_checkpoints: int | None = Field(2, gt=0, le=MAX_STEPS, description="Keep only the newest N checkpoints; null keeps all" + at_most(MAX_STEPS))
     log_every: int = Field(10, gt=0, le=MAX_STEPS, description="Report train/ metrics (window means) every N steps; step 1 always" + at_most(MAX_STEPS))
     seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of the data order and initialisation, 0 to 2^32 - 1")
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on CUDA, fp32 on CPU")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="Compute dtype: bf16 = bf16 autocast over fp32 master weights (FSDP: bf16 mixed precision); auto = bf16 on a CUDA GPU that supports it, fp32 elsewhere")
+    gradient_checkpointing: bool = Field(False, description="Recompute each decoder layer in backward instead of keeping its activations (non-reentrant; same losses and gradients, less memory, about one more forward of time)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N (single-process runs)")
     eval_batch_size: int = Field(32, gt=0, le=MAX_BATCH, description="Pairs per evaluation forward" + at_most(MAX_BATCH))
     padding_buckets: int | str = Field("auto", description=f"Forwards per micro-batch, rows grouped by length to cut padding (same math): auto (padding vs per-forward cost) or K from 1 to {MAX_PADDING_BUCKETS:,}; 1 = one padded batch")
@@ -245,6 +246,11 @@ class ExperimentConfig(Section):
             raise ValueError("dpo.kl_weight: must be 0 with reference.mode: none (there is no reference to stay close to)")
         if self.output_dir is None:
             self.output_dir = f"outputs/{self.name}"
+        return self
+
+    @model_validator(mode="after")
+    def _trained_weights_fp32(self) -> "ExperimentConfig":
+        check_weight_dtype(self.model.dtype, lora=self.model.lora is not None)  # before any work (issue 18)
         return self
 
     @model_validator(mode="after")

@@ -157,7 +157,7 @@ def _data(config: ExperimentConfig, stage: str) -> DataArgs:
 
 def _preference(config: ExperimentConfig, reference_cache: str) -> PreferenceArgs:
     dpo, reference = config.dpo, config.reference
-    return PreferenceArgs(beta=dpo.beta, kl_weight=dpo.kl_weight, loss=dpo.loss, label_smoothing=dpo.label_smoothing,
+    return PreferenceArgs(beta=dpo.beta, kl_weight=dpo.kl_weight, loss=dpo.loss_spec(),
                           kl_estimator=dpo.kl_estimator, reference_mode=reference.mode, reference_path=reference.path,
                           reference_cache_dir=reference_cache, reference_batch_size=reference.batch_size)
 
