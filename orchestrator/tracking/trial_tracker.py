@@ -9,6 +9,9 @@ and when it ends, and recorded in the run as the metric `tracking/outage_seconds
 lost points are logged and recorded as `tracking/dropped_points` (both names from
 orchestrator/tracking/schema.py). Log lines show the URI with any password redacted. `close()` flushes
 (bounded by a timeout); the run's status is set by whoever owns the run (records.end_run in run_trial).
+With `journal` (a file path) every point is also written to a durable local journal the moment it is
+logged, and points a killed process never got acknowledged are sent again by the next tracker on that
+journal (metric_journal.py).
 Rank 0 of a Ray Train worker owns one tracker; trainables never import mlflow.
 Tests: `python -m pytest tests/test_tracking.py -m mlflow -q`.
 """
@@ -22,8 +25,10 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from orchestrator.tracking.metric_journal import MetricJournal
 from orchestrator.tracking.records import clean_key, client_for, redact
 from orchestrator.tracking.schema import DROPPED_METRIC, OUTAGE_METRIC
 
@@ -41,13 +46,15 @@ class _Point:
     value: float
     step: int
     timestamp_ms: int
+    seq: int | None = None  # its number in the run's metric journal (None: not journaled)
 
 
 class TrialTracker:
     """Buffered, background logging of step metrics to one existing MLflow run."""
 
     def __init__(self, uri: str, run_id: str, *, flush_every_s: float = 2.0, max_buffer: int = 100_000,
-                 max_backoff_s: float = 5.0, request_timeout_s: float = 30.0, client=None) -> None:
+                 max_backoff_s: float = 5.0, request_timeout_s: float = 30.0, client=None,
+                 journal: str | Path | None = None, report_drops: bool = True) -> None:
         self.uri, self.run_id = uri, run_id
         self._shown_uri = str(redact(uri))  # for log lines: never a password
         self.flush_every_s, self.max_buffer, self.max_backoff_s = flush_every_s, max_buffer, max_backoff_s
@@ -65,6 +72,14 @@ class TrialTracker:
         self._dropped_reported = 0
         self._last_step = 0
         self._failing_since: float | None = None
+        self._report_drops = report_drops  # False when only replaying a journal: the run's own tracker reported
+        self._journal = MetricJournal(journal) if journal is not None else None
+        if self._journal is not None and self._journal.pending:  # a killed process's points, sent first
+            self._buffer.extend(_Point(p["key"], p["value"], p["step"], p["timestamp_ms"], p["seq"])
+                                for p in self._journal.pending)
+            self._last_step = max(p["step"] for p in self._journal.pending)
+            logger.info("MLflow run %s: %d metric points journaled but never acknowledged are sent again (%s)",
+                        run_id, len(self._journal.pending), self._journal.path)
         self._thread = threading.Thread(target=self._run, name=f"mlflow-tracker-{run_id[:8]}", daemon=True)
         self._thread.start()
         atexit.register(self.close, 10.0)
@@ -90,6 +105,8 @@ class TrialTracker:
                 logger.warning("TrialTracker for run %s is closed; %d points ignored", self.run_id, len(points))
                 return
             self._last_step = max(self._last_step, int(step))
+            if self._journal is not None:
+                self._journal.append(points)  # on disk before this call returns: a kill after it loses nothing
             self._buffer.extend(points)
             overflow = len(self._buffer) + len(self._inflight) - self.max_buffer
             for _ in range(max(0, overflow)):
@@ -118,6 +135,8 @@ class TrialTracker:
             self._condition.notify_all()
         self._thread.join(timeout_s)
         atexit.unregister(self.close)
+        if self._journal is not None and not self._thread.is_alive():
+            self._journal.close()
         if self._thread.is_alive():
             with self._condition:
                 lost = len(self._buffer) + len(self._inflight)
@@ -200,6 +219,7 @@ class TrialTracker:
                     with self._condition:
                         self.dropped_points += len(points)
                         self._inflight = []
+                    self._acknowledge()
                     continue
                 failures += 1  # the points stay in flight and are sent again
                 if self._failing_since is None:
@@ -211,9 +231,19 @@ class TrialTracker:
             with self._condition:
                 self.delivered_points += len(points)
                 self._inflight = []
+            self._acknowledge()
             if self._failing_since is not None:
                 self._record_outage(time.monotonic() - self._failing_since)
                 self._failing_since, failures = None, 0
+
+    def _acknowledge(self) -> None:
+        """Tell the journal how far every point is delivered or given up (dropped ones are not sent again)."""
+        if self._journal is None:
+            return
+        with self._condition:
+            waiting = (p.seq for p in (*self._inflight, *self._buffer) if p.seq is not None)
+            through = next(waiting, self._journal.next_seq) - 1
+        self._journal.acknowledge(through)
 
     def _record_outage(self, seconds: float) -> None:
         """The server answers again: log the gap and queue it as a `tracking/outage_seconds` point."""
@@ -228,6 +258,8 @@ class TrialTracker:
         """At close: record tracking/dropped_points (0 when nothing was lost) so every run shows it."""
         from mlflow.entities import Metric
 
+        if not self._report_drops:
+            return
         try:
             self._post_batch([Metric(DROPPED_METRIC, float(self.dropped_points), int(time.time() * 1000), self._last_step)])
             self._dropped_reported = self.dropped_points
