@@ -110,3 +110,93 @@ def test_every_command_is_valid_bash(cluster) -> None:
     for key, command in all_commands(cluster):
         check = subprocess.run(["bash", "-n", "-c", command], capture_output=True, text=True)
         assert check.returncode == 0, f"cluster.yaml {key}: {command!r}: {check.stderr}"
+
+
+# ---- joining a cluster: the trial's shape against the node types, shared storage, reachable tracking ----
+
+from orchestrator.config.spec import Resources  # noqa: E402
+from orchestrator.errors import ConfigError  # noqa: E402
+from orchestrator.ray.cluster import (Autoscaling, autoscaling_from_config, check_cluster_fits,  # noqa: E402
+                                      check_joined_cluster, filesystem_type)
+
+G5_12XLARGE = {"CPU": 48, "GPU": 4}  # what `ray up` fills into the bootstrap config for cluster.yaml's gpu_worker
+MOUNTS = """overlay / overlay rw 0 0
+tmpfs /tmp tmpfs rw 0 0
+fs-1.efs.us-west-2.amazonaws.com:/ /mnt/efs nfs4 rw,vers=4.1 0 0
+"""
+
+
+def trial(workers: int, gpus_per_worker: float = 1, use_gpu: bool = True, cpus_per_worker: float = 1) -> Resources:
+    return Resources(num_workers=workers, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker,
+                     gpus_per_worker=gpus_per_worker, strategy="fsdp", max_failures=0, keep_checkpoints=None)
+
+
+def bootstrapped(cluster: dict[str, Any]) -> Autoscaling:
+    """cluster.yaml as the head's ~/ray_bootstrap_config.yaml holds it (instance resources filled in)."""
+    filled = yaml.safe_load(yaml.safe_dump(cluster))
+    filled["available_node_types"]["gpu_worker"]["resources"] = dict(G5_12XLARGE)
+    filled["available_node_types"]["head_cpu"]["resources"] = {"CPU": 8}
+    return autoscaling_from_config(filled, "ray_bootstrap_config.yaml")
+
+
+def test_a_trial_waits_for_the_autoscaler_instead_of_failing_on_an_empty_cluster(cluster) -> None:
+    """Right after `ray up` (min_workers: 0) the cluster has the head's 8 CPUs and no GPU: a 4-GPU trial is
+    accepted because up to 8 g5.12xlarge (4 GPUs each) may join; 40 GPUs, or 8 GPUs per worker, never fit."""
+    autoscaling = bootstrapped(cluster)
+    assert autoscaling.most("GPU") == 8 * 4 and autoscaling.most("CPU") == 8 * 48
+    empty = {"CPU": 8.0}
+    message = check_cluster_fits(trial(4), empty, autoscaling)
+    assert message and "0 GPUs now" in message and "gpu_worker (up to 8 x {CPU: 48, GPU: 4})" in message
+    with pytest.raises(ConfigError, match=r"use_gpu: 40 GPUs needed, the cluster has 0 and its autoscaler can add 32"):
+        check_cluster_fits(trial(40), empty, autoscaling)
+    with pytest.raises(ConfigError, match=r"one worker \(resources.cpus_per_worker: 1, resources.gpus_per_worker: 8\) "
+                                          r"fits on no node type"):
+        check_cluster_fits(trial(1, gpus_per_worker=8), empty, autoscaling)
+    assert check_cluster_fits(trial(4), {"CPU": 56.0, "GPU": 4.0}, autoscaling) is None  # fits now: nothing to say
+    with pytest.raises(ConfigError, match=r"4 GPUs needed, the cluster has 0$"):  # a local Ray: its size is final
+        check_cluster_fits(trial(4), empty, None)
+
+
+def test_a_cluster_without_readable_node_types_gets_a_warning_not_a_refusal(cluster, caplog) -> None:
+    unknown = autoscaling_from_config(cluster, "cluster.yaml")  # resources: {} = from the instance type, unknown here
+    assert unknown.source is None
+    message = check_cluster_fits(trial(4), {"CPU": 8.0}, unknown)
+    assert "declares no node types" in message and "declares no node types" in caplog.text
+
+
+def test_the_autoscalers_global_cap_bounds_what_it_can_add() -> None:
+    config = {"max_workers": 2, "head_node_type": "head",
+              "available_node_types": {"head": {"resources": {"CPU": 4}, "max_workers": 0},
+                                       "big": {"resources": {"CPU": 8, "GPU": 8}, "max_workers": 5},
+                                       "small": {"resources": {"CPU": 4, "GPU": 1}, "max_workers": 5}}}
+    assert autoscaling_from_config(config, "x").most("GPU") == 16  # 2 nodes at most, the 8-GPU type first
+
+
+def test_joining_several_nodes_refuses_node_local_storage_and_loopback_tracking() -> None:
+    shared = dict(storage_path="/mnt/efs/ray_results", reference_cache_dir="/mnt/efs/reference-cache",
+                  tracking_uri="http://10.0.1.5:5000", tracking_embedded=False, multi_node=True, mounts=MOUNTS)
+    assert filesystem_type("/mnt/efs/ray_results/x", MOUNTS) == "nfs4" and filesystem_type("/tmp/x", MOUNTS) == "tmpfs"
+    check_joined_cluster(**shared)  # everything shared: accepted
+    check_joined_cluster(**{**shared, "storage_path": "s3://bucket/ray_results"})
+    cases = {
+        "storage_path": ({"storage_path": "/home/ubuntu/ray_results"}, r"storage_path: /home/ubuntu/ray_results is on this node's own disk"),
+        "reference.cache_dir": ({"reference_cache_dir": "/tmp/cache"}, r"reference.cache_dir: /tmp/cache is on this node's own disk"),
+        "loopback": ({"tracking_uri": "http://127.0.0.1:5000"}, r"tracking.uri: http://127.0.0.1... is a loopback address"),
+        "localhost": ({"tracking_uri": "https://localhost:5000"}, r"tracking.uri: https://localhost... is a loopback address"),
+        "embedded": ({"tracking_uri": None, "tracking_embedded": True}, r"tracking.uri: unset, so the sweep would start"),
+        "file store": ({"tracking_uri": "file:///home/ubuntu/mlruns"}, r"tracking.uri: file store on this node's own disk"),
+    }
+    for name, (change, message) in cases.items():
+        with pytest.raises(ConfigError, match=message):
+            check_joined_cluster(**{**shared, **change})
+    local = {**shared, "storage_path": "/home/ubuntu/r", "tracking_uri": "http://127.0.0.1:5000", "multi_node": False}
+    check_joined_cluster(**local)  # a single-node cluster keeps everything on its own disk
+
+
+def test_workers_install_the_lora_extra_the_heads_torch_and_get_an_instance_profile(cluster) -> None:
+    setup = " ".join(cluster["setup_commands"])  # run on head and workers alike
+    assert re.search(r"TORCH_VERSION=2\.13\.0 bash scripts/install\.sh lora\b", setup), setup
+    install = (CLUSTER_YAML.parent / "scripts" / "install.sh").read_text()
+    assert 'pip install "torch==${TORCH_VERSION}"' in install  # the CUDA path is pinned too, not pip's latest
+    profile = cluster["available_node_types"]["gpu_worker"]["node_config"].get("IamInstanceProfile", {})
+    assert profile.get("Arn", "").startswith("arn:aws:iam::"), "gpu_worker needs an instance profile for s3:// storage"
