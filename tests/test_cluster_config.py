@@ -200,3 +200,99 @@ def test_workers_install_the_lora_extra_the_heads_torch_and_get_an_instance_prof
     assert 'pip install "torch==${TORCH_VERSION}"' in install  # the CUDA path is pinned too, not pip's latest
     profile = cluster["available_node_types"]["gpu_worker"]["node_config"].get("IamInstanceProfile", {})
     assert profile.get("Arn", "").startswith("arn:aws:iam::"), "gpu_worker needs an instance profile for s3:// storage"
+
+
+# ---- Ray's fake multi-node autoscaler: a sweep's trial placed once the autoscaler adds GPU nodes -------
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def fake_autoscaling_cluster(tmp_path, monkeypatch):
+    """A head with 1 CPU and no GPU whose autoscaler (Ray's fake_multinode provider: nodes are local raylets)
+    may add one `gpu_worker` node of {CPU: 2, GPU: 2}, as cluster.yaml's gpu_worker starts at min_workers 0.
+
+    Started like ray.cluster_utils.AutoscalingCluster, but on a free port and in its own process group, which
+    is stopped by its id: AutoscalingCluster runs `ray stop --force`, which would stop every Ray on the machine.
+    """
+    import os
+    import signal
+    import time
+
+    import ray
+
+    from orchestrator.ray import cluster as cluster_module
+    from orchestrator.ray.cluster import bind_local_ray_to_loopback
+
+    port = _free_port()
+    config = {
+        "cluster_name": "fake", "max_workers": 1, "upscaling_speed": 1.0, "idle_timeout_minutes": 5,
+        "provider": {"type": "fake_multinode", "disable_launch_config_check": True, "disable_node_updaters": True,
+                     "gcs_address": f"127.0.0.1:{port}"},
+        "auth": {"ssh_user": "ubuntu"}, "head_node_type": "ray.head.default",
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": 1}, "node_config": {}, "max_workers": 0},
+            "gpu_worker": {"resources": {"CPU": 2, "GPU": 2}, "node_config": {}, "min_workers": 0, "max_workers": 1}},
+        **{key: [] for key in ("cluster_synced_files", "rsync_exclude", "rsync_filter", *COMMAND_KEYS[:4],
+                                "head_start_ray_commands", "worker_start_ray_commands")},
+        "file_mounts": {}, "file_mounts_sync_continuously": False,
+    }
+    bootstrap = tmp_path / "ray_bootstrap_config.yaml"  # where `ray up` leaves it on a real head
+    bootstrap.write_text(yaml.safe_dump(config))
+    monkeypatch.setattr(cluster_module, "BOOTSTRAP_CONFIG", bootstrap)
+    env = dict(os.environ, RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1", RAY_AUTH_MODE="disabled",
+               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    head = subprocess.Popen(
+        ["ray", "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+         "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats", f"--autoscaling-config={bootstrap}"],
+        env=env, start_new_session=True, stdout=(tmp_path / "head.log").open("w"), stderr=subprocess.STDOUT)
+    try:
+        bind_local_ray_to_loopback()  # the driver's address stays 127.0.0.1, as the head's
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "head.log").read_text().count("Ray runtime started"):
+            assert head.poll() is None and time.monotonic() < deadline, (tmp_path / "head.log").read_text()[-2000:]
+            time.sleep(0.5)
+        yield f"127.0.0.1:{port}"
+    finally:
+        ray.shutdown()
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(3)
+        except subprocess.TimeoutExpired:
+            pass
+        os.killpg(head.pid, signal.SIGKILL)  # the head's processes and the fake nodes share its group
+
+
+@pytest.mark.ray
+@pytest.mark.integration
+def test_a_sweep_joining_an_empty_autoscaling_cluster_gets_its_trial_placed_once_gpu_nodes_join(fake_autoscaling_cluster, tmp_path):
+    """The cluster has 0 GPUs when the sweep joins; the trial's check passes on the declared node types (it
+    used to fail with '2 GPUs needed, the cluster has 0'), and the trial's placement group (one bundle per
+    Ray Train worker, as Ray Train asks) is placed once the autoscaler has added a gpu_worker node."""
+    import time
+
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from orchestrator.ray.cluster import cluster_is_multi_node, declared_autoscaling, start_ray
+
+    start_ray(fake_autoscaling_cluster, trial(2))  # joins: no ConfigError although the cluster has no GPU yet
+    assert ray.cluster_resources().get("GPU", 0) == 0
+    autoscaling = declared_autoscaling()
+    assert autoscaling.source.endswith("ray_bootstrap_config.yaml") and autoscaling.most("GPU") == 2
+    with pytest.raises(ConfigError, match=r"4 GPUs needed, the cluster has 0 and its autoscaler can add 2"):
+        check_cluster_fits(trial(4), ray.cluster_resources(), autoscaling)
+    with pytest.raises(ConfigError, match=r"storage_path: .* is on this node's own disk"):  # other nodes may join
+        check_joined_cluster(storage_path=str(tmp_path), reference_cache_dir=None, tracking_uri=None,
+                             tracking_embedded=False, multi_node=cluster_is_multi_node(autoscaling))
+    started = time.monotonic()
+    group = placement_group([{"CPU": 1, "GPU": 1}] * 2, strategy="PACK")
+    assert group.wait(timeout_seconds=90), "the autoscaler never added a gpu_worker node"
+    assert ray.cluster_resources()["GPU"] == 2 and sum(n["Alive"] for n in ray.nodes()) == 2
+    print(f"placed after {time.monotonic() - started:.1f} s")
+    remove_placement_group(group)
