@@ -123,6 +123,12 @@ class StorageLayout:
     def analysis_dir(self) -> Path:
         return Path(f"{self.name}-analysis").resolve() if self.remote else Path(self.root) / "analysis"
 
+    @property
+    def metric_journals(self) -> Path | None:
+        """metric_journal/: each trial run's journal of metric points (orchestrator/tracking/metric_journal.py);
+        None in object storage, where a file cannot be appended to."""
+        return None if self.remote else Path(self.root) / "metric_journal"
+
     def searcher_states(self) -> list[Path]:
         """The incremental searcher's saved states, oldest first by name (the name holds the session start)."""
         return [] if self.remote else sorted(Path(self.root).glob("searcher-state-*"))

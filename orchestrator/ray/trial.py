@@ -57,6 +57,7 @@ class TrialTracking:
     experiment_id: str
     parent_run_id: str
     sweep: str
+    journal_dir: str | None = None  # metric journals of the trials' runs (metric_journal.py); None: none
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class WorkerJob:
     shared: SharedRefs = SharedRefs()
     tracking_uri: str | None = None  # with run_id: rank 0 logs the step metrics into this MLflow run
     run_id: str | None = None
+    journal_dir: str | None = None  # with run_id: rank 0 journals its metric points there (no point lost)
     fit_called_at: float | None = None  # for the start-up probe (probes.StartupClock); None: no Ray Train
     trial_started_at: float | None = None  # when the trial function started (probes.StartupClock)
 
@@ -105,9 +107,11 @@ def run_engine(job: WorkerJob, *, rank: int, device: str, send: Send, restored: 
     local_dir = Path(tempfile.mkdtemp(prefix=f"dpo-{spec.name}-rank{rank}-"))
     tracker = None
     if job.run_id and rank == 0:
+        from orchestrator.tracking.metric_journal import journal_path
         from orchestrator.tracking.trial_tracker import TrialTracker
 
-        tracker = TrialTracker(job.tracking_uri, job.run_id)
+        tracker = TrialTracker(job.tracking_uri, job.run_id,
+                               journal=journal_path(job.journal_dir, job.run_id) if job.journal_dir else None)
 
     def to_ray_and_mlflow(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         if tracker is not None:  # asynchronous: never waits for the tracking server
@@ -196,7 +200,8 @@ def warm_trial(trial_config: dict[str, Any], *, spec: RunSpec, layout: StorageLa
     try:
         with trial_run(tracking, trial_config, trial_spec, layout.trial_dir(trial_id)) as run_id:
             job = WorkerJob(spec=trial_spec, shared=shared, tracking_uri=tracking.uri if tracking else None,
-                            run_id=run_id, trial_started_at=started)
+                            run_id=run_id, journal_dir=tracking.journal_dir if tracking else None,
+                            trial_started_at=started)
             run_engine(job, rank=0, device=warm_device(spec.resources),
                        send=lambda metrics, checkpoint: tune.report(metrics, checkpoint=checkpoint),
                        restored=tune.get_checkpoint(), startup=StartupClock.of(job, entered_at=started))
@@ -260,6 +265,7 @@ def run_trial(trial_config: dict[str, Any], *, spec: RunSpec, layout: StorageLay
     trial_id = tune.get_context().get_trial_id()
     with trial_run(tracking, trial_config, trial_spec, layout.trial_dir(trial_id)) as run_id:
         job = WorkerJob(spec=trial_spec, shared=shared, tracking_uri=tracking.uri if tracking else None, run_id=run_id,
+                        journal_dir=tracking.journal_dir if tracking else None,
                         fit_called_at=time.time(), trial_started_at=started)
         train_job(job, name=trial_id, storage=layout.trials, callbacks=[TuneReportCallback()]).fit()
 

@@ -6,8 +6,9 @@
   run is refused (RunLockedError, exit 2) naming the owner and how to go on.
 The file is also held with an exclusive `flock` for the run's whole life, so two runs that start at the
 same moment on one host cannot both take over a stale lock. The lock file is opened without following a
-symbolic link. `release` deletes it. Pure Python: no torch.
-Tested by `python -m pytest tests/test_adversarial_outputs.py -q`.
+symbolic link. `release` deletes it. `take_driver_lock` is the same lock on a sweep's or study's folder
+(`driver.lock`), held by its driver. Pure Python: no torch.
+Tested by `python -m pytest tests/test_adversarial_outputs.py tests/test_chaos_concurrency.py -q`.
 """
 
 from __future__ import annotations
@@ -123,3 +124,29 @@ class RunLock:
         finally:
             os.close(self.fd)
             self.fd = -1
+
+
+
+DRIVER_LOCK = "driver.lock"
+
+
+def take_driver_lock(folder: str | Path | None, what: str) -> RunLock | None:
+    """The lock a `dpo sweep` / `dpo study` driver holds on its folder (<storage_path>/<name>) while it runs;
+    the caller releases it (`release_driver_lock`) when the driver ends.
+
+    A second driver of the same name is refused at once (RunLockedError naming the running one's pid, host
+    and start time), also from another host when storage_path is shared storage that keeps the lock file;
+    the lock of a driver that died on this host is taken over. `folder` None (object storage, which has no
+    lock files): no lock, and a warning.
+    """
+    if folder is None:
+        logger.warning("%s: storage_path is object storage, which has no lock files; nothing stops a second driver "
+                       "of the same name from running at the same time", what)
+        return None
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return RunLock.acquire(Path(folder) / DRIVER_LOCK, what=what)
+
+
+def release_driver_lock(lock: RunLock | None) -> None:
+    if lock is not None:
+        lock.release()

@@ -340,6 +340,8 @@ def run_study(config: ExperimentConfig, *, address: str | None = None, resume: b
     """The whole `dpo study`; returns the results (scores, deltas, table, paths) and writes them to disk."""
     import ray
 
+    from orchestrator.workflows.run_lock import release_driver_lock, take_driver_lock
+
     layout = study_layout(config)
     if resume and not layout.exists():
         raise ConfigError(f"--resume: no study named {config.name!r} under {config.storage_path} ({layout.root})")
@@ -352,6 +354,7 @@ def run_study(config: ExperimentConfig, *, address: str | None = None, resume: b
     study = Study(config, uri, address)
     started = time.monotonic()
     root = Path(layout.root)
+    lock = take_driver_lock(None if layout.remote else root, "study")  # one driver per study name (run_lock.py)
     try:
         if study.tracking:
             study.experiment_id, study.parent_run_id = study_records.open_study_run(
@@ -373,6 +376,7 @@ def run_study(config: ExperimentConfig, *, address: str | None = None, resume: b
     finally:
         if study.started_ray:
             ray.shutdown()
+        release_driver_lock(lock)
     return results
 
 

@@ -152,10 +152,12 @@ def run_sweep(experiment: Experiment, *, address: str | None = None, resume: boo
     """The whole `dpo sweep` of a resolved experiment; returns the summary."""
     import ray
 
-    from orchestrator.ray.cluster import check_cluster_fits, check_storage_is_shared, local_resources, start_ray
+    from orchestrator.ray.cluster import check_cluster_fits, local_resources, start_ray
     from orchestrator.ray.reference_task import REFERENCE_FAILED, ReferenceTask
     from orchestrator.ray.trial import SharedRefs, TrialTracking
     from orchestrator.ray.tuner import build_tuner
+    from orchestrator.tracking.metric_journal import replay_journals
+    from orchestrator.workflows.run_lock import release_driver_lock, take_driver_lock
     from trainables.entrypoints import load_preference_data
 
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # eval metrics arrive every eval_every steps
@@ -172,13 +174,17 @@ def run_sweep(experiment: Experiment, *, address: str | None = None, resume: boo
     if started_here and not address:
         check_cluster_fits(spec.resources, local_resources())  # a local Ray's size is known before it starts
     tracking_uri_when_ready = start_tracking(experiment.tracking, layout)  # an unreachable given server fails here
+    # one driver per sweep name: a second one is refused here, before Ray starts (run_lock.py)
+    lock = take_driver_lock(None if layout.remote else layout.root, "sweep")
     # 2) Ray, MLflow
     if started_here:
-        start_ray(address, spec.resources)
+        try:
+            start_ray(address, spec.resources)
+        except BaseException:
+            release_driver_lock(lock)
+            raise
     sweep_records = None
     try:
-        if started_here and address:  # trials may land on other nodes: what they share must be shared
-            check_storage_is_shared(experiment)
         data_ref = ray.put(data)  # trials and the reference task read the validated, tokenised data from here
         # 3) the reference pass, overlapping Tune's start
         REFERENCE_FAILED.clear()  # an earlier sweep's failed reference task (this process) must not stop this one
@@ -187,11 +193,14 @@ def run_sweep(experiment: Experiment, *, address: str | None = None, resume: boo
         tracking_uri = tracking_uri_when_ready()
         if tracking_uri:
             sweep_records = open_sweep_run(experiment, tracking_uri, resume)
+            if resume and layout.metric_journals is not None:  # points the killed driver's trials never delivered
+                replay_journals(tracking_uri, layout.metric_journals)
         if reference is not None:
             reference.watch()
         # 4) the trials
         tracking = TrialTracking(sweep_records.uri, sweep_records.experiment_id, sweep_records.parent_run_id,
-                                 sweep_records.sweep) if sweep_records else None
+                                 sweep_records.sweep, journal_dir=None if layout.metric_journals is None
+                                 else str(layout.metric_journals)) if sweep_records else None
         shared = SharedRefs(data=data_ref, reference_ready=reference.ref if reference else None)
         results = build_tuner(experiment, resume, tracking, shared).fit()
         # 5) the summary
@@ -207,6 +216,7 @@ def run_sweep(experiment: Experiment, *, address: str | None = None, resume: boo
     finally:
         if started_here:
             ray.shutdown()
+        release_driver_lock(lock)
     if layout.summary_file is not None:
         from orchestrator.redaction import redact
 
