@@ -6,7 +6,8 @@ method runs unbound on a stand-in trainer (only the attributes it reads) and a s
 makes it. The reference log-probs go in precomputed, from TRL's own `compute_ref_log_probs` (so LD-DPO's
 reference side is TRL's too). TRL returns only the mean loss; its per-pair losses and rewards are read
 from `_compute_loss`'s locals when it returns (a profile hook). SimPO is checked against
-`CPOTrainer.cpo_loss`. Skipped when trl (the `bench` extra, trl >= 1.0) is not installed.
+`CPOTrainer.cpo_loss`. trl is in the `test` extra (pinned to 1.16.*), so these run in CI; skipped only
+where trl is not installed.
 
 Run: `python -m pytest tests/test_losses_trl.py -q`.
 """
@@ -23,7 +24,7 @@ import torch
 
 try:
     from trl.trainer.dpo_trainer import DPOTrainer
-except ImportError as error:  # not installed (it is in the bench extra, not in test), or broken
+except ImportError as error:  # not installed (it is in the test extra), or broken
     pytest.skip(f"trl is not importable: {error}", allow_module_level=True)
 
 from trainables.loss_options import (  # noqa: E402

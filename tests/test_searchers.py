@@ -61,7 +61,7 @@ def betas_of_rounds(searcher, new_id, outcomes) -> list[float]:
 
 
 @pytest.mark.parametrize(
-    ("task", "start", "bounds"), [(None, 0.1, (0.05, 1.0)), ("simple", 0.5, (0.5, 1.0)), ("complex", 0.1, (0.1, 0.3))]
+    ("task", "start", "bounds"), [(None, 0.1, (0.005, 1.0)), ("simple", 0.5, (0.5, 1.0)), ("complex", 0.1, (0.1, 0.3))]
 )
 def test_first_round_starts_at_the_task_prior(task, start, bounds) -> None:
     searcher = IncrementalBetaSearcher(IncrementalBetaSettings(task=task))
@@ -109,12 +109,95 @@ def test_raise_kl_weight_back_off_keeps_beta_and_multiplies_kl_weights() -> None
 
 def test_metric_drop_backs_off_even_when_the_loss_is_stable() -> None:
     searcher, new_id = IncrementalBetaSearcher(IncrementalBetaSettings(step=0.2)), TrialIds()
-    betas = betas_of_rounds(searcher, new_id, [(0.60, STABLE_LOSSES), (0.55, STABLE_LOSSES)])
-    assert betas == [0.1, 0.3]
-    dropped = searcher.decisions()[1]
-    assert dropped["stable"] and dropped["action"] == "back_off_halve_step"
-    assert "metric dropped below the best so far 0.6" in dropped["reason"]
-    assert searcher.suggest(new_id())["beta"] == 0.2
+    betas = betas_of_rounds(searcher, new_id, [(0.60, STABLE_LOSSES), (0.65, STABLE_LOSSES), (0.55, STABLE_LOSSES)])
+    assert betas == [0.1, 0.3, 0.5]
+    dropped = searcher.decisions()[2]
+    assert dropped["stable"] and dropped["action"] == "back_off_halve_step"  # a later climb: half a step back
+    assert "metric dropped below the best so far 0.65" in dropped["reason"]
+    assert searcher.suggest(new_id())["beta"] == 0.4
+
+
+def test_a_failed_first_climb_explores_downward_geometrically_to_the_end() -> None:
+    """0.1 -> 0.2 drops: 0.05, 0.02, 0.01, 0.005 are tried in turn (each improving), then it stops."""
+    searcher, new_id = IncrementalBetaSearcher(IncrementalBetaSettings(patience=1)), TrialIds()
+    outcomes = [(0.60, STABLE_LOSSES), (0.55, STABLE_LOSSES)] + [(0.61 + 0.01 * i, STABLE_LOSSES) for i in range(4)]
+    betas = betas_of_rounds(searcher, new_id, outcomes)
+    assert betas == [0.1, 0.2, 0.05, 0.02, 0.01, 0.005]  # patience 1 does not cut the exploration short
+    actions = [entry["action"] for entry in searcher.decisions()]
+    assert actions == ["climb", "explore_down", "explore_down", "explore_down", "explore_down", "stop"]
+    assert "on the first climb from the start 0.1" in searcher.decisions()[1]["reason"]
+    assert "then 0.02, 0.01, 0.005" in searcher.decisions()[1]["reason"]
+    assert "downward exploration reached 0.005 (best beta 0.005)" in searcher.finish_reason
+    assert searcher.best["beta"] == 0.005 and searcher.suggest(new_id()) == Searcher.FINISHED
+
+
+def test_downward_exploration_stops_once_the_optimum_is_bracketed() -> None:
+    """0.02 improves on 0.1, 0.01 does not: the best (0.02) lies between; no need to try 0.005."""
+    searcher, new_id = IncrementalBetaSearcher(), TrialIds()
+    outcomes = [(0.60, STABLE_LOSSES), (0.50, OSCILLATING_LOSSES), (0.58, STABLE_LOSSES), (0.66, STABLE_LOSSES),
+                (0.64, STABLE_LOSSES)]
+    betas = betas_of_rounds(searcher, new_id, outcomes)
+    assert betas == [0.1, 0.2, 0.05, 0.02, 0.01]
+    assert "unstable on the first climb" in searcher.decisions()[1]["reason"]
+    assert "explore downward: try beta 0.02" in searcher.decisions()[2]["reason"]  # 0.05 did not improve: go on
+    assert "improved: try beta 0.01" in searcher.decisions()[3]["reason"]
+    assert searcher.decisions()[4]["action"] == "stop" and "0.02 is bracketed" in searcher.finish_reason
+    assert searcher.best["beta"] == 0.02
+
+
+def test_an_unstable_start_round_explores_downward_and_respects_min_beta() -> None:
+    settings = IncrementalBetaSettings(min_beta=0.02)
+    searcher, new_id = IncrementalBetaSearcher(settings), TrialIds()
+    betas = betas_of_rounds(searcher, new_id, [(0.6, OSCILLATING_LOSSES), (0.55, OSCILLATING_LOSSES),
+                                               (0.57, STABLE_LOSSES)])
+    assert betas == [0.1, 0.05, 0.02]  # 0.01 and 0.005 lie below min_beta
+    assert searcher.decisions()[0]["action"] == "explore_down"
+    assert "downward exploration reached 0.02 (best beta 0.02)" in searcher.finish_reason
+
+
+def test_no_downward_exploration_when_switched_off_or_raising_kl_weight() -> None:
+    off = IncrementalBetaSearcher(IncrementalBetaSettings(explore_down=False, step=0.2))
+    new_id = TrialIds()
+    assert betas_of_rounds(off, new_id, [(0.60, STABLE_LOSSES), (0.55, STABLE_LOSSES)]) == [0.1, 0.3]
+    assert off.decisions()[1]["action"] == "back_off_halve_step" and off.suggest(new_id())["beta"] == 0.2
+    raising = IncrementalBetaSearcher(IncrementalBetaSettings(backoff="raise_kl_weight"))
+    betas_of_rounds(raising, new_id, [(0.60, STABLE_LOSSES), (0.55, STABLE_LOSSES)])
+    assert raising.decisions()[1]["action"] == "back_off_raise_kl_weight"
+
+
+def test_max_rounds_ends_a_downward_exploration() -> None:
+    searcher, new_id = IncrementalBetaSearcher(IncrementalBetaSettings(max_rounds=3)), TrialIds()
+    betas_of_rounds(searcher, new_id, [(0.60, STABLE_LOSSES), (0.55, STABLE_LOSSES), (0.61, STABLE_LOSSES)])
+    assert searcher.decisions()[2]["action"] == "stop" and "reached max_rounds 3" in searcher.finish_reason
+
+
+@pytest.mark.parametrize(("loss", "start", "step", "down"), [
+    ("sigmoid", 0.1, 0.1, [0.05, 0.02, 0.01, 0.005]),
+    ("ipo", 0.01, 0.01, [0.005, 0.002, 0.001, 0.0005]),
+    ("simpo", 2.0, 2.0, [1.0, 0.4, 0.2, 0.1]),
+    (("sigmoid_norm", "sft"), 2.0, 2.0, [1.0, 0.4, 0.2, 0.1]),
+    (("sft", "ipo"), 0.01, 0.01, [0.005, 0.002, 0.001, 0.0005]),
+])
+def test_per_loss_beta_priors_scale_the_start_bounds_and_step(loss, start, step, down) -> None:
+    from orchestrator.config.incremental import SIGMOID_SCALE, beta_prior
+
+    settings = IncrementalBetaSettings(beta_scale=beta_prior(loss) / SIGMOID_SCALE)
+    assert (settings.start_beta, settings.beta_step, settings.downward_betas()) == (start, step, down)
+    assert settings.max_beta == pytest.approx(10 * start)
+    searcher, new_id = IncrementalBetaSearcher(settings), TrialIds()
+    assert betas_of_rounds(searcher, new_id, [(0.6, STABLE_LOSSES), (0.7, STABLE_LOSSES)]) == [start, start + step]
+    assert searcher.decisions()[0]["reason"].endswith(f"climb by step {step:g}")
+
+
+def test_downward_state_survives_save_and_restore(tmp_path) -> None:
+    searcher, new_id = IncrementalBetaSearcher(), TrialIds()
+    betas_of_rounds(searcher, new_id, [(0.60, STABLE_LOSSES), (0.55, STABLE_LOSSES)])
+    path = tmp_path / "state.json"
+    searcher.save(str(path))
+    restored = IncrementalBetaSearcher()
+    restored.restore(str(path))
+    assert restored.down_betas == [0.02, 0.01, 0.005] and restored.beta == 0.05
+    assert betas_of_rounds(restored, new_id, [(0.61, STABLE_LOSSES), (0.62, STABLE_LOSSES)]) == [0.05, 0.02]
 
 
 def test_stops_after_patience_rounds_without_improvement() -> None:
@@ -164,7 +247,7 @@ def test_the_best_trial_decides_stability_and_failed_trials_do_not_count() -> No
     searcher.on_trial_complete(third, None, error=True)
     entry = searcher.decisions()[0]
     assert entry["best_trial_id"] == second and not entry["stable"]
-    assert entry["action"] == "back_off_halve_step"
+    assert entry["action"] == "explore_down"  # the start round failed: downward, 0.1 -> 0.05
 
 
 def test_a_round_without_a_finite_metric_is_unstable() -> None:
@@ -254,3 +337,63 @@ def test_grid_and_random_search_spaces() -> None:
         grid_or_random_search_space({"min": 0.1, "max": 0.5}, 0.0, 1e-4, "grid")
     with pytest.raises(ValueError, match="min < max"):
         grid_or_random_search_space({"min": 0.5, "max": 0.1}, 0.0, 1e-4, "random")
+
+
+def test_loss_is_a_categorical_dimension_of_grid_random_and_optuna_spaces() -> None:
+    grid = grid_or_random_search_space(None, 0.0, 1e-4, "grid", loss=("sigmoid", "ipo", "sigmoid_norm"))
+    assert grid == {"loss": {"grid_search": ["sigmoid", "ipo", "sigmoid_norm"]}, "kl_weight": 0.0, "learning_rate": 1e-4}
+    with_beta = grid_or_random_search_space([0.1, 0.2], 0.0, 1e-4, "grid", loss=("sigmoid", "ipo"))
+    assert with_beta["beta"] == {"grid_search": [0.1, 0.2]}  # given betas are crossed with every loss
+    random = grid_or_random_search_space(None, 0.0, 1e-4, "random", loss=("sigmoid", "simpo"))
+    assert isinstance(random["loss"], Domain) and "beta" not in random
+    assert {random["loss"].sample() for _ in range(50)} == {"sigmoid", "simpo"}
+    with pytest.raises(ValueError, match="null is not a finite number"):
+        grid_or_random_search_space(None, 0.0, 1e-4, "grid")  # no loss dimension: beta is required
+    optuna = pytest.importorskip("ray.tune.search.optuna")
+    converted = optuna.OptunaSearch.convert_search_space(random)
+    assert set(converted["loss"].choices) == {"sigmoid", "simpo"}  # an optuna categorical
+
+
+def sweep_config(tmp_path, **sweep):
+    from orchestrator.config.schema import ExperimentConfig
+
+    return ExperimentConfig.model_validate({"name": "s", "model": {"path": str(tmp_path)}, "data": {"train": "t.jsonl"},
+                                            "sweep": sweep})
+
+
+def test_sweep_loss_trials_take_their_loss_prior_beta_and_reference(tmp_path) -> None:
+    from orchestrator.config.spec import resolve_experiment
+
+    config = sweep_config(tmp_path, strategy="grid", loss=["sigmoid", "ipo", "simpo"])
+    experiment = resolve_experiment(config)
+    assert experiment.sweep.loss == ("sigmoid", "ipo", "simpo") and experiment.sweep.beta is None
+    assert config.reference.mode == "precomputed"  # sigmoid and ipo need the reference cache
+    by_loss = {name: experiment.run.for_trial({"loss": name, "learning_rate": 1e-3}) for name in ("sigmoid", "ipo", "simpo")}
+    assert {name: spec.preference.beta for name, spec in by_loss.items()} == {"sigmoid": 0.1, "ipo": 0.01, "simpo": 2.0}
+    assert by_loss["simpo"].preference.reference_mode == "none" and by_loss["ipo"].preference.reference_mode == "precomputed"
+    params = by_loss["ipo"].param_dict()
+    assert (params["dpo.loss"], params["dpo.beta"], params["train.learning_rate"]) == ("ipo", 0.01, 1e-3)
+    assert experiment.run.for_trial({"loss": "ipo", "beta": 0.3}).preference.beta == 0.3  # searched beta wins
+
+
+@pytest.mark.parametrize(("sweep", "message"), [
+    (dict(strategy="incremental_beta", loss=["sigmoid", "ipo"]), "keeps the loss fixed per sweep"),
+    (dict(strategy="grid", loss=[]), "non-empty list of distinct"),
+    (dict(strategy="grid", loss=["sigmoid", "sigmoid"]), "non-empty list of distinct"),
+    (dict(strategy="grid", loss=["sigmoid", "dpo"]), "sweep.loss: 'dpo' with the dpo.* options: dpo.loss: unknown"),
+    (dict(strategy="grid", loss=["cdpo"]), "sweep.loss: 'cdpo'.*label_smoothing"),
+])
+def test_bad_sweep_loss_is_refused_naming_the_key(tmp_path, sweep, message) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=message):
+        sweep_config(tmp_path, **sweep)
+
+
+def test_incremental_sweep_starts_at_its_loss_prior(tmp_path) -> None:
+    from orchestrator.config.spec import resolve_experiment
+
+    config = sweep_config(tmp_path)
+    config.dpo.loss = "sigmoid_norm"
+    settings = resolve_experiment(config).sweep.incremental
+    assert (settings.start_beta, settings.beta_step, settings.min_beta, settings.max_beta) == (2.0, 2.0, 0.1, 20.0)

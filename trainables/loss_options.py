@@ -11,7 +11,7 @@ per-token log-probs or a running state. The math is in trainables/loss_family.py
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 # TRL's DPOTrainer loss types (trl 1.16, DPOConfig.loss_type), then this engine's two extra names.
 TRL_LOSS_NAMES = (
@@ -62,6 +62,10 @@ class LossSpec:
     ld_alpha: float | None
     simpo_gamma: float
     discopop_tau: float
+
+    def with_names(self, names: tuple[str, ...]) -> "LossSpec":
+        """The same options with other loss names, each weighted 1 (a sweep's loss dimension)."""
+        return replace(self, names=tuple(names), weights=(1.0,) * len(names))
 
     @property
     def needs_reference(self) -> bool:

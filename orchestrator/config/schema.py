@@ -159,7 +159,8 @@ class SweepSection(Section):
     strategy: Literal["incremental_beta", "grid", "random", "optuna"] = Field("incremental_beta", description="How trials are proposed; incremental_beta: the procedure of docs/method.md")
     max_trials: int = Field(20, gt=0, le=MAX_TRIALS, description="Upper bound on trials (random/optuna: the number of samples)" + at_most(MAX_TRIALS))
     max_concurrent_trials: int | None = Field(None, gt=0, le=MAX_WORKERS, description="Trials running at once (default: as many as resources allow)" + at_most(MAX_WORKERS))
-    beta: SearchValues = Field(None, description="grid: list; random/optuna: list or {min, max, log}; incremental: unused (see start_beta)")
+    beta: SearchValues = Field(None, description="grid: list; random/optuna: list or {min, max, log}; incremental: unused (see start_beta); with sweep.loss and no beta: each loss's own prior (docs/sweeps.md)")
+    loss: list[str] | None = Field(None, description="grid: every loss of the list; random/optuna: a categorical choice (each with the dpo.* options); incremental: unused (the loss is dpo.loss, fixed per sweep)")
     kl_weight: SearchValues = Field(None, description="Values of lambda; incremental: the fan-out list of each round (default [dpo.kl_weight])")
     learning_rate: SearchValues = Field(None, description="Learning rates; incremental: the fan-out list of each round (default [train.learning_rate])")
     scheduler: Literal["none", "asha"] = Field("none", description="Early stopping of weak trials (ASHA on sweep.metric)")
@@ -228,13 +229,37 @@ class ExperimentConfig(Section):
             raise ValueError("use letters, digits, '.', '_' and '-' only (it names folders and MLflow experiments)")
         return value
 
+    def _swept_losses(self) -> list[LossSpec]:
+        """The LossSpec of each name of sweep.loss (dpo.loss with that name), each checked; [] without sweep.loss."""
+        names = self.sweep.loss
+        if names is None:
+            return []
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"sweep.loss: give a non-empty list of distinct loss names, got {names}")
+        if self.sweep.strategy == "incremental_beta" and names != [self.dpo.loss]:
+            raise ValueError(f"sweep.loss: the incremental procedure keeps the loss fixed per sweep (dpo.loss); "
+                             f"compare losses with sweep.strategy grid, random or optuna, got {names}")
+        specs = []
+        for name in names:
+            spec = self.dpo.loss_spec().with_names((name,))
+            try:
+                check_loss_spec(spec)
+            except ValueError as error:
+                raise ValueError(f"sweep.loss: {name!r} with the dpo.* options: {error}") from None
+            if self.dpo.kl_weight > 0 and not spec.needs_reference:
+                raise ValueError(f"sweep.loss: {name!r} is reference-free, but dpo.kl_weight is {self.dpo.kl_weight}: "
+                                 f"set it to 0 or leave {name!r} out")
+            specs.append(spec)
+        return specs
+
     @model_validator(mode="after")
     def _consistent(self) -> "ExperimentConfig":
         if self.dpo.kl_estimator == "exact" and self.reference.mode != "live":
             raise ValueError("dpo.kl_estimator: exact needs reference.mode: live (cached log-probs hold no full distributions)")
         loss = self.dpo.loss_spec()
         check_loss_spec(loss)  # messages name the dpo.* keys
-        if not loss.needs_reference:
+        swept = self._swept_losses()
+        if not loss.needs_reference and not any(spec.needs_reference for spec in swept):
             # Reference-free losses (simpo, sft) read no reference log-probs: no reference model, no cache.
             reason = f"dpo.loss {'+'.join(loss.names)} is reference-free: there is no reference"
             if self.dpo.kl_weight > 0:

@@ -18,11 +18,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from orchestrator.config.incremental import IncrementalBetaSettings, settings_from_sweep
+from orchestrator.config.incremental import IncrementalBetaSettings, beta_prior, settings_from_sweep
 from orchestrator.config.layout import DEFAULT_REFERENCE_CACHE, StorageLayout
 from orchestrator.config.schema import ExperimentConfig
 from orchestrator.errors import ConfigError
-from orchestrator.tracking.schema import SEARCHED_PARAMS
+from orchestrator.tracking.schema import LOSS_PARAM, SEARCHED_PARAMS
 from trainables.settings import DataArgs, LoopSettings, ModelArgs, PreferenceArgs, RuntimeArgs
 
 SearchValues = Any  # a number, a tuple of numbers, or a {min, max, log} range (validated by the schema)
@@ -67,11 +67,21 @@ class RunSpec:
         return dict(self.params)
 
     def for_trial(self, trial_config: Mapping[str, Any]) -> "RunSpec":
-        """This spec with a trial's searched values (beta, kl_weight, learning_rate) in place."""
+        """This spec with a trial's searched values (beta, kl_weight, learning_rate, loss) in place.
+
+        A trial with a `loss` of its own (sweep.loss) runs it with the dpo.* options, without a reference when
+        it is reference-free, and at its loss's prior beta (beta_prior) when the sweep searches no beta."""
         values = {key: float(trial_config[key]) for key in SEARCHED_PARAMS if key in trial_config}
-        preference = replace(self.preference, **{k: v for k, v in values.items() if k in ("beta", "kl_weight")})
+        preference, extra = self.preference, {}
+        if "loss" in trial_config:
+            loss = preference.loss.with_names((str(trial_config["loss"]),))
+            values.setdefault("beta", beta_prior(loss.names))
+            preference = replace(preference, loss=loss,
+                                 reference_mode=preference.reference_mode if loss.needs_reference else "none")
+            extra = {LOSS_PARAM: loss.names[0], "reference.mode": preference.reference_mode}
+        preference = replace(preference, **{k: v for k, v in values.items() if k in ("beta", "kl_weight")})
         loop = replace(self.loop, learning_rate=values.get("learning_rate", self.loop.learning_rate))
-        params = {**self.param_dict(), **{SEARCHED_PARAMS[key]: value for key, value in values.items()}}
+        params = {**self.param_dict(), **{SEARCHED_PARAMS[key]: value for key, value in values.items()}, **extra}
         return replace(self, preference=preference, loop=loop, params=tuple(params.items()))
 
     def on_worker(self, *, output_dir: str, device: str, resume_from: str | None) -> "RunSpec":
@@ -93,6 +103,7 @@ class SweepSpec:
     beta: SearchValues
     kl_weight: SearchValues
     learning_rate: SearchValues
+    loss: tuple[str, ...] | None  # sweep.loss: the loss dimension (grid/random/optuna); None: dpo.loss for all
     incremental: IncrementalBetaSettings | None  # strategy incremental_beta only
     trial_mode: str  # warm: the engine in Tune's reused trial actor; train: a TorchTrainer per trial
 
@@ -223,16 +234,19 @@ def trial_mode(config: ExperimentConfig) -> str:
 
 def _sweep(config: ExperimentConfig) -> SweepSpec:
     sweep = config.sweep
-    beta = sweep.beta if sweep.beta is not None else config.dpo.beta
+    # With a loss dimension and no beta values, each trial takes its loss's prior beta (RunSpec.for_trial).
+    searched_losses = tuple(sweep.loss) if sweep.loss is not None and sweep.strategy != "incremental_beta" else None
+    beta = sweep.beta if sweep.beta is not None or searched_losses else config.dpo.beta
     kl_weight = sweep.kl_weight if sweep.kl_weight is not None else config.dpo.kl_weight
     learning_rate = sweep.learning_rate if sweep.learning_rate is not None else config.train.learning_rate
     as_tuple = lambda value: tuple(float(v) for v in (value if isinstance(value, list) else [value]))
     incremental = None
     if sweep.strategy == "incremental_beta":
-        incremental = settings_from_sweep(sweep, learning_rates=as_tuple(learning_rate), kl_weights=as_tuple(kl_weight))
+        incremental = settings_from_sweep(sweep, learning_rates=as_tuple(learning_rate), kl_weights=as_tuple(kl_weight),
+                                          loss_names=config.dpo.loss_spec().names)
     return SweepSpec(strategy=sweep.strategy, metric=sweep.metric, mode=sweep.mode, scheduler=sweep.scheduler,
                      max_trials=sweep.max_trials, max_concurrent_trials=sweep.max_concurrent_trials, beta=beta,
-                     kl_weight=kl_weight, learning_rate=learning_rate, incremental=incremental,
+                     kl_weight=kl_weight, learning_rate=learning_rate, loss=searched_losses, incremental=incremental,
                      trial_mode=trial_mode(config))
 
 

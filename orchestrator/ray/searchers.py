@@ -1,13 +1,19 @@
 """Beta searchers for Ray Tune: the incremental beta procedure (docs/method.md), and grid/random spaces.
 
 `IncrementalBetaSearcher` tunes beta in rounds as docs/method.md describes ("start at 0.1, raise by
-0.1-0.2 per round; when the loss oscillates or performance drops, lower beta or raise lambda"). A
-round trains one trial per (learning_rate, kl_weight) pair at one beta, concurrently; its result is
+0.1-0.2 per round; when the loss oscillates or performance drops, lower beta or raise lambda"), on the
+scale of the sweep's loss (orchestrator/config/incremental.py: beta_prior; 0.01 for ipo, 2 for simpo
+and sigmoid_norm, with the bounds and the step scaled alike). A round trains one trial per
+(learning_rate, kl_weight) pair at one beta, concurrently (the learning-rate fan-out); its result is
 its best trial by the metric. A stable round (analysis/stability.py) that beats the best metric so
-far climbs: beta += step. An unstable round, or one whose metric dropped, backs off: beta -= step / 2
-("halve_step") or kl_weight *= kl_weight_factor ("raise_kl_weight"), and never climbs to the failing
-beta again. It stops after `patience` rounds in a row without improvement, at the upper bound, when
-the next beta would reach a failing one, when no untried beta is left, or after `max_rounds`. Every
+far climbs: beta += step. When the start round or the first climb from it fails (unstable, or the
+metric dropped) and the back-off is "halve_step", the procedure explores downward on a geometric scale
+(start x 0.5, 0.2, 0.1, 0.05: 0.1 -> 0.05, 0.02, 0.01, 0.005), where the published optima of DPO sit,
+until the list is done or a lower beta stops improving after one that did. A later unstable or dropped
+round backs off: beta -= step / 2 ("halve_step") or kl_weight *= kl_weight_factor ("raise_kl_weight"),
+and never climbs to the failing beta again. It stops after `patience` rounds in a row without
+improvement (outside the downward exploration), at the upper bound, when the next beta would reach a
+failing one, when no untried beta is left, or after `max_rounds`. Every
 decision is logged (`decisions()`); each suggested config carries its reason. Use it with
 `tune.TuneConfig(search_alg=IncrementalBetaSearcher(...), num_samples=-1)`; its state is JSON and
 survives `Tuner.restore`. Tested by `python -m pytest tests/test_searchers.py -q`.
@@ -44,7 +50,7 @@ class IncrementalBetaSearcher(Searcher):
     _STATE_FIELDS = (
         "round_number", "beta", "kl_weights", "decision", "handed_out", "round_trials",
         "finished_trials", "loss_values", "best", "tried_betas", "ceiling_beta",
-        "non_improving_rounds", "finished", "finish_reason", "decision_log",
+        "non_improving_rounds", "finished", "finish_reason", "decision_log", "down_betas", "down_improved",
     )
 
     def __init__(
@@ -74,6 +80,8 @@ class IncrementalBetaSearcher(Searcher):
         self.finished = False
         self.finish_reason = ""
         self.decision_log: list[dict[str, Any]] = []
+        self.down_betas: list[float] | None = None  # downward exploration: the betas still to try (None: not begun)
+        self.down_improved = False  # a round of the downward exploration improved on the best so far
 
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
         """Take metric/mode from TuneConfig; refuse a param_space that also searches beta & co."""
@@ -238,25 +246,37 @@ class IncrementalBetaSearcher(Searcher):
 
         next_beta: float | None = self.beta
         earlier = "no earlier round" if best_so_far is None else f"the best so far {best_so_far:g}"
+        failed = not stable or dropped
+        exploring = self.down_betas is not None
         if improved:
             best_config = self.round_trials[entry["best_trial_id"]]
             self.best = {"beta": self.beta, "metric": metric, "trial_id": entry["best_trial_id"],
                          "learning_rate": best_config["learning_rate"], "kl_weight": best_config["kl_weight"],
                          "round": self.round_number}
             self.non_improving_rounds = 0
-            action, next_beta, reason = self._climb(f"{seen}; improved on {earlier}")
-        elif not stable or dropped:
+        else:
             self.non_improving_rounds += 1
+        if exploring:
+            action, next_beta, reason = self._explore_down(seen, improved, earlier)
+        elif failed and self._first_climb() and s.explore_down and s.backoff == "halve_step" and s.downward_betas():
+            self.ceiling_beta = self.beta if self.ceiling_beta is None else min(self.ceiling_beta, self.beta)
+            self.down_betas = [beta for beta in s.downward_betas() if beta not in self.tried_betas]
+            cause = "unstable" if not stable else f"metric dropped below {earlier}"
+            action, next_beta, reason = self._explore_down(f"{seen}; {cause} on the first climb from the start "
+                                                           f"{s.start_beta:g}", False, earlier)
+        elif improved:
+            action, next_beta, reason = self._climb(f"{seen}; improved on {earlier}")
+        elif failed:
             cause = "unstable" if not stable else f"metric dropped below {earlier}"
             self.ceiling_beta = self.beta if self.ceiling_beta is None else min(self.ceiling_beta, self.beta)
             action, next_beta, reason = self._back_off(f"{seen}; {cause}")
         else:
-            self.non_improving_rounds += 1
             action, next_beta, reason = self._climb(f"{seen}; stable but no improvement on {earlier}")
-        if action != "stop" and self.non_improving_rounds >= s.patience:
+        # patience does not cut the downward exploration short: it runs its list (or stops on its own rule)
+        if action != "stop" and self.down_betas is None and self.non_improving_rounds >= s.patience:
             action = "stop"
             reason = f"{seen}; {self.non_improving_rounds} rounds without improvement (patience {s.patience})"
-        elif action != "stop" and self.round_number >= s.max_rounds:
+        if action != "stop" and self.round_number >= s.max_rounds:
             action, reason = "stop", f"{seen}; reached max_rounds {s.max_rounds}"
         entry.update(action=action, reason=reason, next_beta=None if action == "stop" else next_beta,
                      next_kl_weights=None if action == "stop" else list(self.kl_weights))
@@ -271,16 +291,37 @@ class IncrementalBetaSearcher(Searcher):
         self.decision = f"round {self.round_number}: {action} -> beta {next_beta:g}; {reason}"
         self.handed_out, self.round_trials, self.finished_trials, self.loss_values = 0, {}, {}, {}
 
+    def _first_climb(self) -> bool:
+        """This round is the start round, or the first climb from it (round 2 after round 1 climbed)."""
+        if self.round_number == 1:
+            return True
+        return self.round_number == 2 and self.decision_log[-1]["action"] == "climb"
+
+    def _explore_down(self, seen: str, improved: bool, earlier: str) -> tuple[str, float | None, str]:
+        """The downward exploration: the next beta of start * DOWNWARD_FACTORS, until the list is done or a
+        lower beta, after one that improved, no longer does (the optimum is then bracketed)."""
+        if self.down_improved and not improved:
+            return "stop", None, (f"{seen}; no improvement on {earlier} one step further down: the best beta "
+                                  f"{self.best['beta']:g} is bracketed, downward exploration done")
+        self.down_improved = self.down_improved or improved
+        if not self.down_betas:
+            best = "no stable round" if self.best is None else f"best beta {self.best['beta']:g}"
+            return "stop", None, f"{seen}; downward exploration reached {self.settings.min_beta:g} ({best})"
+        target = self.down_betas.pop(0)
+        remaining = ", ".join(f"{beta:g}" for beta in self.down_betas) or "none"
+        verdict = "improved" if improved else "explore downward"
+        return "explore_down", target, f"{seen}; {verdict}: try beta {target:g} (then {remaining})"
+
     def _climb(self, seen: str) -> tuple[str, float | None, str]:
         s = self.settings
-        target = round(self.beta + s.step, BETA_DECIMALS)
+        target = round(self.beta + s.beta_step, BETA_DECIMALS)
         if self.ceiling_beta is not None and target >= self.ceiling_beta:
             return "stop", None, f"{seen}; the next beta {target:g} would reach the failing beta {self.ceiling_beta:g}"
         if target > s.max_beta:
             if self.beta < s.max_beta and s.max_beta not in self.tried_betas:
                 return "climb", s.max_beta, f"{seen}; climb to the upper bound {s.max_beta:g}"
             return "stop", None, f"{seen}; reached upper bound {s.max_beta:g}"
-        return "climb", target, f"{seen}; climb by step {s.step:g}"
+        return "climb", target, f"{seen}; climb by step {s.beta_step:g}"
 
     def _back_off(self, seen: str) -> tuple[str, float | None, str]:
         s = self.settings
@@ -289,7 +330,7 @@ class IncrementalBetaSearcher(Searcher):
                 round(max(kl_weight * s.kl_weight_factor, s.min_raised_kl_weight), 12) for kl_weight in self.kl_weights
             ]
             return "back_off_raise_kl_weight", self.beta, f"{seen}; keep beta, raise kl_weights to {self.kl_weights}"
-        target = round(max(self.beta - s.step / 2, s.min_beta), BETA_DECIMALS)
+        target = round(max(self.beta - s.beta_step / 2, s.min_beta), BETA_DECIMALS)
         if target in self.tried_betas:
             return "stop", None, (
                 f"{seen}; back-off target {target:g} (half a step down, lower bound {s.min_beta:g}) was already "
@@ -299,19 +340,28 @@ class IncrementalBetaSearcher(Searcher):
 
 
 def grid_or_random_search_space(
-    beta: Any, kl_weight: Any, learning_rate: Any, strategy: str
+    beta: Any, kl_weight: Any, learning_rate: Any, strategy: str, loss: tuple[str, ...] | None = None
 ) -> dict[str, Any]:
-    """A Tune param_space for beta, kl_weight, learning_rate from plain values.
+    """A Tune param_space for beta, kl_weight, learning_rate (and the loss) from plain values.
 
-    Each argument is a number (fixed), a list of values (grid: tune.grid_search; random:
+    Each number argument is a number (fixed), a list of values (grid: tune.grid_search; random:
     tune.choice), or, for strategy "random" only, a range {"min": a, "max": b, "log": bool}
     (tune.loguniform when log is true, else tune.uniform). The values are checked by the same rule
-    the config applies (orchestrator/config/search_values.py).
+    the config applies (orchestrator/config/search_values.py). loss: the names of sweep.loss, a
+    categorical dimension (grid: every name; random/optuna: a choice); with it, beta None leaves beta out
+    of the space, and each trial takes its loss's prior beta (RunSpec.for_trial).
     """
     if strategy not in ("grid", "random"):
         raise ValueError(f"grid_or_random_search_space: strategy must be 'grid' or 'random', got {strategy!r}.")
     space: dict[str, Any] = {}
+    if loss is not None:
+        names = [str(name) for name in loss]
+        if not names:
+            raise ValueError("grid_or_random_search_space: loss needs at least one name")
+        space["loss"] = tune.grid_search(names) if strategy == "grid" else tune.choice(names)
     for name, value in (("beta", beta), ("kl_weight", kl_weight), ("learning_rate", learning_rate)):
+        if name == "beta" and value is None and loss is not None:
+            continue  # each loss's own prior beta
         check_search_values(name, value, strategy)
         if isinstance(value, Mapping):
             low, high = float(value["min"]), float(value["max"])

@@ -1,6 +1,7 @@
 """The Tuner of a sweep: Tune over the engine (warm trials) or over Ray Train (multi-worker trials).
 
-Tune proposes (beta, kl_weight, learning_rate) with the configured searcher. Each trial is a function
+Tune proposes (beta, kl_weight, learning_rate, and the loss when sweep.loss lists several) with the
+configured searcher. Each trial is a function
 trainable of orchestrator/ray/trial.py, chosen by the sweep's trial mode:
 - warm: `warm_trial` runs the engine in the trial actor, which reserves the trial's CPUs (and GPU share),
   so Tune runs as many trials at once as fit; the actor is reused by the next trial (no new Python, no new
@@ -28,9 +29,9 @@ def searcher_and_space(sweep: SweepSpec):
     if sweep.strategy == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        space = grid_or_random_search_space(sweep.beta, sweep.kl_weight, sweep.learning_rate, "random")
+        space = grid_or_random_search_space(sweep.beta, sweep.kl_weight, sweep.learning_rate, "random", sweep.loss)
         return OptunaSearch(metric=sweep.metric, mode=sweep.mode), space, sweep.max_trials
-    space = grid_or_random_search_space(sweep.beta, sweep.kl_weight, sweep.learning_rate, sweep.strategy)
+    space = grid_or_random_search_space(sweep.beta, sweep.kl_weight, sweep.learning_rate, sweep.strategy, sweep.loss)
     return None, space, 1 if sweep.strategy == "grid" else sweep.max_trials
 
 

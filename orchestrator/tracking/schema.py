@@ -59,6 +59,7 @@ TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
 # ---- params -------------------------------------------------------------------------------------------
 # What a sweep searches, as the trial config key -> the dotted param of the resolved config it sets.
 SEARCHED_PARAMS = {"beta": "dpo.beta", "kl_weight": "dpo.kl_weight", "learning_rate": "train.learning_rate"}
+LOSS_PARAM = "dpo.loss"  # the loss dimension of a sweep (sweep.loss): a name, not a number
 
 # ---- metrics ------------------------------------------------------------------------------------------
 LOSS_METRIC = "train/loss"
