@@ -152,7 +152,7 @@ def run_sweep(experiment: Experiment, *, address: str | None = None, resume: boo
     """The whole `dpo sweep` of a resolved experiment; returns the summary."""
     import ray
 
-    from orchestrator.ray.cluster import check_cluster_fits, local_resources, start_ray
+    from orchestrator.ray.cluster import check_cluster_fits, check_storage_is_shared, local_resources, start_ray
     from orchestrator.ray.reference_task import REFERENCE_FAILED, ReferenceTask
     from orchestrator.ray.trial import SharedRefs, TrialTracking
     from orchestrator.ray.tuner import build_tuner
@@ -185,6 +185,8 @@ def run_sweep(experiment: Experiment, *, address: str | None = None, resume: boo
             raise
     sweep_records = None
     try:
+        if started_here and address:  # trials may land on other nodes: what they share must be shared
+            check_storage_is_shared(experiment)
         data_ref = ray.put(data)  # trials and the reference task read the validated, tokenised data from here
         # 3) the reference pass, overlapping Tune's start
         REFERENCE_FAILED.clear()  # an earlier sweep's failed reference task (this process) must not stop this one
