@@ -101,6 +101,8 @@ def add_quickstart_arguments(parser: argparse.ArgumentParser) -> None:
     _add_source_arguments(parser, name_allowed=False)
     parser.add_argument("--out", default=None, help="export directory (default <output_dir>/model)")
     parser.add_argument("--address", default=None, help="Ray cluster to join (default: a local Ray on 127.0.0.1)")
+    parser.add_argument("--verbose", action="store_true", help="also show Ray's own logs and what its workers print "
+                        "(always kept in the sweep's console.log)")
     _add_model_output_arguments(parser)
 
 
@@ -230,26 +232,31 @@ def export(args: argparse.Namespace) -> int:
 def quickstart(args: argparse.Namespace) -> int:
     """sweep -> analyze -> export, then the four facts: chosen beta, report, exported directory, MLflow URL."""
     from orchestrator.config.spec import resolve_experiment
-    from orchestrator.workflows.sweep import print_summary, run_sweep
+    from orchestrator.console import print_sweep_summary, runs_view_url, sweep_session
+    from orchestrator.workflows.sweep import run_sweep
 
     selection_rule(args)  # the rule's options are checked before anything is read or started
     source = resolve_source(args, require_records=False)
     config = source.config
     if not config.tracking.enabled:
         raise ConfigError("tracking.enabled: quickstart reads the sweep back from MLflow; set it to true")
-    print_summary(run_sweep(resolve_experiment(config), address=args.address))
-    analysis = run_analyze(source, args)
-    print(redact_text("\n".join(analysis.lines())))
-    if analysis.selection.chosen is None:
-        return 1
-    out = args.out or str(Path(str(config.output_dir)) / "model")
-    exported = run_export(source, args, out, sweep=analysis.sweep)
-    print_export(exported)
+    experiment = resolve_experiment(config)
+    with sweep_session(experiment, verbose=args.verbose) as console:  # MLflow's and Ray's INFO: console.log
+        summary = run_sweep(experiment, address=args.address, console=console)
+        print_sweep_summary(summary)
+        analysis = run_analyze(source, args)
+        print(redact_text("\n".join(analysis.lines())))
+        if analysis.selection.chosen is None:
+            return 1
+        out = args.out or str(Path(str(config.output_dir)) / "model")
+        exported = run_export(source, args, out, sweep=analysis.sweep)
+        print_export(exported)
     chosen = analysis.selection.chosen
     print("")
     print(f"chosen beta:    {chosen['beta']:g} (kl_weight {chosen['kl_weight']:g}, learning_rate "
           f"{chosen['learning_rate']:g}, trial {chosen['trial_id']})")
     print(f"report:         {analysis.report.html}")
     print(f"exported model: {exported.directory}")
-    print(f"MLflow:         {redact_text(analysis.run_url())}")
+    print(f"MLflow runs:    {redact_text(str(runs_view_url(analysis.sweep.uri, analysis.sweep.experiment_id)))}")
+    print(f"chosen run:     {redact_text(analysis.run_url())}")
     return 0

@@ -68,6 +68,12 @@ def add_cluster_arguments(parser: argparse.ArgumentParser, resume_help: str) -> 
     parser.add_argument("--address", default=None,
                         help="Ray cluster to join: auto or ray://host:10001 (default: start a local Ray on 127.0.0.1)")
     parser.add_argument("--resume", action="store_true", help=resume_help)
+    add_verbose_argument(parser)
+
+
+def add_verbose_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--verbose", action="store_true", help="also show Ray's own logs and what its workers print "
+                        "(always kept in the sweep's console.log)")
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
@@ -130,18 +136,27 @@ def sft(args: argparse.Namespace) -> int:
 def sweep(args: argparse.Namespace) -> int:
     from orchestrator.config import load_config
     from orchestrator.config.spec import resolve_experiment
-    from orchestrator.workflows.sweep import print_summary, run_sweep
+    from orchestrator.console import print_sweep_summary, sweep_session
+    from orchestrator.workflows.sweep import run_sweep
 
     experiment = resolve_experiment(load_config(args.config, args.overrides))
-    print_summary(run_sweep(experiment, address=args.address, resume=args.resume))
+    with sweep_session(experiment, verbose=args.verbose) as console:
+        summary = run_sweep(experiment, address=args.address, resume=args.resume, console=console)
+    print_sweep_summary(summary)
     return 0
 
 
 def study(args: argparse.Namespace) -> int:
     from orchestrator.config import load_config
-    from orchestrator.workflows.study import print_results, run_study
+    from orchestrator.console import quiet_session
+    from orchestrator.workflows.study import print_results, run_study, study_layout
 
-    print_results(run_study(load_config(args.config, args.overrides), address=args.address, resume=args.resume))
+    config = load_config(args.config, args.overrides)
+    log_file = study_layout(config).console_log
+    print(f"study {config.name}: Ray's logs go to {log_file}" + ("" if args.verbose else " (--verbose shows them)"))
+    with quiet_session(log_file, verbose=args.verbose, show=("orchestrator.workflows.study",)):
+        results = run_study(config, address=args.address, resume=args.resume)
+    print_results(results)
     return 0
 
 

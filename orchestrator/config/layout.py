@@ -124,6 +124,16 @@ class StorageLayout:
         return Path(f"{self.name}-analysis").resolve() if self.remote else Path(self.root) / "analysis"
 
     @property
+    def console_log(self) -> Path:
+        """console.log: Ray's and the workers' output of `dpo sweep|quickstart|study` (orchestrator/console.py)."""
+        return Path(f"{self.name}-console.log").resolve() if self.remote else Path(self.root) / "console.log"
+
+    @property
+    def config_file(self) -> Path | None:
+        """config.yaml: the sweep's resolved config (secrets redacted), compared on --resume (config_change.py)."""
+        return None if self.remote else Path(self.root) / "config.yaml"
+
+    @property
     def metric_journals(self) -> Path | None:
         """metric_journal/: each trial run's journal of metric points (orchestrator/tracking/metric_journal.py);
         None in object storage, where a file cannot be appended to."""

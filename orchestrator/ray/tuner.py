@@ -49,8 +49,9 @@ def build_trainable(experiment: Experiment, tracking: TrialTracking | None = Non
 
 
 def build_tuner(experiment: Experiment, resume: bool, tracking: TrialTracking | None = None,
-                shared: SharedRefs = SharedRefs()):
-    """The sweep's Tuner (restored from its folder on resume); shared: what every trial reads."""
+                shared: SharedRefs = SharedRefs(), console=None):
+    """The sweep's Tuner (restored from its folder on resume); shared: what every trial reads; console: a Tune
+    callback that replaces Tune's status table (orchestrator/console.py; a restored Tuner keeps its own)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -77,5 +78,6 @@ def build_tuner(experiment: Experiment, resume: bool, tracking: TrialTracking | 
             reuse_actors=True,  # the next trial runs in a finished one's actor: no new Python start-up or imports
         ),
         run_config=tune.RunConfig(name=layout.name, storage_path=layout.storage, failure_config=failure,
-                                  checkpoint_config=checkpoints, stop=reference_stopper()),
+                                  checkpoint_config=checkpoints, stop=reference_stopper(),
+                                  callbacks=[console] if console else None, verbose=0 if console else None),
     )

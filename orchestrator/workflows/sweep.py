@@ -148,8 +148,11 @@ def as_stored(experiment: Experiment) -> Experiment:
                    layout=replace(experiment.layout, trial_mode=stored))
 
 
-def run_sweep(experiment: Experiment, *, address: str | None = None, resume: bool = False) -> dict[str, Any]:
-    """The whole `dpo sweep` of a resolved experiment; returns the summary."""
+def run_sweep(experiment: Experiment, *, address: str | None = None, resume: bool = False,
+              force_config_change: bool = False,
+              console=None) -> dict[str, Any]:
+    """The whole `dpo sweep` of a resolved experiment; returns the summary. console: the Tune callback of
+    orchestrator/console.py that shows the trials (None: Tune's own status table)."""
     import ray
 
     from orchestrator.ray.cluster import check_cluster_fits, check_storage_is_shared, local_resources, start_ray
@@ -157,6 +160,8 @@ def run_sweep(experiment: Experiment, *, address: str | None = None, resume: boo
     from orchestrator.ray.trial import SharedRefs, TrialTracking
     from orchestrator.ray.tuner import build_tuner
     from orchestrator.tracking.metric_journal import replay_journals
+    from orchestrator.tracking.records import write_config_yaml
+    from orchestrator.workflows.config_change import check_resume_config
     from orchestrator.workflows.run_lock import release_driver_lock, take_driver_lock
     from trainables.entrypoints import load_preference_data
 
@@ -165,11 +170,17 @@ def run_sweep(experiment: Experiment, *, address: str | None = None, resume: boo
     # 1) Bad data fails first: before a server or Ray starts and before anything is written.
     data = load_preference_data(spec.model, spec.data)
     logger.info("data ok: %d training pairs, %d held-out pairs", len(data.train), len(data.eval))
+    from orchestrator.workflows.plan import refuse_unfit_sweep
+
+    refuse_unfit_sweep(experiment)  # a trial whose GPU it cannot fit (dpo plan) is refused before Ray starts
     if resume and not layout.exists():
         raise ConfigError(f"--resume: no sweep named {experiment.name!r} under {layout.storage} ({layout.root})")
     if resume:
         experiment = as_stored(experiment)
         layout = experiment.layout
+        if layout.config_file is not None:  # a result key changed since the sweep started: refused (or forced)
+            check_resume_config(layout.config_file, experiment.resolved_config(), force=force_config_change,
+                                command="dpo sweep --resume")
     started_here = not ray.is_initialized()
     if started_here and not address:
         check_cluster_fits(spec.resources, local_resources())  # a local Ray's size is known before it starts
@@ -185,6 +196,8 @@ def run_sweep(experiment: Experiment, *, address: str | None = None, resume: boo
             raise
     sweep_records = None
     try:
+        if layout.config_file is not None and (not resume or force_config_change or not layout.config_file.is_file()):
+            write_config_yaml(layout.config_file, experiment.resolved_config())  # what --resume compares with
         if started_here and address:  # trials may land on other nodes: what they share must be shared
             check_storage_is_shared(experiment)
         data_ref = ray.put(data)  # trials and the reference task read the validated, tokenised data from here
@@ -204,13 +217,14 @@ def run_sweep(experiment: Experiment, *, address: str | None = None, resume: boo
                                  sweep_records.sweep, journal_dir=None if layout.metric_journals is None
                                  else str(layout.metric_journals)) if sweep_records else None
         shared = SharedRefs(data=data_ref, reference_ready=reference.ref if reference else None)
-        results = build_tuner(experiment, resume, tracking, shared).fit()
+        results = build_tuner(experiment, resume, tracking, shared, console=console).fit()
         # 5) the summary
         cache_key = reference.result() if reference is not None else None  # raises the task's error, if any
         summary = summarize(results, experiment, cache_key)
         if sweep_records:
             close_sweep_run(sweep_records, summary, error=None)
-            summary["mlflow"] = {"uri": tracking_uri, "parent_run_id": sweep_records.parent_run_id}
+            summary["mlflow"] = {"uri": tracking_uri, "parent_run_id": sweep_records.parent_run_id,
+                                 "experiment_id": sweep_records.experiment_id}
     except BaseException as error:
         if sweep_records:
             close_sweep_run(sweep_records, None, error=f"{type(error).__name__}: {error}")
