@@ -161,10 +161,10 @@ def test_llama_2_7b_fits_8_x_80_gib_with_fsdp_and_checkpointing(llama_7b):
     assert fsdp["training_bytes_with_checkpointing"] < fsdp["usable_bytes"]
     from orchestrator.config.schema import TrainSection
 
-    if "gradient_checkpointing" in TrainSection.model_fields:  # the key of issue 18, once the schema has it
+    if "gradient_checkpointing" in TrainSection.model_fields:  # the key of issue 18
         configured = plan_json(llama_7b, "resources.num_workers=8", "resources.strategy=fsdp",
                                "train.gradient_checkpointing=true")
-        assert configured["fits"] is True and configured["per_gpu_bytes"] == plan.total
+        assert configured["fits"] is True and configured["training_bytes"] == plan.total
 
 
 def test_the_knobs_named_for_an_unfit_run_make_it_fit(llama_7b):
@@ -251,3 +251,60 @@ def test_reference_pass_is_within_25_percent_of_its_measured_peak(shape, bf16):
     measured, planned = plan_vs_measured.measure_reference_pass(shape, config, plan_vs_measured.StepSettings(bf16=bf16),
                                                                 pairs=16)
     assert 0.75 <= planned / measured <= 1.25, f"planned {planned}, measured {measured}"
+
+
+# ---- dpo sweep / dpo study refuse a trial that cannot fit, before Ray starts ---------------------------
+
+@pytest.fixture(scope="module")
+def tiny_gpu_experiment(tmp_path_factory) -> Path:
+    """A real tiny Llama and pairs (a sweep loads them first), with trials on a GPU that two of them share."""
+    from tests.tiny_world import build_model_dir, pair_rows, write_jsonl
+
+    root = tmp_path_factory.mktemp("plan-sweep")
+    model = build_model_dir(root / "model", "llama")
+    train = write_jsonl(root / "train.jsonl", pair_rows("explicit", 8, seed=1))
+    import yaml
+
+    path = write_experiment(root, model, data={"train": str(train), "max_length": 48},
+                            train={"batch_size": 4, "max_steps": 1},
+                            resources={"use_gpu": True, "gpus_per_worker": 0.5}, tracking={"enabled": False})
+    path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "storage_path": str(root / "runs")}))
+    return path
+
+
+def fake_gpu(monkeypatch, gib: float | None) -> None:
+    from orchestrator.workflows import plan
+
+    monkeypatch.setattr(plan, "local_gpu_memory_bytes", lambda: None if gib is None else int(gib * GIB))
+
+
+def test_sweep_refuses_a_trial_that_cannot_fit_the_gpu_before_ray_starts(tiny_gpu_experiment, monkeypatch):
+    import ray
+
+    from orchestrator.config.spec import resolve_experiment
+    from orchestrator.workflows.sweep import run_sweep
+
+    config = load_config(tiny_gpu_experiment, [])
+    peak = plan_config(config, 80).plan.peak
+    fake_gpu(monkeypatch, 1.5 * peak / 0.9 / GIB)  # the whole GPU would hold it; the half a trial gets does not
+    with pytest.raises(ConfigError, match=r"train\.micro_batch_size|train\.gradient_checkpointing") as error:
+        run_sweep(resolve_experiment(config))
+    assert "per GPU" in str(error.value)
+    assert not ray.is_initialized() and not (tiny_gpu_experiment.parent / "runs").exists()
+
+
+def test_trials_get_their_share_of_the_gpu_and_cpu_trials_are_not_planned(tiny_gpu_experiment, monkeypatch, caplog):
+    from orchestrator.workflows.plan import refuse_unfit_trials
+
+    config = load_config(tiny_gpu_experiment, [])
+    peak = plan_config(config, 80).plan.peak
+    fake_gpu(monkeypatch, 1.5 * peak / 0.9 / GIB)
+    assert refuse_unfit_trials(load_config(tiny_gpu_experiment, ["resources.gpus_per_worker=1"])).fits
+    with pytest.raises(ConfigError, match="usable of"):
+        refuse_unfit_trials(config)  # what `dpo study` calls with its config
+    fake_gpu(monkeypatch, 1e-6)
+    assert refuse_unfit_trials(load_config(tiny_gpu_experiment, ["resources.use_gpu=false"])) is None
+    fake_gpu(monkeypatch, None)  # no GPU on the driver: skipped, saying how to check
+    with caplog.at_level("INFO", logger="orchestrator.workflows.plan"):
+        assert refuse_unfit_trials(config) is None
+    assert "dpo plan" in caplog.text

@@ -15,9 +15,12 @@ prints the same as one object.
 
 What is read: model.path (and reference.path), model.dtype, model.lora, model.attn_implementation,
 data.max_length, train.batch_size, train.micro_batch_size, train.precision (auto: bf16, as on a GPU),
-train.gradient_checkpointing when the schema has it (otherwise both figures are shown and the verdict is
-for the engine without it), resources.num_workers, resources.strategy, reference.mode and batch_size.
-How the figures were checked against measured peaks: docs/memory-planning.md.
+train.gradient_checkpointing (the other figure is shown too), resources.num_workers, resources.strategy,
+reference.mode and batch_size. How the figures were checked against measured peaks: docs/memory-planning.md.
+
+`dpo sweep` and `dpo study` call `refuse_unfit_trials` before Ray starts: when the trials use a GPU and
+the driver can see one (its memory, times resources.gpus_per_worker when trials share it), a trial that
+cannot fit is refused with the knobs that would make it fit.
 """
 
 from __future__ import annotations
@@ -25,12 +28,15 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import logging
 import shlex
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from orchestrator.config.schema import ExperimentConfig
 from orchestrator.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 GIB = 1 << 30
 DEFAULT_GPU_GIB = 80.0
@@ -58,7 +64,7 @@ class PlanReport:
 
     config_name: str
     plan: Any  # trainables.memory_plan.MemoryPlan, as configured
-    checkpointing_configured: bool | None  # None: the schema has no train.gradient_checkpointing
+    checkpointing_configured: bool  # train.gradient_checkpointing
     other_checkpointing_bytes: int  # the training total with checkpointing flipped
     gpu_memory_bytes: int
     knobs: tuple[Knob, ...]
@@ -74,10 +80,9 @@ class PlanReport:
 
 # ---- config -> setup -> plan ----------------------------------------------------------------------
 
-def configured_checkpointing(config: ExperimentConfig) -> bool | None:
-    """train.gradient_checkpointing when the config schema has the key, else None."""
-    value = getattr(config.train, "gradient_checkpointing", None)
-    return None if value is None else bool(value)
+def configured_checkpointing(config: ExperimentConfig) -> bool:
+    """train.gradient_checkpointing (issue 18): whether the engine recomputes decoder layers in backward."""
+    return bool(config.train.gradient_checkpointing)
 
 
 def training_setup(config: ExperimentConfig):
@@ -96,7 +101,7 @@ def training_setup(config: ExperimentConfig):
         weight_dtype=config.model.dtype, lora_rank=lora.r if lora else None,
         lora_targets=(lora.target_modules if isinstance(lora.target_modules, str) else tuple(lora.target_modules))
         if lora else "all-linear",
-        gradient_checkpointing=bool(configured_checkpointing(config)), reference_mode=config.reference.mode,
+        gradient_checkpointing=configured_checkpointing(config), reference_mode=config.reference.mode,
         reference_is_policy=config.reference.mode == "live" and lora is not None and not config.reference.path,
         reference_batch_pairs=config.reference.batch_size, attn_implementation=config.model.attn_implementation,
         exact_kl=config.dpo.kl_estimator == "exact" and config.reference.mode == "live")
@@ -146,15 +151,47 @@ def refuse_if_unfit(config: ExperimentConfig, gpu_memory_gib: float = DEFAULT_GP
     return report
 
 
+def local_gpu_memory_bytes() -> int | None:
+    """Memory of the driver's first CUDA GPU (what nvidia-smi reports as total), or None without one."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return int(torch.cuda.get_device_properties(0).total_memory)
+
+
+def refuse_unfit_trials(config: ExperimentConfig) -> PlanReport | None:
+    """`dpo sweep` / `dpo study`, before Ray starts: plan one trial's worker when it uses a GPU and refuse it
+    (ConfigError naming the knobs) when it cannot fit. The GPU is the driver's own (a local sweep, or a
+    head node with the workers' GPU type); trials sharing a GPU (resources.gpus_per_worker < 1) get their
+    share of it. Without a GPU the driver can see, the plan is skipped with a line saying how to run it."""
+    resources = config.resources
+    if not resources.use_gpu:
+        return None
+    memory = local_gpu_memory_bytes()
+    if memory is None:
+        logger.info("no GPU on this machine to plan against: check that a trial fits with `dpo plan CONFIG "
+                    "--gpu-memory GIB` (the workers' GPU memory)")
+        return None
+    share = min(1.0, resources.gpus_per_worker) if resources.gpus_per_worker > 0 else 1.0
+    return refuse_if_unfit(config, memory * share / GIB)
+
+
+def refuse_unfit_sweep(experiment) -> PlanReport | None:
+    """refuse_unfit_trials for a resolved sweep (orchestrator.config.spec.Experiment): its trials' config."""
+    if not json.loads(experiment.config_json).get("resources", {}).get("use_gpu"):
+        return None
+    return refuse_unfit_trials(ExperimentConfig.model_validate(experiment.resolved_config()))
+
+
 # ---- knobs -----------------------------------------------------------------------------------------
 
 def _knob_options(config: ExperimentConfig, setup) -> dict[str, list[tuple[tuple[tuple[str, Any], ...], Callable, str]]]:
     """Each knob's candidate values, least change first: (config settings, setup transform, note)."""
     options: dict[str, list] = {}
     if not setup.gradient_checkpointing:
-        note = "" if configured_checkpointing(config) is not None else " (a key this config schema does not have yet)"
         options["checkpointing"] = [((("train.gradient_checkpointing", True),),
-                                     lambda s: replace(s, gradient_checkpointing=True), note)]
+                                     lambda s: replace(s, gradient_checkpointing=True), "")]
     options["micro_batch"] = [((("train.micro_batch_size", size),), lambda s, m=size: replace(s, micro_batch_pairs=m), "")
                               for size in _halvings(setup.micro_batch_pairs)]
     fsdp = []
@@ -264,8 +301,6 @@ def format_report(report: PlanReport) -> str:
                   f"{_gib(plan.activations_no_checkpointing if setup.gradient_checkpointing else plan.activations_checkpointing)}"
                   f" (total {_gib(report.other_checkpointing_bytes)}); a head keeping full logits would hold "
                   f"{_gib(plan.full_logits_head)} instead of {_gib(plan.parts['logprob_head'])}"]
-    if report.checkpointing_configured is None:
-        lines.append("train.gradient_checkpointing is not a config key here: the verdict is without checkpointing")
     verdict = "fits" if report.fits else "does NOT fit"
     lines.append(f"verdict: {verdict}: peak {_gib(plan.peak)} per GPU against {_gib(report.usable_bytes)} usable of "
                  f"{report.gpu_memory_bytes / GIB:g} GiB ({USABLE_FRACTION:.0%})")

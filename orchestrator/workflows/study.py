@@ -346,6 +346,9 @@ def run_study(config: ExperimentConfig, *, address: str | None = None, resume: b
     if resume and not layout.exists():
         raise ConfigError(f"--resume: no study named {config.name!r} under {config.storage_path} ({layout.root})")
     preflight(config, layout)
+    from orchestrator.workflows.plan import refuse_unfit_trials
+
+    refuse_unfit_trials(config)  # a trial whose GPU it cannot fit (dpo plan) is refused before Ray starts
     uri = None
     if config.tracking.enabled:
         from orchestrator.tracking.server import prepare_tracking_uri
