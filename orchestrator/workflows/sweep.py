@@ -173,9 +173,6 @@ def run_sweep(experiment: Experiment, *, address: str | None = None, resume: boo
     from orchestrator.workflows.plan import refuse_unfit_sweep
 
     refuse_unfit_sweep(experiment)  # a trial whose GPU it cannot fit (dpo plan) is refused before Ray starts
-    from orchestrator.workflows.plan import refuse_unfit_sweep
-
-    refuse_unfit_sweep(experiment)  # a trial whose GPU it cannot fit (dpo plan) is refused before Ray starts
     if resume and not layout.exists():
         raise ConfigError(f"--resume: no sweep named {experiment.name!r} under {layout.storage} ({layout.root})")
     if resume:
