@@ -76,6 +76,18 @@ def add_verbose_argument(parser: argparse.ArgumentParser) -> None:
                         "(always kept in the sweep's console.log)")
 
 
+def add_force_config_change(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--force-config-change", action="store_true",
+                        help="resume even if keys that can change results differ from the run's stored config.yaml "
+                        "(they are listed; without this flag the resume is refused)")
+    return parser
+
+
+def add_resumable_config_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    add_force_config_change(parser)
+
+
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="rebuild even if the cached assets exist")
     parser.add_argument("--seed", type=int, default=0, help="seed of the embedded default (default 0)")
@@ -121,7 +133,7 @@ def train(args: argparse.Namespace) -> int:
     from orchestrator.config import load_config
     from orchestrator.workflows import local_run
 
-    local_run.train(load_config(args.config, args.overrides))
+    local_run.train(load_config(args.config, args.overrides), force_config_change=args.force_config_change)
     return 0
 
 
@@ -129,7 +141,7 @@ def sft(args: argparse.Namespace) -> int:
     from orchestrator.config import load_config
     from orchestrator.workflows import local_run
 
-    local_run.sft(load_config(args.config, args.overrides))
+    local_run.sft(load_config(args.config, args.overrides), force_config_change=args.force_config_change)
     return 0
 
 
@@ -141,7 +153,8 @@ def sweep(args: argparse.Namespace) -> int:
 
     experiment = resolve_experiment(load_config(args.config, args.overrides))
     with sweep_session(experiment, verbose=args.verbose) as console:
-        summary = run_sweep(experiment, address=args.address, resume=args.resume, console=console)
+        summary = run_sweep(experiment, address=args.address, resume=args.resume, console=console,
+                            force_config_change=args.force_config_change)
     print_sweep_summary(summary)
     return 0
 
@@ -194,11 +207,12 @@ COMMANDS: dict[str, Command] = {
     "config-reference": Command("print every config key with its default and description (Markdown)",
                                 lambda parser: None, config_reference),
     "check": Command("validate the config and the data without training", add_config_arguments, check),
-    "train": Command("train with DPO in this process", add_config_arguments, train),
-    "sft": Command("supervised fine-tuning in this process", add_config_arguments, sft),
+    "train": Command("train with DPO in this process", add_resumable_config_arguments, train),
+    "sft": Command("supervised fine-tuning in this process", add_resumable_config_arguments, sft),
     "sweep": Command("sweep beta / kl_weight / learning_rate with Ray Tune over Ray Train",
-                     lambda parser: add_cluster_arguments(parser, "continue the sweep of this config's name from its "
-                                                          "storage (finished trials are not rerun)"), sweep),
+                     lambda parser: add_cluster_arguments(add_force_config_change(parser), "continue the sweep of this "
+                                                          "config's name from its storage (finished trials are not rerun)"),
+                     sweep),
     "study": Command("SFT-then-DPO versus DPO-only on Ray, each model benchmarked (resumable)",
                      lambda parser: add_cluster_arguments(parser, "require an earlier run of this study; finished "
                                                           "stages are skipped either way"), study),

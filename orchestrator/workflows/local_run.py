@@ -25,7 +25,8 @@ from orchestrator.config import ExperimentConfig
 from orchestrator.config.layout import OutputLayout
 from orchestrator.config.spec import resolve_run
 from orchestrator.tracking.records import write_config_yaml
-from orchestrator.workflows.output_dir import Claim, claim
+from orchestrator.workflows.config_change import check_resume_config
+from orchestrator.workflows.output_dir import COMMANDS, Claim, claim
 from trainables.entrypoints import run_dpo, run_sft
 from trainables.preemption import stop_on_signals
 
@@ -76,14 +77,19 @@ def _summary(metrics: dict[str, Any]) -> str:
     return "  ".join(f"{k}={metrics[k]:.4f}" for k in keys if isinstance(metrics[k], float) and math.isfinite(metrics[k]))
 
 
-def _run_in_process(config: ExperimentConfig, stage: str, run) -> MetricsFile:
+def _run_in_process(config: ExperimentConfig, stage: str, run, force_config_change: bool = False) -> MetricsFile:
     """Claim output_dir, run `run(sink)` with a metrics.jsonl sink there (appending when resuming), print the end.
 
-    A run that fails before its first report gives the folder back as it was (Claim.abandon).
+    A run that fails before its first report gives the folder back as it was (Claim.abandon). Resuming the
+    run in output_dir under a config whose result keys differ from its config.yaml is refused unless
+    `force_config_change` (orchestrator/workflows/config_change.py).
     """
     owner = claim(config, stage)
     sink = MetricsFile(owner.layout, config, append=config.train.resume_from is not None, owner=owner)
     try:
+        if config.train.resume_from is not None:
+            check_resume_config(owner.layout.config_file, config, force=force_config_change,
+                                command=f"{COMMANDS[stage]} with train.resume_from")
         with stop_on_signals(config.train.preemption_grace_s):  # SIGTERM/SIGINT: checkpoint, then Preempted (exit 75)
             run(sink)
     except BaseException:
@@ -96,13 +102,15 @@ def _run_in_process(config: ExperimentConfig, stage: str, run) -> MetricsFile:
     return sink
 
 
-def train(config: ExperimentConfig) -> MetricsFile:
+def train(config: ExperimentConfig, *, force_config_change: bool = False) -> MetricsFile:
     """DPO in this process; returns the metrics sink (first and last records)."""
     spec = resolve_run(config)
-    return _run_in_process(config, "dpo", lambda sink: run_dpo(spec.model, spec.data, spec.preference, spec.loop, spec.runtime, sink))
+    return _run_in_process(config, "dpo", lambda sink: run_dpo(spec.model, spec.data, spec.preference, spec.loop,
+                                                               spec.runtime, sink), force_config_change)
 
 
-def sft(config: ExperimentConfig) -> MetricsFile:
+def sft(config: ExperimentConfig, *, force_config_change: bool = False) -> MetricsFile:
     """SFT in this process on data.sft_train; output under output_dir."""
     spec = resolve_run(config, stage="sft")
-    return _run_in_process(config, "sft", lambda sink: run_sft(spec.model, spec.data, spec.loop, spec.runtime, sink))
+    return _run_in_process(config, "sft", lambda sink: run_sft(spec.model, spec.data, spec.loop, spec.runtime, sink),
+                           force_config_change)
