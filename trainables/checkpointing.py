@@ -11,12 +11,15 @@ do not match is ignored, and `load_training_state` refuses one (CheckpointError)
 it. Staging folders left by a crashed process are removed by the next save. The manifest also holds the
 run's lineage (trainables/lineage.py: run id, model, tokenizer and data fingerprints): pruning beyond
 `keep_last` deletes only checkpoint folders of the same run id (never another run's, never a link), and a
-save never replaces another run's checkpoint of the same step. Tested by
+save never replaces another run's checkpoint of the same step. A save that runs out of disk space removes
+its staging folder and raises DiskFullError naming the folder and the space needed. Tested by
 `python -m pytest tests/test_engine.py tests/test_reliability.py -q`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -99,23 +102,24 @@ def save_checkpoint(
     if staging.is_symlink():
         staging.unlink()  # a link where this process stages its save: never written through
     shutil.rmtree(staging, ignore_errors=True)
-    save_model_and_tokenizer(model, tokenizer, staging / "model", state_dict=model_state)
-    torch.save(
-        {
-            "step": step,
-            "pairs_consumed": pairs_consumed,
-            "optimizer": optimizer_state if optimizer_state is not None else optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": rng_state(),
-            "extra": extra or {},
-        },
-        staging / STATE_FILE,
-    )
-    files = sorted(p for p in staging.rglob("*") if p.is_file())
-    manifest = {"step": step, "files": {str(p.relative_to(staging)): _sha256(p) for p in files}}
-    if (extra or {}).get(LINEAGE_KEY):
-        manifest[LINEAGE_KEY] = extra[LINEAGE_KEY]
-    (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
+    with _no_space_left(checkpoints_dir, staging, step):  # a full disk: staging removed, DiskFullError
+        save_model_and_tokenizer(model, tokenizer, staging / "model", state_dict=model_state)
+        torch.save(
+            {
+                "step": step,
+                "pairs_consumed": pairs_consumed,
+                "optimizer": optimizer_state if optimizer_state is not None else optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": rng_state(),
+                "extra": extra or {},
+            },
+            staging / STATE_FILE,
+        )
+        files = sorted(p for p in staging.rglob("*") if p.is_file())
+        manifest = {"step": step, "files": {str(p.relative_to(staging)): _sha256(p) for p in files}}
+        if (extra or {}).get(LINEAGE_KEY):
+            manifest[LINEAGE_KEY] = extra[LINEAGE_KEY]
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
     if final.exists():
         shutil.rmtree(final)
     os.replace(staging, final)
@@ -123,6 +127,40 @@ def save_checkpoint(
         for old in own_checkpoints(checkpoints_dir, run_id)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+class DiskFullError(CheckpointError):
+    """A checkpoint could not be written for lack of space; the previous checkpoints are untouched."""
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink()) if folder.is_dir() else 0
+
+
+@contextlib.contextmanager
+def _no_space_left(checkpoints_dir: Path, staging: Path, step: int):
+    """Turn ENOSPC / EDQUOT while staging checkpoint `step` into DiskFullError naming the folder and the space
+    needed (the newest complete checkpoint's size, else at least what was written), after removing the staging
+    folder: the checkpoints already there stay as they were, and the newest is the one to resume from."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        written = _folder_bytes(staging)
+        shutil.rmtree(staging, ignore_errors=True)
+        previous = next((c for c in reversed(list_checkpoints(checkpoints_dir)) if checkpoint_problem(c, False) is None), None)
+        needed = _folder_bytes(previous) if previous else written
+        basis = f"the size of {previous.name}" if previous else "at least what was written before the disk filled"
+        free = shutil.disk_usage(checkpoints_dir).free
+        mb = 1024 * 1024
+        kept = (f"the previous checkpoint {previous} is intact: resume from it with train.resume_from=latest"
+                if previous else "no earlier checkpoint exists")
+        raise DiskFullError(
+            f"no space left to write checkpoint step-{step:06d} in {checkpoints_dir} ({error.strerror}): it needs about "
+            f"{needed / mb:,.1f} MiB ({basis}) and {free / mb:,.1f} MiB are free. The partial checkpoint was removed; "
+            f"{kept}. Free space there (the older checkpoints of train.keep_checkpoints are deleted only after the "
+            "new one is written, so one more checkpoint must fit)") from None
 
 
 def _run_id(lineage: Any) -> str | None:
