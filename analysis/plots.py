@@ -5,7 +5,7 @@ decision log where needed), writes one PNG and returns its path:
 - `metrics_vs_beta`: final eval accuracy, reward margin, KL and every `bench/*` score against beta;
   stable trials filled, excluded trials hollow, the chosen one starred;
 - `training_curves`: train/loss and the reward margin (eval, else train) per trial against the step;
-- `reward_kl_frontier`: final eval reward margin against the KL peak, with the upper-left frontier;
+- `reward_kl_frontier`: the final score against the exact KL peak, with the upper-left frontier;
 - `search_path`: the incremental searcher's rounds (beta per round, coloured by its action), or the
   trials in start order when the sweep had no decision log (grid, random, optuna).
 Used by analysis/report.py; tested by `python -m pytest tests/test_analysis.py -q`.
@@ -26,7 +26,8 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from orchestrator.tracking.schema import BENCH_PREFIX, LOSS_METRIC  # noqa: E402
 
-ACTION_COLOURS = {"climb": "tab:green", "back_off_halve_step": "tab:orange", "back_off_raise_kl_weight": "tab:orange",
+ACTION_COLOURS = {"climb": "tab:green", "explore_down": "tab:cyan", "back_off_halve_step": "tab:orange",
+                  "back_off_raise_kl_weight": "tab:orange",
                   "stop": "tab:red"}
 FIGURE_DPI = 110
 
@@ -103,27 +104,35 @@ def training_curves(curves: pd.DataFrame, table: pd.DataFrame, chosen: dict[str,
 
 
 def reward_kl_frontier(table: pd.DataFrame, chosen: dict[str, Any] | None, kl_metric: str,
-                       kl_budget: float | None, path: Path) -> Path:
-    """Final eval/reward_margin against the KL peak; the frontier joins trials no other beats on both."""
-    reward = "eval/reward_margin" if "eval/reward_margin" in table.columns else "train/reward_margin"
+                       kl_budget: float | None, path: Path, score: str = "score") -> Path:
+    """The score (held-out preference accuracy or win rate: the reward the sweep maximises) against the KL
+    peak (the exact per-token KL(pi || pi_ref) of eval/kl, nats per token), with the upper-left frontier:
+    the best score an eligible trial reaches at or below each KL. Labels: beta (and the loss when several).
+    The implicit reward margin is not used: it is beta times a log-ratio, on another scale for each beta."""
     figure, axis = plt.subplots(figsize=(6.5, 4.6))
-    if reward in table.columns:
-        _scatter_by_verdict(axis, table, "kl_peak", reward, _chosen_id(chosen))
-        points = table[["kl_peak", reward, "beta", "eligible"]].dropna().sort_values(["kl_peak", reward], ascending=[True, False])
+    several_losses = "loss" in table.columns and table["loss"].astype(str).nunique() > 1
+    if score in table.columns and "kl_peak" in table.columns:
+        _scatter_by_verdict(axis, table, "kl_peak", score, _chosen_id(chosen))
+        columns = ["kl_peak", score, "beta", "eligible"] + (["loss"] if several_losses else [])
+        points = table[columns].dropna(subset=["kl_peak", score]).sort_values(["kl_peak", score], ascending=[True, False])
         frontier, best = [], -math.inf
         for row in points.itertuples(index=False):
             if row[3] and row[1] > best:  # the frontier joins eligible trials only
                 frontier.append((row[0], row[1]))
                 best = row[1]
-            axis.annotate(f"{row[2]:g}", (row[0], row[1]), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        if frontier:  # a step line: the best reward an eligible trial reaches at or below each KL
+            label = f"{row[2]:g}" + (f" {row[4]}" if several_losses else "")
+            axis.annotate(label, (row[0], row[1]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        if frontier:  # a step line: the best score an eligible trial reaches at or below each KL
             frontier.append((float(points["kl_peak"].max()), frontier[-1][1]))
             axis.step(*zip(*frontier), where="post", color="grey", linewidth=1, label="frontier (eligible)", zorder=2)
+        positive = points["kl_peak"][points["kl_peak"] > 0]
+        if len(positive) > 1 and positive.max() / positive.min() > 100:
+            axis.set_xscale("log")  # KLs of betas an order of magnitude apart
     if kl_budget is not None:
         axis.axvline(kl_budget, color="tab:red", linestyle=":", label=f"KL budget {kl_budget:g}")
-    axis.set_xlabel(f"{kl_metric} (peak)")
-    axis.set_ylabel(reward)
-    axis.set_title("reward-KL frontier (labels: beta)", fontsize=10)
+    axis.set_xlabel(f"{kl_metric} (peak, nats per answer token)")
+    axis.set_ylabel(score if score != "score" else "score (final)")
+    axis.set_title("score-KL frontier (labels: beta" + (", loss" if several_losses else "") + ")", fontsize=10)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
     return _save(figure, path)

@@ -1,8 +1,9 @@
 """The analysis report of one sweep: Markdown + HTML + PNG plots + tables, logged on the sweep's parent run.
 
 `write_report(sweep, selection, directory)` writes into `directory`:
-    report.md            the choice, its reason and the runner-up; the rule; every trial with its verdict;
-                         the searcher's decision log; the plots (relative links)
+    report.md            the choice, its reason and the runner-up; the rule; the losses ranked (a sweep over
+                         dpo.loss); the diagnoses (analysis/diagnoses.py) with the trials they concern; every
+                         trial with its verdict; the searcher's decision log; the plots (relative links)
     report.html          the same, self-contained (plots embedded as base64 PNG)
     metrics_vs_beta.png  training_curves.png  reward_kl_frontier.png  search_path.png
     trials.csv           the full trial table with the rule's columns (score, kl_peak, eligible, ...)
@@ -33,13 +34,14 @@ import pandas as pd
 
 from analysis import plots
 from analysis.runs import SweepRuns, load_sweep, shown_uri
-from analysis.selection import Selection, SelectionRule, select_trial
+from analysis.diagnoses import CURVE_KEYS, Diagnosis, curves_by_trial, diagnose
+from analysis.selection import Selection, SelectionRule, rank_losses, select_trial
 from orchestrator.tracking.schema import (ANALYSIS_ARTIFACT_FOLDER, ANALYSIS_CHOSEN_BETA_TAG, ANALYSIS_CHOSEN_TRIAL_TAG,
                                           ANALYSIS_METRIC_TAG, ANALYSIS_REASON_TAG, DATA_TAG_PREFIX, GIT_COMMIT_TAG,
                                           LOSS_METRIC, REFERENCE_CACHE_KEY_TAG)
 
-TABLE_COLUMNS = ["trial_id", "arm", "beta", "kl_weight", "learning_rate", "status", "steps", "score", "eval/reward_margin",
-                 "kl_peak", "stable", "oscillation_score", "eligible", "excluded_because"]
+TABLE_COLUMNS = ["trial_id", "arm", "loss", "beta", "kl_weight", "learning_rate", "status", "steps", "score",
+                 "eval/reward_margin", "kl_peak", "stable", "oscillation_score", "eligible", "excluded_because"]
 PLOT_TITLES = {"metrics_vs_beta": "Final metrics against beta", "training_curves": "Loss and margin curves",
                "reward_kl_frontier": "Reward-KL frontier", "search_path": "The searcher's path"}
 
@@ -66,7 +68,7 @@ def _cell(value: Any) -> str:
 
 def _rows(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     columns = [column for column in TABLE_COLUMNS if column in table.columns
-               and (column != "arm" or table[column].notna().any())]  # the arm only for a study
+               and (column not in ("arm", "loss") or table[column].notna().any())]  # the arm only for a study
     return columns, [[_cell(value) for value in row] for row in table[columns].itertuples(index=False)]
 
 
@@ -118,6 +120,28 @@ def _rule_lines(selection: Selection) -> list[str]:
         f"- score used: `{selection.metric}` (final value); ties within `tie_tolerance` go to the smaller beta"]
 
 
+def loss_ranking_lines(table: pd.DataFrame) -> tuple[list[str], list[list[str]]] | None:
+    """The header and rows of 'Losses ranked' when the sweep compared several losses (sweep.loss), else None."""
+    if "loss" not in table.columns or table["loss"].dropna().astype(str).nunique() < 2:
+        return None
+    ranked = rank_losses(table)
+    header = ["rank", "loss", "beta", "score", "trial_id", "eligible", "excluded_because"]
+    return header, [[_cell(value) for value in row] for row in ranked[header].itertuples(index=False)]
+
+
+def diagnosis_lines(diagnoses: list[Diagnosis]) -> list[str]:
+    """Markdown lines: each failure mode found, what to try, and the trials concerned with their evidence."""
+    found = [diagnosis for diagnosis in diagnoses if diagnosis.findings]
+    if not found:
+        checked = ", ".join(diagnosis.title.split(":")[0].lower() for diagnosis in diagnoses)
+        return [f"None found (checked: {checked})."]
+    lines = []
+    for diagnosis in found:
+        lines += [f"### {diagnosis.title}", "", f"Try: {diagnosis.suggestion}.", ""]
+        lines += [f"- trial `{finding.trial_id}`: {finding.evidence}" for finding in diagnosis.findings] + [""]
+    return lines
+
+
 def _write_plots(sweep: SweepRuns, selection: Selection, directory: Path) -> dict[str, Path]:
     table, chosen, rule = selection.table, selection.chosen, selection.rule
     margin = "eval/reward_margin"
@@ -143,11 +167,17 @@ def write_report(sweep: SweepRuns, selection: Selection, directory: str | Path) 
         indent=1, default=str))
     header, rows = _rows(selection.table)
     decision_header, decision_rows = _decision_rows(sweep.decision_log)
+    ranking = loss_ranking_lines(selection.table)
+    diagnoses = diagnosis_lines(diagnose(curves_by_trial(sweep.curves(CURVE_KEYS))))
     written = time.strftime("%Y-%m-%d %H:%M:%S")
 
     markdown = [f"# Analysis of sweep `{sweep.name}`", "", f"Written {written}.", ""]
     markdown += [f"- {name}: `{value}`" for name, value in _facts(sweep, selection)] + [""]
     markdown += ["## The choice", ""] + _choice_lines(selection) + ["", "## The rule", ""] + _rule_lines(selection)
+    if ranking:
+        markdown += ["", "## Losses ranked", "", "Each loss's best eligible trial, by the score, with its beta.", "",
+                     markdown_table(*ranking)]
+    markdown += ["", "## Diagnoses", ""] + diagnoses
     markdown += ["", "## Trials", "", markdown_table(header, rows), ""]
     if sweep.decision_log:
         markdown += ["## The searcher's decision log", "", markdown_table(decision_header, decision_rows), ""]
@@ -161,6 +191,9 @@ def write_report(sweep: SweepRuns, selection: Selection, directory: str | Path) 
              "<ul>" + "".join(f"<li>{html.escape(n)}: <code>{html.escape(v)}</code></li>" for n, v in _facts(sweep, selection)) + "</ul>",
              "<h2>The choice</h2>"] + [paragraph(line.replace("**", "").replace("`", "")) for line in _choice_lines(selection) if line]
     parts += ["<h2>The rule</h2>", "<ul>" + "".join(f"<li>{html.escape(line[2:].replace('`', ''))}</li>" for line in _rule_lines(selection)) + "</ul>"]
+    if ranking:
+        parts += ["<h2>Losses ranked</h2>", html_table(*ranking)]
+    parts += ["<h2>Diagnoses</h2>"] + [paragraph(line.lstrip("#- ").replace("`", "")) for line in diagnoses if line]
     parts += ["<h2>Trials</h2>", html_table(header, rows)]
     if sweep.decision_log:
         parts += ["<h2>The searcher's decision log</h2>", html_table(decision_header, decision_rows)]

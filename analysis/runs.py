@@ -13,7 +13,7 @@ share (orchestrator/tracking/schema.py): the experiment (default: the sweep name
 `dpo.role=trial`. For a study (`dpo study`, tag `study=<name>`), the trials of
 every arm's sweep hung under the study's parent run, each with its `arm`.
 A restarted trial may log a step twice; each curve keeps the last value logged per step.
-Columns of `trials`: `run_id trial_id sweep status stage arm beta kl_weight learning_rate steps checkpoint_dir
+Columns of `trials`: `run_id trial_id sweep status stage arm beta kl_weight learning_rate loss steps checkpoint_dir
 decision round error start_time`, then for every metric `<key>` (its final value) and `<key>.best`
 (max, or min for losses, KL, perplexity and gradient norms), `<key>.max` for KL metrics, and the
 stability verdict of `train/loss` (analysis/stability.py): `stable oscillating diverging non_finite
@@ -39,7 +39,7 @@ import pandas as pd
 from analysis.stability import assess_loss_curve
 from orchestrator.errors import NotFoundError
 from orchestrator.tracking.schema import (ARM_TAG, CHECKPOINT_DIR_TAG, DATA_TAG_PREFIX, DECISION_LOG_ARTIFACT,
-                                          DECISION_TAG, ERROR_TAG, LOSS_METRIC, NAME_PATTERN, PARENT_ROLE,
+                                          DECISION_TAG, ERROR_TAG, LOSS_METRIC, LOSS_PARAM, NAME_PATTERN, PARENT_ROLE,
                                           PARENT_RUN_TAG, REFERENCE_CACHE_KEY_TAG, ROLE_TAG, ROUND_TAG,
                                           SEARCHED_PARAMS, STAGE_TAG, STUDY_ROLE, STUDY_TAG, SWEEP_TAG, TRIAL_ID_TAG,
                                           TRIAL_ROLE, search_all_runs, tag_filter)
@@ -144,6 +144,7 @@ def trial_row(run: Any, curves: dict[str, pd.Series]) -> dict[str, Any]:
         "status": run.info.status,
         "stage": tags.get(STAGE_TAG), "arm": tags.get(ARM_TAG),
         **{name: _float_param(params, name) for name in SEARCHED_PARAMS},
+        "loss": params.get(LOSS_PARAM),
         "steps": int(loss.index.max()) if not loss.empty else 0,
         "checkpoint_dir": tags.get(CHECKPOINT_DIR_TAG), "decision": tags.get(DECISION_TAG), "round": tags.get(ROUND_TAG),
         "error": error, "start_time": run.info.start_time,

@@ -13,10 +13,10 @@ The rule, in order (every excluded trial gets its reason in `selection.table["ex
    some trial logged it, else `eval/preference_accuracy`. A trial without a finite score is out.
 3. Training must be stable: the `train/loss` curve neither oscillates nor diverges (analysis/stability.py)
    and no loss value is NaN or inf.
-4. KL budget: the largest value the `kl_metric` curve reached (default `eval/kl`, the held-out k3
-   estimate; `train/kl` also works but explodes with kl_weight 0, see README) must be <= `kl_budget`.
-   `kl_budget: None` (the default, see DEFAULT_KL_BUDGET) disables the check; a trial that logged no KL
-   is kept, with a note.
+4. KL budget: the largest value the `kl_metric` curve reached (default `eval/kl`, the exact per-token
+   KL(pi || pi_ref) on the held-out answers, in nats per token) must be <= `kl_budget` (default
+   DEFAULT_KL_BUDGET, 5 nats per token; `train/kl`, the penalty's k2 value, also works). `kl_budget: None`
+   disables the check; a trial that logged no KL (a reference-free loss) is kept, with a note.
 5. Benchmarks: for every `bench_delta/<name>`, the loss against the starting model, as a fraction of
    the starting score (`bench/<name> - bench_delta/<name>`; the absolute change when that is unknown),
    must stay <= `benchmark_tolerance`. Higher is better unless the name says loss/perplexity/kl.
@@ -40,10 +40,9 @@ from orchestrator.tracking.schema import BENCH_DELTA_PREFIX, BENCH_PREFIX, DEFAU
 AUTO_METRIC = "auto"
 AUTO_METRIC_ORDER = (WIN_RATE_METRIC, f"{BENCH_PREFIX}win_rate", DEFAULT_SCORE_METRIC)
 DEFAULT_KL_METRIC = KL_METRIC
-# No default budget: with kl_weight 0 the k3 estimate on dataset tokens grows without bound (the quickstart's
-# best trial ends near 4e9), so any fixed number would be arbitrary. Set one for trials with kl_weight > 0
-# or the exact estimator (README "Choosing beta and exporting the model").
-DEFAULT_KL_BUDGET: float | None = None
+# eval/kl is the exact KL(pi || pi_ref) per held-out answer token (trainables/dpo_objective.py), a bounded,
+# comparable number: a trial whose policy moved more than this many nats per token from the reference is out.
+DEFAULT_KL_BUDGET: float | None = 5.0
 DEFAULT_BENCHMARK_TOLERANCE = 0.05  # 5 % of the starting score
 DEFAULT_TIE_TOLERANCE = 0.01  # 1 point of accuracy / win rate
 
@@ -221,3 +220,22 @@ def select_trial(trials: pd.DataFrame, rule: SelectionRule | None = None) -> Sel
         runner_up, runner_best = _pick(others, rule.tie_tolerance)
         runner_up_reason = _why(runner_up, runner_best, others, metric, rule).replace("eligible trial", "remaining trial")
     return Selection(metric, rule, winner, runner_up, reason, runner_up_reason, table)
+
+
+def rank_losses(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per loss of a sweep over `dpo.loss` (a select_trial table): its best eligible trial (by score),
+    with its beta; losses without an eligible trial last, with the reason of their best-scoring trial."""
+    columns = ["rank", "loss", "beta", "score", "trial_id", "eligible", "excluded_because"]
+    if "loss" not in table.columns or table.empty:
+        return pd.DataFrame(columns=columns)
+    rows = []
+    for loss, group in table.groupby(table["loss"].astype(str)):
+        eligible = group[group["eligible"]]
+        pool = eligible if not eligible.empty else group
+        scored = pool[pool["score"].map(_finite)]
+        best = (scored.sort_values(["score", "beta"], ascending=[False, True]) if not scored.empty else pool).iloc[0]
+        rows.append({"loss": loss, "beta": best["beta"], "score": best["score"], "trial_id": best["trial_id"],
+                     "eligible": not eligible.empty,
+                     "excluded_because": "" if not eligible.empty else best.get("excluded_because", "")})
+    ranked = sorted(rows, key=lambda row: (not row["eligible"], -(row["score"] if _finite(row["score"]) else -math.inf)))
+    return pd.DataFrame([{"rank": index + 1, **row} for index, row in enumerate(ranked)], columns=columns)

@@ -68,7 +68,7 @@ def test_a_near_tie_goes_to_the_smaller_beta_and_a_clear_win_does_not():
 
 def test_the_kl_budget_excludes_a_trial_that_drifted_too_far():
     table = pd.DataFrame([row("calm", 0.1, 0.85, kl=8.0), row("far", 0.3, 0.93, kl=250.0)])
-    assert select_trial(table).chosen["trial_id"] == "far"  # no budget by default
+    assert select_trial(table, SelectionRule(kl_budget=None)).chosen["trial_id"] == "far"  # no budget
     selection = select_trial(table, SelectionRule(kl_budget=50))
     assert selection.chosen["trial_id"] == "calm"
     assert "eval/kl reached 250, over the KL budget 50" in selection.table.set_index("trial_id").loc["far", "excluded_because"]
@@ -190,6 +190,7 @@ def test_analyze_real_mlflow_runs_picks_by_the_rule_and_writes_a_report_with_plo
     url = mlflow_server["url"]
     low = synthetic_trial("t-low", 0.1, 0.880, 4.0, smooth_loss(0.50))
     mid = synthetic_trial("t-mid", 0.2, 0.905, 6.0, smooth_loss(0.45))
+    mid["curves"]["eval/logp_chosen"] = {step: -30.0 - step / 20 for step in STEPS[4::5]}  # falls 8 nats: displacement
     # A restart re-logged steps 150..200 of the beta-0.3 trial; its last eval is what counts (0.910).
     near = synthetic_trial("t-near", 0.3, 0.930, 9.0, smooth_loss(0.42))
     near["restarted_curves"] = {"eval/preference_accuracy": {200: 0.910}, "train/loss": {200: smooth_loss(0.42)[-1]}}
@@ -226,6 +227,11 @@ def test_analyze_real_mlflow_runs_picks_by_the_rule_and_writes_a_report_with_plo
         assert f"{name}.png" in (report_dir / "report.md").read_text()
     html = (report_dir / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 4 and "t-wild" in html
+    report = (report_dir / "report.md").read_text()
+    diagnoses = report.split("## Diagnoses")[1].split("## Trials")[0]
+    assert "### Likelihood displacement" in diagnoses and "trial `t-mid`: eval/logp_chosen fell from -32.5 to -40" in diagnoses
+    assert "t-low" not in diagnoses and "dpo.loss: [sigmoid, sft]" in diagnoses
+    assert "## Losses ranked" not in report  # one loss only
 
     client = MlflowClient(tracking_uri=url)
     logged = {item.path for item in client.list_artifacts(parent, "analysis")}
@@ -263,3 +269,85 @@ def test_a_studys_arm_sweeps_are_read_through_the_study_parent_run(mlflow_server
     assert sorted(entry["arm"] for entry in study.decision_log) == ["dpo_only", "sft_then_dpo"]
     assert select_trial(study.trials).chosen["trial_id"] == "sft_then_dpo-t1"
     assert select_trial(study.trials, SelectionRule(arm="dpo_only")).chosen["trial_id"] == "dpo_only-t1"
+
+
+# ---- diagnoses on synthetic curves (analysis/diagnoses.py) ---------------------------------------
+
+def curve(values, steps=None) -> pd.Series:
+    return pd.Series([float(v) for v in values], index=steps or [50 * (i + 1) for i in range(len(values))])
+
+
+def test_likelihood_displacement_needs_chosen_logps_falling_while_the_margin_grows():
+    from analysis.diagnoses import likelihood_displacement
+
+    falling, growing = curve([-30, -31, -33, -36]), curve([0.0, 0.5, 1.2, 2.0])
+    evidence = likelihood_displacement({"eval/logp_chosen": falling, "eval/reward_margin": growing})
+    assert evidence == "eval/logp_chosen fell from -30 to -36 while eval/reward_margin grew from 0 to 2"
+    assert likelihood_displacement({"eval/logp_chosen": curve([-30, -30.5]), "eval/reward_margin": growing}) is None  # < 1 nat
+    assert likelihood_displacement({"eval/logp_chosen": curve([-30, -28]), "eval/reward_margin": growing}) is None  # rose
+    assert likelihood_displacement({"eval/logp_chosen": falling, "eval/reward_margin": curve([2, 1.9])}) is None  # shrank
+    # train/ curves stand in when the trial logged no eval/ ones; one point is no curve
+    assert likelihood_displacement({"train/logp_chosen": falling, "train/reward_margin": growing}) is not None
+    assert likelihood_displacement({"eval/logp_chosen": curve([-30]), "eval/reward_margin": curve([1])}) is None
+
+
+def test_length_exploitation_needs_a_high_and_rising_margin_length_correlation():
+    from analysis.diagnoses import length_exploitation
+
+    assert "rose from 0.05 to 0.62" in length_exploitation({"eval/margin_length_correlation": curve([0.05, 0.3, 0.62])})
+    assert length_exploitation({"eval/margin_length_correlation": curve([0.55, 0.6])}) is None  # high from the start
+    assert length_exploitation({"eval/margin_length_correlation": curve([0.0, 0.2])}) is None  # rising but low
+    assert length_exploitation({}) is None
+
+
+def test_exploding_rewards_or_kl_by_size_growth_and_non_finite_values():
+    from analysis.diagnoses import exploding_rewards_or_kl
+
+    assert exploding_rewards_or_kl({"eval/reward_margin": curve([0.1, 2, 4]), "eval/kl": curve([0.01, 0.2, 0.4])}) is None
+    assert "eval/reward_rejected reached -35" in exploding_rewards_or_kl({"eval/reward_rejected": curve([0, -10, -35])})
+    assert "eval/kl reached 12 nats" in exploding_rewards_or_kl({"eval/kl": curve([0.1, 3, 12])})
+    assert "grew 5.0x over the last third" in exploding_rewards_or_kl({"eval/kl": curve([0.1, 0.5, 0.8, 1.0, 4.0])})
+    assert exploding_rewards_or_kl({"eval/kl": curve([0.01, 0.02, 0.2])}) is None  # x10 but far below 1 nat
+    assert "train/kl is not finite" in exploding_rewards_or_kl({"train/kl": curve([0.1, math.inf])})
+
+
+def test_diagnose_lists_each_rule_with_the_trials_concerned():
+    from analysis.diagnoses import curves_by_trial, diagnose
+    from analysis.report import diagnosis_lines
+
+    frame = pd.DataFrame([
+        {"trial_id": trial, "key": key, "step": step, "value": value}
+        for trial, values in {"a": [-30, -40], "b": [-30, -29]}.items()
+        for key, series in (("eval/logp_chosen", values), ("eval/reward_margin", [0, 3]))
+        for step, value in zip((50, 100), series)])
+    diagnoses = {d.name: d for d in diagnose(curves_by_trial(frame))}
+    assert [f.trial_id for f in diagnoses["likelihood_displacement"].findings] == ["a"]
+    assert not diagnoses["length_exploitation"].findings and not diagnoses["exploding_rewards_or_kl"].findings
+    lines = diagnosis_lines(list(diagnoses.values()))
+    assert lines[0] == "### Likelihood displacement: chosen log-probs fall while the margin grows"
+    assert any(line.startswith("- trial `a`: eval/logp_chosen fell") for line in lines)
+    assert diagnosis_lines(diagnose({})) == [
+        "None found (checked: likelihood displacement, length exploitation, exploding rewards or kl)."]
+
+
+def test_losses_are_ranked_by_their_best_eligible_trial_with_its_beta():
+    from analysis.selection import rank_losses
+
+    table = pd.DataFrame([row("s1", 0.1, 0.80, loss="sigmoid"), row("s2", 0.2, 0.84, loss="sigmoid"),
+                          row("i1", 0.01, 0.86, loss="ipo"), row("n1", 2.0, 0.95, loss="sigmoid_norm", stable=False),
+                          row("n2", 4.0, 0.83, loss="sigmoid_norm", kl=60.0)])
+    selection = select_trial(table, SelectionRule(kl_budget=50))
+    ranked = rank_losses(selection.table)
+    assert ranked[["loss", "beta", "trial_id", "eligible"]].values.tolist() == [
+        ["ipo", 0.01, "i1", True], ["sigmoid", 0.2, "s2", True], ["sigmoid_norm", 2.0, "n1", False]]
+    assert "unstable training" in ranked.iloc[2]["excluded_because"]
+
+
+def test_the_default_kl_budget_applies_to_the_exact_eval_kl():
+    from analysis.selection import DEFAULT_KL_BUDGET
+
+    assert SelectionRule().kl_budget == DEFAULT_KL_BUDGET == 5.0
+    table = pd.DataFrame([row("near", 0.1, 0.80, kl=0.8), row("far", 0.01, 0.90, kl=7.0)])
+    selection = select_trial(table)
+    assert selection.chosen["trial_id"] == "near"
+    assert "eval/kl reached 7, over the KL budget 5" in selection.table.set_index("trial_id").loc["far", "excluded_because"]

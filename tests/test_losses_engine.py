@@ -107,3 +107,66 @@ def test_bco_pair_running_mean_is_checkpointed_and_restored(world, tmp_path):
     assert resumed[-1]["train/loss"] == pytest.approx(straight[-1]["train/loss"], abs=1e-6)
     final = load_training_state(latest_checkpoint(tmp_path / "resumed" / "checkpoints"))
     assert final["extra"]["objective"]["preference_loss"]["bco_pair"]["reward_count"] == 16.0
+
+
+def test_eval_kl_is_the_exact_full_vocabulary_kl_against_brute_force(world):
+    """eval/kl = mean over held-out answer tokens of sum_v p(v) (log p(v) - log q(v)), p the policy's and q the
+    reference's next-token distribution, here recomputed token by token in float64 from each full sequence."""
+    from trainables.dpo_objective import DPOObjective, LiveReference, ReferenceDistributions
+    from trainables.entrypoints import load_preference_data
+    from trainables.modeling import load_causal_lm
+    from trainables.preference_loss import build_preference_loss
+
+    spec = engine_args(world["model"], world["train"], world["eval"], **ONE_STEP)
+    data = load_preference_data(spec.model, spec.data)
+    reference = load_causal_lm(world["model"]).eval()
+    policy = load_causal_lm(world["model"]).eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in policy.parameters():  # a policy some distance from the reference
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    objective = DPOObjective(
+        train_pairs=data.train, eval_pairs=data.eval, reference=LiveReference(reference, False, None),
+        loss=build_preference_loss(spec.preference.loss), beta=BETA, kl_weight=0.0, exact_kl=False,
+        pad_token_id=data.tokenizer.pad_token_id, device=torch.device("cpu"), autocast_dtype=None, eval_batch_size=3,
+        padding_buckets=1, reference_distributions=ReferenceDistributions(
+            lambda: LiveReference(reference, True, None, share_prompt=False)))
+    metrics = objective.evaluate(policy)
+
+    total, tokens, log_ratios = 0.0, 0, []
+    policy64, reference64 = policy.double(), reference.double()
+    with torch.no_grad():
+        for pair in data.eval:
+            for answer in (pair.chosen_ids, pair.rejected_ids):
+                ids = torch.tensor([list(pair.prompt_ids) + list(answer)])
+                log_p = torch.log_softmax(policy64(ids).logits[0], -1)  # (seq, vocab)
+                log_q = torch.log_softmax(reference64(ids).logits[0], -1)
+                start = len(pair.prompt_ids)
+                for t in range(start, ids.shape[1]):  # the distribution over token t comes from position t - 1
+                    total += float((log_p[t - 1].exp() * (log_p[t - 1] - log_q[t - 1])).sum())
+                    tokens += 1
+                positions = torch.arange(start - 1, ids.shape[1] - 1)
+                targets = ids[0, start:]
+                log_ratios.append(float((log_p[positions, targets] - log_q[positions, targets]).sum()))
+    assert tokens == sum(len(p.chosen_ids) + len(p.rejected_ids) for p in data.eval)
+    assert total / tokens > 1e-3  # the perturbation moved the policy: the check is not 0 = 0
+    assert metrics["eval/kl"] == pytest.approx(total / tokens, abs=1e-5)
+    pairs = len(data.eval)
+    assert metrics["eval/log_ratio_chosen"] == pytest.approx(sum(log_ratios[0::2]) / pairs, abs=1e-4)
+    assert metrics["eval/log_ratio_rejected"] == pytest.approx(sum(log_ratios[1::2]) / pairs, abs=1e-4)
+    assert metrics["eval/kl_penalty"] >= 0  # k2 on the dataset tokens, beside the exact value
+    margins = [BETA * (chosen - rejected) for chosen, rejected in zip(log_ratios[0::2], log_ratios[1::2])]
+    length_differences = [len(p.chosen_ids) - len(p.rejected_ids) for p in data.eval]
+    expected = float(torch.corrcoef(torch.tensor([margins, length_differences], dtype=torch.float64))[0, 1])
+    assert metrics["eval/margin_length_correlation"] == pytest.approx(expected, abs=1e-4)
+
+
+def test_kl_values_stay_sane_on_a_short_quickstart_like_run(world, tmp_path):
+    """Twelve steps at a high learning rate (the quickstart's pace on a smaller model): every train/kl (the
+    finite k2 penalty) and eval/kl (exact) stays a few nats per token at most, far below 50."""
+    reports, _ = train(world, tmp_path, train__max_steps=12, train__learning_rate=2e-2, train__eval_every=4,
+                       train__checkpoint_every=12, train__log_every=1)
+    kl_values = [report[key] for report in reports for key in ("train/kl", "eval/kl") if key in report]
+    assert len(kl_values) >= 12 + 3
+    assert all(math.isfinite(value) and 0 <= value < 50 for value in kl_values), kl_values
+    assert max(report["eval/kl"] for report in reports if "eval/kl" in report) > 1e-4  # the policy did move

@@ -236,6 +236,13 @@ class DPOObjective:
             "pairs": float(len(indices)),
             "tokens": batch["attention_mask"].sum().item(),
         }
+        if split == "eval":  # margin against answer-length difference: the length-exploitation diagnosis
+            chosen_lengths, rejected_lengths = split_chosen_rejected(answer_mask.sum(-1).double())  # (B,) each
+            length_difference = chosen_lengths - rejected_lengths  # (B,)
+            sums["length_difference"] = length_difference.sum().item()
+            sums["length_difference_sq"] = length_difference.square().sum().item()
+            sums["margin_sq"] = margins.double().square().sum().item()
+            sums["margin_length"] = (margins.double() * length_difference).sum().item()
         if split == "eval" and self.has_reference:
             sums["log_ratio_chosen"] = (policy_chosen - reference.chosen_logps).sum().item()
             sums["log_ratio_rejected"] = (policy_rejected - reference.rejected_logps).sum().item()
@@ -265,6 +272,10 @@ class DPOObjective:
             f"{prefix}/logp_chosen": sums["logp_chosen"] / pairs,
             f"{prefix}/logp_rejected": sums["logp_rejected"] / pairs,
         }
+        if "margin_length" in sums:
+            metrics[f"{prefix}/margin_length_correlation"] = _correlation(
+                sums["pairs"], sums["length_difference"], sums["margin"], sums["length_difference_sq"],
+                sums["margin_sq"], sums["margin_length"])
         if not self.has_reference:
             return metrics  # reference-free: no KL to any reference, no log-ratios
         metrics[f"{prefix}/kl"] = penalty  # train/: the penalty's estimator (k2 or exact), per answer token
@@ -292,8 +303,17 @@ class DPOObjective:
             self._sums(model, self.eval_pairs, [0], "eval")  # FSDP: keep in step with the other ranks' forwards
         if not totals:  # this rank had no eval pairs: zeros under every key the others sum
             keys = ["preference_loss", "correct", "margin", "reward_chosen", "reward_rejected", "logp_chosen",
-                    "logp_rejected", "kl", "answer_tokens", "pairs", "tokens"]
+                    "logp_rejected", "kl", "answer_tokens", "pairs", "tokens", "length_difference",
+                    "length_difference_sq", "margin_sq", "margin_length"]
             if self.has_reference:
                 keys += ["log_ratio_chosen", "log_ratio_rejected"] + (["exact_kl"] if self.reference_distributions else [])
             totals = {k: 0.0 for k in keys}
         return self.summarize(all_reduce_sums(totals, self.device), "eval")
+
+
+def _correlation(n: float, sum_x: float, sum_y: float, sum_xx: float, sum_yy: float, sum_xy: float) -> float:
+    """Pearson correlation of x and y from their sums over n pairs (sums all-reduce over ranks); 0 when
+    either is constant (no length difference, or equal margins)."""
+    covariance = n * sum_xy - sum_x * sum_y
+    spread = (n * sum_xx - sum_x ** 2) * (n * sum_yy - sum_y ** 2)
+    return covariance / spread ** 0.5 if spread > 1e-12 * max(1.0, abs(n * sum_xx) * abs(n * sum_yy)) else 0.0

@@ -68,7 +68,8 @@ def _add_source_arguments(parser: argparse.ArgumentParser, *, name_allowed: bool
     rule.add_argument("--metric", default="auto", help="score to maximise (default auto: eval/win_rate when logged, "
                       "else eval/preference_accuracy)")
     rule.add_argument("--kl-metric", default="eval/kl", help="KL curve the budget applies to (default eval/kl)")
-    rule.add_argument("--kl-budget", default="none", help="largest KL a trial may reach, or none (default none)")
+    rule.add_argument("--kl-budget", default="default", help="largest KL a trial may reach, or none (default: 5 nats "
+                      "per answer token of the exact eval/kl, analysis.selection.DEFAULT_KL_BUDGET)")
     rule.add_argument("--benchmark-tolerance", type=finite_float, default=0.05,
                       help="largest bench/* regression, as a fraction of the starting score (default 0.05)")
     rule.add_argument("--tie-tolerance", type=finite_float, default=0.01,
@@ -109,12 +110,13 @@ def add_quickstart_arguments(parser: argparse.ArgumentParser) -> None:
 # ---- resolution -------------------------------------------------------------------------------------
 
 def selection_rule(args: argparse.Namespace):
-    from analysis.selection import SelectionRule
+    from analysis.selection import DEFAULT_KL_BUDGET, SelectionRule
 
     budget = None if str(args.kl_budget).lower() in ("none", "null", "off", "") else args.kl_budget
     try:
         if budget is not None and math.isnan(float(budget)):
             raise ValueError(f"--kl-budget must be a number > 0 or none (got {excerpt_text(str(budget), 40)})")
+    budget = DEFAULT_KL_BUDGET if budget == "default" else budget
         return SelectionRule(metric=args.metric, kl_metric=args.kl_metric,
                              kl_budget=None if budget is None else float(budget),
                              benchmark_tolerance=args.benchmark_tolerance, tie_tolerance=args.tie_tolerance,
