@@ -10,16 +10,22 @@ this computation, so any changed input gives a new file. The driver computes it 
 (trainables/entrypoints.reference_cache_key) and hands it to every trial and rank: no worker re-hashes
 the weights. Training then loads a single model. A cache file that cannot be read or does not hold exactly
 these pairs' values (truncated, another header, other shapes or token counts, non-finite values) is
-recomputed with a warning naming the file. Tested by `python -m pytest tests/test_engine.py
+recomputed with a warning naming the file; so is one whose values do not match the sha256 its header holds
+(altered after it was written). Processes that need to (re)compute the same file take turns on a lock file
+beside it, and the ones that waited read the file the first one wrote: a cache damaged while a sweep's
+trials run is recomputed once, not once per trial. Tested by `python -m pytest tests/test_chaos_cache.py tests/test_engine.py
 tests/test_adversarial_model.py -q`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -34,6 +40,8 @@ from trainables.logprobs import forward_logps, scatter_answer_values, split_chos
 from trainables.tokenization import TRUNCATION_RULE, TokenizedPair, collate_pairs
 
 logger = logging.getLogger(__name__)
+
+CONTENT_HASH_KEY = "content_sha256"  # header metadata: sha256 of the values (content_sha256)
 
 
 @dataclass
@@ -155,11 +163,23 @@ def cache_path(cache_dir: Path, fingerprint: str) -> Path:
     return Path(cache_dir) / f"reference-{fingerprint}.safetensors"
 
 
+def content_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes (in name order): any altered value changes it."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
 def save_reference_logps(values: ReferenceLogps, path: Path, metadata: dict[str, str]) -> None:
-    """Atomic write: a crash leaves either no file or a complete one."""
+    """Atomic write: a crash leaves either no file or a complete one. The header holds the content's sha256."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(f".tmp-{os.getpid()}")
-    save_file(values.tensors(), str(temporary), metadata={k: str(v) for k, v in metadata.items()})
+    temporary = path.with_suffix(f".tmp-{os.getpid()}-{threading.get_ident()}")
+    tensors = values.tensors()
+    save_file(tensors, str(temporary), metadata={**{k: str(v) for k, v in metadata.items()},
+                                                 CONTENT_HASH_KEY: content_sha256(tensors)})
     os.replace(temporary, path)
 
 
@@ -181,6 +201,8 @@ def read_cache(path: Path, fingerprint: str, pairs: Sequence[TokenizedPair]) -> 
         raise UnusableCache(f"it cannot be read as safetensors ({' '.join(str(error).split())[:120]})") from error
     if metadata.get("fingerprint") != fingerprint:
         raise UnusableCache(f"its header names fingerprint {str(metadata.get('fingerprint'))[:40]!r}, not {fingerprint!r}")
+    if metadata.get(CONTENT_HASH_KEY) != content_sha256(tensors):  # a file of an older version has none: recomputed
+        raise UnusableCache("its values do not match the sha256 in its header (altered after it was written)")
     names = set(ReferenceLogps.__dataclass_fields__)
     if set(tensors) != names:
         raise UnusableCache(f"it holds tensors {sorted(tensors)[:8]}, expected {sorted(names)}")
@@ -217,19 +239,46 @@ def load_or_compute_reference_logps(
     if path.is_dir() or (path.exists() and not path.is_file()):
         raise UserError(f"reference.cache_dir: {path} is not a file (a folder?) where the reference log-probs go; "
                         "move it away or set reference.cache_dir to another folder")
-    if path.exists():
-        try:
-            values = read_cache(path, fingerprint, pairs)
-            logger.info("reusing reference log-probs %s", path)
+    values = _reuse(path, fingerprint, pairs, warn=True)
+    if values is not None:
+        return values, True
+    # One process (re)computes while the others that need the same file wait for it and then read it: trials
+    # that find the cache damaged together recompute it once, not once each.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(path.with_name(path.name + ".lock")):
+        values = _reuse(path, fingerprint, pairs, warn=False)  # written (again) while this process waited
+        if values is not None:
             return values, True
-        except UnusableCache as problem:
-            logger.warning("reference cache %s is unusable (%s); recomputing it", path, problem)
-    logger.info("computing reference log-probs for %d pairs into %s", len(pairs), path)
-    model = load_reference_model().to(device)
-    values = compute_reference_logps(
-        model, pairs, pad_token_id=pad_token_id, batch_size=batch_size, device=device,
-        autocast_dtype=autocast_dtype, show_progress=show_progress,
-    )
-    del model
-    save_reference_logps(values, path, {"fingerprint": fingerprint, "pairs": json.dumps(len(pairs))})
+        logger.info("computing reference log-probs for %d pairs into %s", len(pairs), path)
+        model = load_reference_model().to(device)
+        values = compute_reference_logps(
+            model, pairs, pad_token_id=pad_token_id, batch_size=batch_size, device=device,
+            autocast_dtype=autocast_dtype, show_progress=show_progress,
+        )
+        del model
+        save_reference_logps(values, path, {"fingerprint": fingerprint, "pairs": json.dumps(len(pairs))})
     return values, False
+
+
+def _reuse(path: Path, fingerprint: str, pairs: Sequence[TokenizedPair], *, warn: bool) -> ReferenceLogps | None:
+    if not path.exists():
+        return None
+    try:
+        values = read_cache(path, fingerprint, pairs)
+    except UnusableCache as problem:
+        if warn:
+            logger.warning("reference cache %s is unusable (%s); recomputing it", path, problem)
+        return None
+    logger.info("reusing reference log-probs %s", path)
+    return values
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    """An exclusive flock on lock_path (created, never followed through a link) for the block; blocks until free."""
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the flock
