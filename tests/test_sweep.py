@@ -332,8 +332,10 @@ def test_trials_that_fit_together_run_at_the_same_time(world, tmp_path, local_ra
     The proof is the trial actors' process ids (Tune records `pid` with every result): Tune reuses a finished
     trial's actor for the next trial (reuse_actors; the ASHA test below checks it), so trials run one after
     the other share one process, and only a trial placed while the other still held its CPU gets its own.
-    Wall-clock overlap is printed, not asserted: each actor imports torch before its trial function starts,
-    and under load one actor's imports can outlast the other's whole trial (a CI run failed that way)."""
+    Wall-clock overlap is printed, not asserted: a fresh-clone CI run under load failed on it. Each actor
+    starts and imports torch before its trial function starts, and how long that takes varies with load:
+    on 2026-12-02, at a load average of 15-27 on 2 cores, the two trial functions of the fan-out started
+    82 s apart, against 92 and 130 s per trial, so a little more skew leaves no overlap at all."""
     config = tiny_config(world, tmp_path, sweep=sweep, reference={"mode": "live"},
                          train={"max_steps": 40, "eval_every": 20, "checkpoint_every": 20},
                          resources={"num_workers": 1, "cpus_per_worker": 1})
