@@ -250,9 +250,38 @@ def set_tags(uri: str, run_id: str, tags: Mapping[str, Any]) -> None:
     log_params(client_for(uri), run_id, {}, tags)
 
 
-def log_text_artifact(uri: str, run_id: str, file_name: str, text: str) -> None:
-    """A text artifact (e.g. decision_log.json at the end of the sweep), secrets redacted."""
-    client_for(uri).log_text(run_id, str(redact(text)), file_name)
+ARTIFACT_ATTEMPTS = 3  # uploads of one text artifact, each read back and compared, before giving up
+
+
+def log_text_artifact(uri: str, run_id: str, file_name: str, text: str, *, retry_wait_s: float = 1.0) -> bool:
+    """A text artifact (e.g. decision_log.json at the end of the sweep), secrets redacted; True once stored.
+
+    Each upload is read back from the artifact store and compared byte for byte; a failed or corrupted
+    upload (a proxy cutting the body, a store writing part of it) is retried, up to ARTIFACT_ATTEMPTS
+    uploads with a growing wait. If none arrives intact the failure is logged and False returned: the
+    sweep goes on (its summary is also written to the sweep folder).
+    """
+    import tempfile
+
+    client, content = client_for(uri), str(redact(text))
+    problem = ""
+    for attempt in range(1, ARTIFACT_ATTEMPTS + 1):
+        try:
+            client.log_text(run_id, content, file_name)
+            with tempfile.TemporaryDirectory(prefix="dpo-artifact-check-") as folder:
+                stored = Path(client.download_artifacts(run_id, file_name, folder)).read_text(encoding="utf-8")
+            if stored == content:
+                return True
+            problem = f"the stored copy differs ({len(stored)} of {len(content)} characters)"
+        except Exception as error:  # noqa: BLE001 - any failure of the store is retried, then logged
+            problem = f"{type(error).__name__}: {redact(str(error))[:300]}"
+        if attempt < ARTIFACT_ATTEMPTS:
+            logger.warning("MLflow run %s: artifact %s upload %d of %d failed (%s); retrying", run_id, file_name,
+                           attempt, ARTIFACT_ATTEMPTS, problem)
+            time.sleep(retry_wait_s * 2 ** (attempt - 1))
+    logger.error("MLflow run %s: artifact %s not stored after %d uploads (%s); going on without it", run_id, file_name,
+                 ARTIFACT_ATTEMPTS, problem)
+    return False
 
 
 def end_run(uri: str, run_id: str, status: str = "FINISHED", error: str | None = None) -> None:
