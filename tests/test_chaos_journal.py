@@ -142,3 +142,13 @@ def test_a_journal_sends_again_only_what_was_not_acknowledged(tmp_path):
     sent = [point for batch in again.batches for point in batch]
     assert [point[:3] for point in sent] == [("train/loss", 2, 0.25), ("train/loss", 3, 0.125)]
     assert unacknowledged(tmp_path) == {"run-1": 0}
+
+    # a retried trial trains steps 3 and 4 again from its checkpoint of step 2: step 3 is not logged twice
+    retried = Client()
+    tracker = TrialTracker("sqlite:///unused.db", "run-1", client=retried, journal=path, flush_every_s=0.05,
+                           report_drops=False)
+    tracker.log_metrics({"train/loss": 0.125}, step=3)
+    tracker.log_metrics({"train/loss": 0.0625, "train/kl": 0.5}, step=4)
+    tracker.log_metrics({"train/kl": 0.5}, step=4)
+    assert tracker.close(timeout_s=10)
+    assert [point[:3] for batch in retried.batches for point in batch] == [("train/loss", 4, 0.0625), ("train/kl", 4, 0.5)]

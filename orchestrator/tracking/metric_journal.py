@@ -8,7 +8,9 @@ so a killed process loses nothing it logged; only a crash of the machine itself 
 `<run id>.acked` holds the sequence number up to which MLflow has acknowledged (or the tracker has given
 up on: points dropped on a full buffer or a permanent rejection) every point. A tracker opened on the
 same journal, by a retried trial or by `replay_journals` when a sweep is resumed, first sends the points
-after that number again, with their original timestamps. MLflow's SQL store ignores a point identical in
+after that number again, with their original timestamps; and a retried trial, which trains again the
+steps after its last checkpoint, does not log a (key, step) the journal already holds, so its curves get
+no step twice. MLflow's SQL store ignores a point identical in
 key, step, value and timestamp to one it holds, so a point sent twice (delivered, then killed before its
 acknowledgement was written) is stored once. Pure Python; no mlflow import here.
 Tested by `python -m pytest tests/test_chaos_journal.py -q`.
@@ -46,7 +48,7 @@ class MetricJournal:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._acked_fd = _open(self.path.with_suffix(ACKED_SUFFIX), os.O_RDWR)
         self.acked = _read_acked(self._acked_fd)
-        self.pending, last_seq = _read_points(self.path, self.acked)  # logged, never acknowledged
+        self.pending, last_seq, self.logged = _read_points(self.path, self.acked)  # logged, never acknowledged
         self.next_seq = max(last_seq, self.acked) + 1
         self._fd = _open(self.path, os.O_WRONLY | os.O_APPEND)
 
@@ -81,11 +83,12 @@ def _read_acked(fd: int) -> int:
     return int(raw) if raw.isdigit() else 0
 
 
-def _read_points(path: Path, after_seq: int) -> tuple[list[dict[str, Any]], int]:
-    """Points with a sequence number above `after_seq` (in order), and the highest sequence number seen."""
+def _read_points(path: Path, after_seq: int) -> tuple[list[dict[str, Any]], int, set[tuple[str, int]]]:
+    """Points with a sequence number above `after_seq` (in order), the highest sequence number seen, and every
+    (key, step) the journal holds."""
     if not path.is_file():
-        return [], 0
-    pending, last = [], 0
+        return [], 0, set()
+    pending, last, logged = [], 0, set()
     with path.open("r", encoding="utf-8", errors="replace") as handle:
         for line in handle:
             try:
@@ -96,9 +99,10 @@ def _read_points(path: Path, after_seq: int) -> tuple[list[dict[str, Any]], int]
             except (ValueError, KeyError, TypeError):
                 continue  # a line cut short by a full disk: nothing to replay from it
             last = max(last, seq)
+            logged.add((point["key"], point["step"]))
             if seq > after_seq:
                 pending.append(point)
-    return pending, last
+    return pending, last, logged
 
 
 def unacknowledged(folder: str | Path) -> dict[str, int]:

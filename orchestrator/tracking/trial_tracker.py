@@ -106,6 +106,9 @@ class TrialTracker:
                 return
             self._last_step = max(self._last_step, int(step))
             if self._journal is not None:
+                # a retried trial trains the steps after its last checkpoint again: each (key, step) is kept once
+                points = [p for p in points if (p.key, p.step) not in self._journal.logged]
+                self._journal.logged.update((p.key, p.step) for p in points)
                 self._journal.append(points)  # on disk before this call returns: a kill after it loses nothing
             self._buffer.extend(points)
             overflow = len(self._buffer) + len(self._inflight) - self.max_buffer
