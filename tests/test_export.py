@@ -124,8 +124,9 @@ def test_export_round_trips_the_chosen_trials_best_checkpoint_and_registers_it(w
 
     code = main(["export", "tiny-full", "--tracking-uri", url, "--out", str(out), "--register", "tiny-dpo",
                  "--prompt", "question the cat"])
-    printed = capsys.readouterr().out
-    assert code == 0, printed
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert code == 0, printed + captured.err
     assert "exported trial t-full" in printed and "registered in the MLflow Model Registry as tiny-dpo/1" in printed
     assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "README.md",
             LINEAGE_FILE} <= {path.name for path in out.iterdir()}
@@ -148,11 +149,42 @@ def test_export_round_trips_the_chosen_trials_best_checkpoint_and_registers_it(w
     client = MlflowClient(tracking_uri=url)
     [version] = client.search_model_versions("name='tiny-dpo'")
     assert version.run_id == lineage["run_id"]
-    assert client.get_run(lineage["run_id"]).data.tags["export.dir"] == str(out.resolve())
+    trial_run = client.get_run(lineage["run_id"])
+    assert trial_run.data.tags["export.dir"] == str(out.resolve())
+    assert trial_run.info.status == "FINISHED"  # reopened for the upload, given back its status
+    assert client.get_model_version_by_alias("tiny-dpo", "champion").version == version.version
+    assert "models:/tiny-dpo@champion" in printed
+    check_mlflow_model(url, "tiny-dpo", version, lineage, out)
 
     assert main(["export", "tiny-full", "--tracking-uri", url, "--out", str(out), "--trial", "t-missing"]) == 2
     error = capsys.readouterr().err
     assert "no trial 't-missing' in sweep 'tiny-full'" in error and "its trials: t-full" in error
+
+
+def check_mlflow_model(url: str, name: str, version, lineage: dict, out: Path) -> None:
+    """The registered version is a LoggedModel of the trial's run (metrics linked) that MLflow's transformers
+    flavor loads from the alias as a pipeline, with the exported weights, and that generates."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+    from transformers import AutoModelForCausalLM
+
+    client = MlflowClient(tracking_uri=url)
+    logged = client.get_logged_model(version.source.removeprefix("models:/"))
+    assert logged.source_run_id == lineage["run_id"]
+    linked = {metric.key: metric.value for metric in logged.metrics or []}
+    assert linked["eval/preference_accuracy"] == pytest.approx(lineage["metrics_at_checkpoint"]["eval/preference_accuracy"])
+    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(url)
+    mlflow.set_registry_uri(url)
+    try:
+        pipeline = mlflow.transformers.load_model(f"models:/{name}@champion")
+    finally:
+        mlflow.set_tracking_uri(previous[0])
+        mlflow.set_registry_uri(previous[1])
+    ids = torch.randint(4, 20, (1, 10))
+    assert torch.equal(logits_of(pipeline.model, ids), logits_of(AutoModelForCausalLM.from_pretrained(out), ids))
+    generated = pipeline("question the cat", max_new_tokens=4, do_sample=False)[0]["generated_text"]
+    assert generated.startswith("question the cat") and len(generated) > len("question the cat")
 
 
 @pytest.mark.mlflow

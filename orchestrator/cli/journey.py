@@ -2,7 +2,7 @@
 the report and the exported model.
 
     dpo analyze CONFIG|NAME [--set k=v ...] [rule options] [--report-dir DIR] [--no-log]
-    dpo export  CONFIG|NAME --out DIR [--trial ID] [--register MODEL_NAME] [--adapter] [--prompt TEXT] [rule options]
+    dpo export  CONFIG|NAME --out DIR [--trial ID] [--register MODEL_NAME [--alias A]] [--adapter] [--prompt TEXT] [rule options]
     dpo quickstart CONFIG [--set k=v ...] [--out DIR] [rule options]     sweep -> analyze -> export
 
 CONFIG is a YAML experiment config: the sweep is its `name`, the runs are read from the tracking URI it
@@ -80,7 +80,10 @@ def _add_source_arguments(parser: argparse.ArgumentParser, *, name_allowed: bool
 
 def _add_model_output_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", action="store_true", help="LoRA trials: also write the unmerged adapter to DIR/adapter")
-    parser.add_argument("--register", metavar="MODEL_NAME", default=None, help="also register it in the MLflow Model Registry")
+    parser.add_argument("--register", metavar="MODEL_NAME", default=None, help="also log it as an MLflow model "
+                        "(transformers flavor) and register it in the MLflow Model Registry")
+    parser.add_argument("--alias", default="champion", help="the registered version's alias (default champion: "
+                        "load it with mlflow.transformers.load_model('models:/MODEL_NAME@champion'))")
     parser.add_argument("--prompt", default=None, help="prompt of the generation check (default: the first held-out "
                         "prompt of the config's data, else 'Hello')")
 
@@ -113,10 +116,10 @@ def selection_rule(args: argparse.Namespace):
     from analysis.selection import DEFAULT_KL_BUDGET, SelectionRule
 
     budget = None if str(args.kl_budget).lower() in ("none", "null", "off", "") else args.kl_budget
+    budget = DEFAULT_KL_BUDGET if budget == "default" else budget
     try:
         if budget is not None and math.isnan(float(budget)):
             raise ValueError(f"--kl-budget must be a number > 0 or none (got {excerpt_text(str(budget), 40)})")
-    budget = DEFAULT_KL_BUDGET if budget == "default" else budget
         return SelectionRule(metric=args.metric, kl_metric=args.kl_metric,
                              kl_budget=None if budget is None else float(budget),
                              benchmark_tolerance=args.benchmark_tolerance, tie_tolerance=args.tie_tolerance,
@@ -204,7 +207,7 @@ def run_export(source: Source, args: argparse.Namespace, out: str, sweep=None):
     sweep = sweep or load_sweep(source.uri, source.name, source.experiment)
     prompt = args.prompt or first_held_out_prompt(source.config, DEFAULT_PROMPT)
     return export_trial(sweep, out, trial_id=getattr(args, "trial", None), rule=selection_rule(args),
-                        include_adapter=args.adapter, register=args.register, prompt=prompt,
+                        include_adapter=args.adapter, register=args.register, alias=args.alias, prompt=prompt,
                         storage_path=source.layout.storage)
 
 

@@ -76,7 +76,7 @@ SWEEP_SUMMARY_ARTIFACT = "sweep_summary.json"
 CONFIG_ARTIFACT = "config.yaml"
 SEARCH_SPACE_ARTIFACT = "search_space.json"
 ANALYSIS_ARTIFACT_FOLDER = "analysis"  # `dpo analyze`'s report, on the sweep's parent run
-EXPORTED_MODEL_ARTIFACT_FOLDER = "exported_model"  # `dpo export --register`'s model, on the trial run
+EXPORTED_MODEL_ARTIFACT_FOLDER = "exported_model"  # `dpo export --register`'s LoggedModel name, of the trial run
 
 
 def filter_value(value: str) -> str:

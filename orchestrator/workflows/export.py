@@ -14,13 +14,16 @@ The directory written (built in a sibling staging folder, then renamed into plac
     adapter/          LoRA trials with `--adapter`: the unmerged adapter (the weights above are merged)
 LoRA checkpoints (adapter_config.json) are merged into their base model with peft's merge_and_unload.
 Before success is reported the directory is loaded with AutoModelForCausalLM and generates a few tokens.
-`--register NAME` uploads it to the trial's run (artifacts `exported_model/`) and creates a version of
-NAME in the MLflow Model Registry. Run: `dpo export configs/quickstart.yaml --out DIR`; tested by
+`--register NAME` logs it with MLflow's transformers flavor as a LoggedModel of the trial's run (the
+metrics at the exported checkpoint linked to it), creates a version of NAME in the MLflow Model Registry
+and points the alias `--alias` (default `champion`) at it: `mlflow.transformers.load_model(
+"models:/NAME@champion")` gives a text-generation pipeline. Run: `dpo export configs/quickstart.yaml --out DIR`; tested by
 `python -m pytest tests/test_export.py -q`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -28,13 +31,13 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pandas as pd
 
 from orchestrator.config.layout import StorageLayout, find_checkpoints, is_remote
 from orchestrator.errors import ExportError
-from orchestrator.tracking.records import redact
+from orchestrator.tracking.records import package_versions, redact
 from orchestrator.tracking.schema import (CHECKPOINT_DIR_TAG, DATA_TAG_PREFIX, EXPORT_DIR_TAG, EXPORT_STEP_TAG,
                                           EXPORTED_MODEL_ARTIFACT_FOLDER, GIT_COMMIT_TAG, REFERENCE_CACHE_KEY_TAG)
 from trainables.checkpointing import STATE_FILE, is_complete, load_training_state
@@ -63,7 +66,7 @@ class ExportResult:
     lora: bool
     generated: str  # what the verification generated from the prompt
     lineage: dict[str, Any] = field(default_factory=dict)
-    registered_version: str | None = None  # "NAME/VERSION" in the Model Registry
+    registered_version: "Registration | None" = None  # the version of NAME in the Model Registry, and its alias
 
 
 def choose_checkpoint(trial_dir: Path, scores: pd.Series, metric: str, *, higher_is_better: bool = True) -> CheckpointChoice:
@@ -234,22 +237,87 @@ def write_export(checkpoint: CheckpointChoice, out: Path, lineage: dict[str, Any
     return lora, generated
 
 
-def register_export(uri: str, run_id: str, directory: Path, model_name: str) -> str:
-    """Upload the directory to the run (artifacts exported_model/) and register it; returns "NAME/VERSION"."""
+DEFAULT_ALIAS = "champion"
+MODEL_REQUIREMENTS = ("transformers", "torch", "tokenizers", "safetensors")  # what loading the MLflow model needs
+
+
+@dataclass
+class Registration:
+    """What `--register` created: a LoggedModel of the trial's run and a version of NAME with an alias."""
+
+    name: str
+    version: str
+    alias: str
+    model_id: str
+    model_uri: str  # models:/<model_id>
+
+    def __str__(self) -> str:
+        return f"{self.name}/{self.version} (alias @{self.alias}: models:/{self.name}@{self.alias})"
+
+
+@contextlib.contextmanager
+def fluent_uris(uri: str) -> Iterator[None]:
+    """mlflow's global tracking and registry URIs set to `uri` for a fluent call (log_model needs an active
+    run), then put back exactly as they were: unset stays unset (mlflow's module state; no public getter
+    tells "unset" from "the default")."""
+    import mlflow
+    from mlflow.tracking import _model_registry, _tracking_service
+
+    tracking_state, registry_state = _tracking_service.utils, _model_registry.utils
+    saved = getattr(tracking_state, "_tracking_uri", None), getattr(registry_state, "_registry_uri", None)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        tracking_state._tracking_uri, registry_state._registry_uri = saved
+
+
+def register_export(uri: str, run_id: str, directory: Path, model_name: str, *, alias: str = DEFAULT_ALIAS,
+                    metrics: dict[str, float] | None = None, step: int = 0, params: dict[str, Any] | None = None,
+                    prompt: str | None = None) -> Registration:
+    """Log `directory` with MLflow's transformers flavor as a LoggedModel of the trial's run (its params and
+    the metrics at the exported checkpoint linked to it), register it as a new version of `model_name` and
+    point `alias` at that version, so that `mlflow.transformers.load_model("models:/NAME@ALIAS")` loads it.
+
+    The trial's run is reopened for the upload and then given back its status and end time.
+    """
+    import mlflow
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
+    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
+    # A pipeline object, not the directory's path: MLflow 3.17 cannot read transformers 5's task table from a
+    # local checkpoint path; and the requirements are named, since inferring them imports torchvision.
+    generator = pipeline("text-generation", tokenizer=AutoTokenizer.from_pretrained(directory),
+                         model=AutoModelForCausalLM.from_pretrained(directory, dtype="auto", use_safetensors=True))
+    requirements = [f"{package}=={version}" for package, version in package_versions(MODEL_REQUIREMENTS).items()
+                    if package != "python"]
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    client.log_artifacts(run_id, str(directory), EXPORTED_MODEL_ARTIFACT_FOLDER)
+    run = client.get_run(run_id)
+    with fluent_uris(uri):
+        try:
+            with mlflow.start_run(run_id=run_id):
+                info = mlflow.transformers.log_model(
+                    transformers_model=generator, name=EXPORTED_MODEL_ARTIFACT_FOLDER, task="text-generation",
+                    pip_requirements=requirements, input_example=[prompt] if prompt else None,
+                    params={key: str(value) for key, value in (params or {}).items()}, model_type="dpo", step=step,
+                    tags={EXPORT_DIR_TAG: str(directory)})
+                finite = {key: value for key, value in (metrics or {}).items() if math.isfinite(value)}
+                if finite:  # the model view ranks LoggedModels by these
+                    mlflow.log_metrics(finite, step=step, run_id=run_id, model_id=info.model_id)
+        finally:
+            if run.info.status in ("FINISHED", "FAILED", "KILLED"):
+                client.set_terminated(run_id, status=run.info.status, end_time=run.info.end_time)
     try:
         client.create_registered_model(model_name, description="DPO models exported by dpo-orchestrator")
     except MlflowException as error:
         if "RESOURCE_ALREADY_EXISTS" not in str(error.error_code):
             raise
-    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{EXPORTED_MODEL_ARTIFACT_FOLDER}"
-    version = client.create_model_version(model_name, source=source, run_id=run_id,
+    version = client.create_model_version(model_name, source=info.model_uri, run_id=run_id, model_id=info.model_id,
                                           description=f"exported from {directory}")
-    return f"{model_name}/{version.version}"
+    client.set_registered_model_alias(model_name, alias, version.version)
+    return Registration(model_name, str(version.version), alias, info.model_id, info.model_uri)
 
 
 def _trial_dir(row: dict[str, Any], sweep_name: str, storage_path: str | None) -> Path:
@@ -270,7 +338,8 @@ def _trial_dir(row: dict[str, Any], sweep_name: str, storage_path: str | None) -
 
 
 def export_trial(sweep, out: str | Path, *, trial_id: str | None = None, rule=None, include_adapter: bool = False,
-                 register: str | None = None, prompt: str = DEFAULT_PROMPT, storage_path: str | None = None) -> ExportResult:
+                 register: str | None = None, prompt: str = DEFAULT_PROMPT, storage_path: str | None = None,
+                 alias: str = DEFAULT_ALIAS) -> ExportResult:
     """Export trial `trial_id` of a loaded sweep (analysis.runs.SweepRuns), or the one the selection rule picks."""
     from mlflow.tracking import MlflowClient
 
@@ -313,6 +382,8 @@ def export_trial(sweep, out: str | Path, *, trial_id: str | None = None, rule=No
     lora, generated = write_export(checkpoint, out, lineage, include_adapter=include_adapter, prompt=prompt)
     client.set_tag(run_id, EXPORT_DIR_TAG, str(out))
     client.set_tag(run_id, EXPORT_STEP_TAG, str(checkpoint.step))
-    registered = register_export(sweep.uri, run_id, out, register) if register else None
+    registered = register_export(sweep.uri, run_id, out, register, alias=alias,
+                                 metrics=lineage["metrics_at_checkpoint"], step=checkpoint.step,
+                                 params=lineage["hyperparameters"], prompt=prompt) if register else None
     return ExportResult(directory=out, trial_id=trial_id, run_id=run_id, checkpoint=checkpoint, lora=lora,
                         generated=generated, lineage=lineage, registered_version=registered)
