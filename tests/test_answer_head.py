@@ -127,3 +127,21 @@ def test_a_plain_model_passes_the_probe_once(models):
         logprobs.forward_logps(model, batch)
     assert getattr(model, answer_head._DECISION) is True
     assert first == 3 and len(calls) == 4  # the probe's two forwards, then one forward per call
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gpt2"])
+def test_the_probe_computes_logits_for_a_few_positions_of_one_row_only(models, architecture, monkeypatch):
+    """The first call's probe must not hold a batch's logits (at a 152k vocabulary, 8 pairs x 256 tokens of
+    float32 logits are 2.5 GB, twice the step's own peak): its standard route gets one row and at most
+    PROBE_POSITIONS positions from the output layer."""
+    monkeypatch.setattr(answer_head, "PROBE_POSITIONS", 3)
+    model = load_causal_lm(models[architecture], disable_dropout=True)
+    batch = collate_pairs(far_apart_pairs(), pad_token_id=3)
+    seen: list[int] = []  # positions the output layer projects to full logits (the head's own output is (1, N, 1))
+    vocab = model.get_output_embeddings().weight.shape[0]
+    model.get_output_embeddings().register_forward_hook(
+        lambda module, args, output: seen.append(output[..., 0].numel()) if output.shape[-1] == vocab else None)
+    with torch.no_grad():
+        logprobs.forward_logps(model, batch)
+    assert getattr(model, answer_head._DECISION) is True
+    assert seen and max(seen) <= 3, seen

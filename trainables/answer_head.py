@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 CHUNK_TOKENS = 1024  # tokens per chunk of logits: at a 152k vocabulary, 0.6 GB of float32 per chunk at most (trainables/memory_plan.py plans with it)
 PROBE_TOLERANCE_FP32 = 1e-4  # max |log-prob difference|, head vs standard route, without autocast
 PROBE_TOLERANCE_AUTOCAST = 5e-2  # the same under bf16/fp16 autocast
+PROBE_POSITIONS = 64  # answer positions of one row the probe compares: its standard route keeps their logits only
 _DECISION = "_dpo_answer_head"  # attribute on the unwrapped model: True / False once probed
 
 
@@ -144,19 +145,52 @@ def _with_head(model: torch.nn.Module, inputs: dict[str, torch.Tensor], predicto
         return model(**inputs, use_cache=False).logits.reshape(-1)  # (N,)
 
 
+def _probe_slice(inputs: dict[str, torch.Tensor], predictor: torch.Tensor, targets: torch.Tensor
+                 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """The first row holding an answer position, and its first PROBE_POSITIONS answer positions (predictor
+    re-indexed into that one row): what the probe runs, so that its standard route stays small."""
+    rows, seq = inputs["input_ids"].shape[:2]
+    row = int(predictor[0]) // seq
+    keep = torch.nonzero(predictor // seq == row).squeeze(-1)[:PROBE_POSITIONS]  # (k,)
+    one_row = {key: value[row : row + 1] if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == rows
+               else value for key, value in inputs.items()}  # input_ids, 2D/4D masks, position ids: (1, ...)
+    return one_row, predictor[keep] - row * seq, targets[keep]
+
+
+def _standard_kept(model: torch.nn.Module, inputs: dict[str, torch.Tensor], predictor: torch.Tensor,
+                   targets: torch.Tensor) -> torch.Tensor:
+    """_standard on one row, asking the model for the logits of the predicting positions only
+    (`logits_to_keep`, which every recent transformers causal LM takes; else all of that row's logits)."""
+    from trainables.logprobs import target_logps
+
+    seq = inputs["input_ids"].shape[1]
+    columns, position = torch.unique(predictor % seq, return_inverse=True)  # (k,) sorted, (N,) index into them
+    try:
+        logits = model(**inputs, use_cache=False, logits_to_keep=columns).logits  # (1, k, vocab)
+    except TypeError:  # a model without logits_to_keep
+        return _standard(model, inputs, predictor, targets)
+    return target_logps(logits[0, position], targets)  # (N,)
+
+
 def _decide(model: torch.nn.Module, inputs: dict[str, torch.Tensor], predictor: torch.Tensor,
-            targets: torch.Tensor) -> bool:
+            targets: torch.Tensor) -> bool | None:
     """Whether the head gives this model's log-probs: a plain Linear output layer, and a no-grad probe on
-    the first call agrees with the standard route (a soft-capped or scaled model's would not)."""
+    the first call agrees with the standard route (a soft-capped or scaled model's would not). The probe
+    runs one row and at most PROBE_POSITIONS of its answer positions, so that it never holds a batch's
+    logits (at a 152k vocabulary, 8 pairs x 256 tokens of them are 2.5 GB in float32)."""
     if output_layer(model) is None:
         logger.info("log-prob head: standard route (the output layer is not a plain Linear)")
         return False
+    if predictor.numel() == 0:
+        return None  # nothing to compare in this call: decided at the next one
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            difference = (_with_head(model, inputs, predictor, targets) - _standard(model, inputs, predictor, targets))
-            difference = difference.abs().max().item() if difference.numel() else 0.0
+            inputs, predictor, targets = _probe_slice(inputs, predictor, targets)
+            difference = (_with_head(model, inputs, predictor, targets)
+                          - _standard_kept(model, inputs, predictor, targets))
+            difference = difference.abs().max().item()
     finally:
         model.train(was_training)
     device_type = predictor.device.type
@@ -177,7 +211,8 @@ def answer_logps(model: torch.nn.Module, inputs: dict[str, torch.Tensor], predic
     decision = getattr(inner, _DECISION, None)
     if decision is None:
         decision = _decide(model, inputs, predictor, targets)
-        object.__setattr__(inner, _DECISION, decision)  # plain attribute: not a parameter, not a buffer
+        if decision is not None:
+            object.__setattr__(inner, _DECISION, decision)  # plain attribute: not a parameter, not a buffer
     if decision:
         return _with_head(model, inputs, predictor, targets)
     return _standard(model, inputs, predictor, targets)
