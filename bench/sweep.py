@@ -259,7 +259,8 @@ def main() -> None:
         "fixed_seconds": fixed_seconds, "busy_seconds_per_trial_for_10_percent": busy_per_trial_for_target,
         "best": summary["best"],
         "per_trial": [{k: t.get(k) for k in ("trial_id", "trial_started_at", "trial_seconds", "step_seconds", "eval_seconds")
-                       + STARTUP_PHASES} | {"beta": t["config"].get("beta")} for t in trials],
+                       + STARTUP_PHASES} | {"beta": t["config"].get("beta"), "step": t.get("step"), "error": t.get("error"),
+                                            summary["metric"]: t.get("metric")} for t in trials],
         "fixed_seconds_by_phase": fixed_by_phase(wall * slots, trials),
     }
     print(f"sweep {config.name} ({trial_mode} trials): {len(trials)} trials, betas {figures['betas']}, "
@@ -274,7 +275,8 @@ def main() -> None:
         if trial.get("trial_seconds"):
             phases = ", ".join(f"{name.removesuffix('_seconds').replace('_', ' ')} {trial.get(name) or 0.0:.1f}" for name in STARTUP_PHASES)
             print(f"    trial {trial['trial_id']} (beta {trial['config'].get('beta')}): {trial['trial_seconds']:.1f} s from "
-                  f"trial start to last report, {busy:.1f} s in steps and eval; before the first step: {phases} s")
+                  f"trial start to last report, {busy:.1f} s in steps and eval; before the first step: {phases} s; "
+                  f"final {summary['metric']} {trial.get('metric')} at step {trial.get('step')}")
     print("  fixed seconds by phase (summed over trials): " + ", ".join(
         f"{name.replace('_', ' ')} {value:.1f}" for name, value in figures["fixed_seconds_by_phase"].items()))
     if floor:
