@@ -37,8 +37,9 @@ from analysis.runs import SweepRuns, load_sweep, shown_uri
 from analysis.diagnoses import CURVE_KEYS, Diagnosis, curves_by_trial, diagnose
 from analysis.selection import Selection, SelectionRule, rank_losses, select_trial
 from orchestrator.tracking.schema import (ANALYSIS_ARTIFACT_FOLDER, ANALYSIS_CHOSEN_BETA_TAG, ANALYSIS_CHOSEN_TRIAL_TAG,
-                                          ANALYSIS_METRIC_TAG, ANALYSIS_REASON_TAG, DATA_TAG_PREFIX, GIT_COMMIT_TAG,
-                                          LOSS_METRIC, REFERENCE_CACHE_KEY_TAG)
+                                          ANALYSIS_METRIC_TAG, ANALYSIS_REASON_TAG, CHOSEN_BETA_METRIC,
+                                          CHOSEN_SCORE_METRIC, DATA_TAG_PREFIX, GIT_COMMIT_TAG, LOSS_METRIC,
+                                          REFERENCE_CACHE_KEY_TAG)
 
 TABLE_COLUMNS = ["trial_id", "arm", "loss", "beta", "kl_weight", "learning_rate", "status", "steps", "score",
                  "eval/reward_margin", "kl_peak", "stable", "oscillation_score", "eligible", "excluded_because"]
@@ -224,6 +225,11 @@ def log_report(sweep: SweepRuns, selection: Selection, report: Report, *, client
             ANALYSIS_CHOSEN_BETA_TAG: f"{chosen['beta']:g}" if chosen else "none"}
     for key, value in tags.items():
         client.set_tag(sweep.parent_run_id, key, value)
+    if chosen:  # as metrics too: the runs table and its charts show the choice beside the sweep's best
+        score = chosen.get(selection.metric)
+        client.log_metric(sweep.parent_run_id, CHOSEN_BETA_METRIC, float(chosen["beta"]))
+        if isinstance(score, (int, float)) and math.isfinite(score):
+            client.log_metric(sweep.parent_run_id, CHOSEN_SCORE_METRIC, float(score))
     return sweep.parent_run_id
 
 

@@ -240,13 +240,15 @@ def quickstart(args: argparse.Namespace) -> int:
     from orchestrator.console import print_sweep_summary, runs_view_url, sweep_session
     from orchestrator.workflows.sweep import run_sweep
 
+    from orchestrator.config import load_config
+
     selection_rule(args)  # the rule's options are checked before anything is read or started
-    source = resolve_source(args, require_records=False)
-    config = source.config
+    config = load_config(args.target, args.overrides)
     if not config.tracking.enabled:
         raise ConfigError("tracking.enabled: quickstart reads the sweep back from MLflow; set it to true")
     experiment = resolve_experiment(config)
     with sweep_session(experiment, verbose=args.verbose) as console:  # MLflow's and Ray's INFO: console.log
+        source = resolve_source(args, require_records=False)
         summary = run_sweep(experiment, address=args.address, console=console)
         print_sweep_summary(summary)
         analysis = run_analyze(source, args)

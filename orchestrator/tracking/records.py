@@ -29,9 +29,10 @@ import yaml
 
 from orchestrator.redaction import REDACTED, is_secret_key, redact, write_private_text  # noqa: F401 - re-exported
 from orchestrator.tracking.schema import (ARM_TAG, CHECKPOINT_DIR_TAG, CLOSED_BY_TAG, CONFIG_ARTIFACT, DATA_TAG_PREFIX,
-                                          ERROR_TAG, GIT_COMMIT_TAG, MLFLOW_GIT_COMMIT_TAG, PARENT_ROLE, PARENT_RUN_TAG,
-                                          RESUMED_AT_TAG, ROLE_TAG, SEARCH_SPACE_ARTIFACT, STAGE_TAG, SWEEP_TAG,
-                                          TERMINAL_STATUSES, TRACKING_URI_TAG, TRIAL_ID_TAG, TRIAL_ROLE,
+                                          DATASET_CONTEXT_TAG, ERROR_TAG, EXPERIMENT_KIND_TAG, GIT_COMMIT_TAG,
+                                          MLFLOW_GIT_COMMIT_TAG, PARENT_ROLE, PARENT_RUN_TAG, RESUMED_AT_TAG, ROLE_TAG,
+                                          SEARCH_SPACE_ARTIFACT, STAGE_TAG, SWEEP_TAG, TERMINAL_STATUSES,
+                                          TRACKING_URI_TAG, TRAINING_EXPERIMENT_KIND, TRIAL_ID_TAG, TRIAL_ROLE,
                                           VERSION_TAG_PREFIX, search_all_runs, tag_filter)
 
 logger = logging.getLogger(__name__)
@@ -142,6 +143,49 @@ def data_fingerprints(sources: Mapping[str, str | None]) -> dict[str, str]:
     return tags
 
 
+def dataset_inputs(sources: Mapping[str, str | None]) -> list:
+    """MLflow dataset inputs of local data files: {"train": "/data/pairs.jsonl"} -> a DatasetInput named after
+    the file, its digest the file's sha256 (the `data.<split>.sha256` tag's), its role in the context tag.
+    Sources that are not local files (hub names) get a digest of their name, so the UI still lists them."""
+    import hashlib
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    from trainables.data_sources import dataset_fingerprint
+
+    inputs = []
+    for role, source in sources.items():
+        if not source:
+            continue
+        path = Path(source).expanduser()
+        local = path.is_file()
+        shown = str(path.resolve()) if local else str(redact(source))
+        digest = dataset_fingerprint(source) if local else hashlib.sha256(shown.encode()).hexdigest()
+        dataset = Dataset(name=path.stem if local else shown, digest=digest[:36],  # MLflow keeps 36 characters
+                          source_type="local" if local else "hub", source=json.dumps({"uri": shown}),
+                          profile=json.dumps({"sha256": digest}))
+        inputs.append(DatasetInput(dataset, tags=[InputTag(DATASET_CONTEXT_TAG, role)]))
+    return inputs
+
+
+def log_dataset_inputs(uri: str, run_id: str, sources: Mapping[str, str | None]) -> None:
+    """The run's data sets as MLflow dataset inputs (the runs table's Dataset column), with their digests."""
+    inputs = dataset_inputs(sources)
+    if inputs:
+        client_for(uri).log_inputs(run_id, datasets=inputs)
+
+
+def log_summary_metrics(uri: str, run_id: str, metrics: Mapping[str, float | None]) -> None:
+    """Metrics of a whole sweep on its parent run (the best score, the chosen beta); non-numbers skipped."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    points = [Metric(key, float(value), now, 0) for key, value in metrics.items()
+              if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value]
+    if points:
+        client_for(uri).log_batch(run_id, metrics=points)
+
+
 # ---- runs ---------------------------------------------------------------------------------------
 
 def client_for(uri: str):
@@ -158,13 +202,15 @@ def get_or_create_experiment(uri: str, name: str, client=None) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return client.create_experiment(name)
+            return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: TRAINING_EXPERIMENT_KIND})
         except MlflowException as error:  # another process created it first
             experiment = client.get_experiment_by_name(name)
             if experiment is None:
                 raise error
     if experiment.lifecycle_stage == "deleted":
         client.restore_experiment(experiment.experiment_id)
+    if experiment.tags.get(EXPERIMENT_KIND_TAG) is None:  # a kind the user chose in the UI is kept
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_EXPERIMENT_KIND)
     return experiment.experiment_id
 
 

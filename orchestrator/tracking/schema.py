@@ -46,6 +46,10 @@ DATA_TAG_PREFIX = "data."  # data.<split>.sha256 / .path / .source on the parent
 # `dpo analyze`'s choice, on the sweep's parent run
 ANALYSIS_METRIC_TAG, ANALYSIS_REASON_TAG = "analysis.metric", "analysis.reason"
 ANALYSIS_CHOSEN_TRIAL_TAG, ANALYSIS_CHOSEN_BETA_TAG = "analysis.chosen_trial", "analysis.chosen_beta"
+# MLflow 3's experiment type (an experiment tag): "Machine learning", so the UI opens on the runs table, not
+# on the GenAI traces overview it shows an experiment of unknown type.
+EXPERIMENT_KIND_TAG, TRAINING_EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+DATASET_CONTEXT_TAG = "mlflow.data.context"  # a dataset input's role on a run: train | eval | sft_train
 
 # ---- run roles (values of ROLE_TAG) -------------------------------------------------------------------
 PARENT_ROLE = "parent"  # a sweep's parent run
@@ -68,6 +72,9 @@ WIN_RATE_METRIC = "eval/win_rate"
 KL_METRIC = "eval/kl"
 DROPPED_METRIC = "tracking/dropped_points"  # metric points a trial could not deliver
 OUTAGE_METRIC = "tracking/outage_seconds"  # length of each tracking-server outage a trial lived through
+# A sweep's parent run: its best trial's score and beta when the sweep ends, the chosen one after `dpo analyze`.
+SWEEP_BEST_SCORE_METRIC, SWEEP_BEST_BETA_METRIC, SWEEP_TRIALS_METRIC = "sweep/best_score", "sweep/best_beta", "sweep/trials"
+CHOSEN_BETA_METRIC, CHOSEN_SCORE_METRIC = "analysis/chosen_beta", "analysis/chosen_score"
 BENCH_PREFIX, BENCH_DELTA_PREFIX = "bench/", "bench_delta/"
 
 # ---- artifacts ----------------------------------------------------------------------------------------

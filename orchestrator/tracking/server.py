@@ -308,5 +308,10 @@ def prepare_tracking_uri(config_uri: str | None, storage_path: str, *, timeout_s
     if embedded:
         uri = EmbeddedServer(uri).start_or_reuse()
     ensure_reachable(uri, timeout_s=timeout_s)
-    print(f"MLflow tracking: {redact_uri(uri)}" + (" (embedded local server)" if embedded else ""), flush=True)
+    if uri not in _ANNOUNCED:  # once per process: quickstart prepares it for the sweep and again for the analysis
+        _ANNOUNCED.add(uri)
+        print(f"MLflow tracking: {redact_uri(uri)}" + (" (embedded local server)" if embedded else ""), flush=True)
     return uri
+
+
+_ANNOUNCED: set[str] = set()

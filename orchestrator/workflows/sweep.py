@@ -56,6 +56,7 @@ def open_sweep_run(experiment: Experiment, uri: str, resume: bool) -> SweepRecor
         search_space={"strategy": config["sweep"]["strategy"], **config["sweep"]},
         tags=records.data_fingerprints({"train": experiment.run.data.train, "eval": experiment.run.data.eval}),
     )
+    records.log_dataset_inputs(uri, parent_run_id, {"train": experiment.run.data.train, "eval": experiment.run.data.eval})
     return SweepRecords(uri, mlflow_experiment, experiment_id, parent_run_id, name)
 
 
@@ -69,6 +70,10 @@ def close_sweep_run(sweep: SweepRecords, summary: dict[str, Any] | None, error: 
                                   json.dumps(summary["decision_log"], indent=1, default=str))
         records.log_text_artifact(sweep.uri, sweep.parent_run_id, schema.SWEEP_SUMMARY_ARTIFACT,
                                   json.dumps(summary, indent=1, default=str))
+        best = summary["best"] or {"config": {}}  # the parent run's own metrics: the runs table shows them
+        records.log_summary_metrics(sweep.uri, sweep.parent_run_id, {
+            schema.SWEEP_BEST_SCORE_METRIC: best.get("metric"), schema.SWEEP_BEST_BETA_METRIC: best["config"].get("beta"),
+            schema.SWEEP_TRIALS_METRIC: len(summary["trials"])})
     records.close_stale_runs(sweep.uri, sweep.experiment, sweep.sweep, keep=[sweep.parent_run_id])
     records.end_run(sweep.uri, sweep.parent_run_id, "FAILED" if error else "FINISHED", error=error)
 
