@@ -193,3 +193,71 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
                                           parameter.placements, src_data_rank=None)  # local data: no scatter
             sharded[index][name] = value
     optimizer.load_state_dict({"state": sharded, "param_groups": state["param_groups"]})
+
+
+# ---- loading that scales: meta-device construction on every rank, weights read once, broadcast into shards ----
+
+def empty_causal_lm(path: str, *, revision: str | None = None, trust_remote_code: bool = False,
+                    dtype: str = "float32", attn_implementation: str | None = "sdpa") -> torch.nn.Module:
+    """The causal LM of `path` built on the meta device: its modules, names and shapes, and no memory at all."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from trainables.modeling import _DTYPES, disable_dropout_in, usable_attn_implementation
+
+    config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    attn_implementation = usable_attn_implementation(attn_implementation, warn=False)
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=_DTYPES[dtype], **kwargs)
+    disable_dropout_in(model)
+    return model
+
+
+def load_sharded(build: Any, *, device: torch.device, compute_dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """A model sharded over all ranks whose weights were read by rank 0 only.
+
+    build(meta): the model as the run wants it (LoRA attached, gradient checkpointing on); on the meta device
+    when `meta` is True (empty_causal_lm), with its real weights otherwise.
+    1) every rank builds the model on the meta device and shards it (no memory yet);
+    2) rank 0 reads the full weights into host memory, and torch.distributed.checkpoint's set_model_state_dict
+       broadcasts them tensor by tensor (full_state_dict + broadcast_from_rank0); each rank keeps its shard of
+       each, assigned in place of the meta parameter (nothing is allocated before its data arrives);
+    3) buffers outside the state dict (e.g. rotary inv_freq, computed in __init__) are broadcast from rank 0 too.
+    So a non-zero rank holds its shard plus one full tensor at a time, never the full model.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    device = torch.device(device)
+    model = shard_model(build(True), device=device, compute_dtype=compute_dtype)  # 1)
+    full = build(False) if dist.get_rank() == 0 else None  # 2)
+    set_model_state_dict(model, dict(full.state_dict()) if full is not None else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    persistent = set(model.state_dict())
+    source = dict(full.named_buffers()) if full is not None else {}
+    for name, buffer in model.named_buffers():  # 3) same names on every rank: one model class
+        if name in persistent:
+            continue
+        value = (source[name].to(device=device, dtype=buffer.dtype) if full is not None
+                 else torch.empty(buffer.shape, dtype=buffer.dtype, device=device))
+        dist.broadcast(value, src=0)
+        owner, _, attribute = name.rpartition(".")
+        model.get_submodule(owner).register_buffer(attribute, value, persistent=False)
+    meta = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
+    if meta:
+        raise RuntimeError(f"load_sharded: {len(meta)} tensors got no data from rank 0's weights (first: {meta[0]})")
+    del full, source
+    return model
+
+
+class FSDPPreparer:
+    """`prepare_model` for resources.strategy fsdp: shards a built model (as shard_model), and, given how to
+    build the model, loads it sharded (load_sharded: weights read by rank 0 only) instead."""
+
+    def __init__(self, device: torch.device, compute_dtype: torch.dtype | None = None):
+        self.device, self.compute_dtype = torch.device(device), compute_dtype
+
+    def __call__(self, model: torch.nn.Module) -> torch.nn.Module:
+        return shard_model(model, device=self.device, compute_dtype=self.compute_dtype)
+
+    def load_sharded(self, build: Any) -> torch.nn.Module:
+        return load_sharded(build, device=self.device, compute_dtype=self.compute_dtype)
