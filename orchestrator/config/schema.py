@@ -205,6 +205,8 @@ class TrackingSection(Section):
     enabled: bool = Field(True, description="Record sweeps and trials in MLflow")
     uri: str | None = Field(None, description="MLflow tracking URI; overrides MLFLOW_TRACKING_URI; neither: the embedded local server")
     experiment: str | None = Field(None, description="MLflow experiment name (default: the config's name)")
+    system_metrics: bool = Field(False, description="Log each trial's CPU, memory (and GPU) use to its MLflow run "
+                                 "every 10 s, from rank 0's node (MLflow system metrics; docs/mlflow.md)")
 
 
 class ExperimentConfig(Section):

@@ -113,6 +113,7 @@ class TrackingSpec:
     enabled: bool
     uri: str | None  # tracking.uri as configured (None: MLFLOW_TRACKING_URI, else the embedded server)
     experiment: str  # MLflow experiment name
+    system_metrics: bool = False  # each trial's rank 0 logs MLflow system metrics (CPU, memory, GPU)
 
 
 @dataclass(frozen=True)
@@ -256,6 +257,7 @@ def resolve_experiment(config: ExperimentConfig) -> Experiment:
     run = resolve_run(config, workers=config.resources.num_workers, reference_cache=layout.reference_cache,
                       output_dir=layout.trials, show_progress=False)
     tracking = TrackingSpec(enabled=config.tracking.enabled, uri=config.tracking.uri,
-                            experiment=config.tracking.experiment or config.name)
+                            experiment=config.tracking.experiment or config.name,
+                            system_metrics=config.tracking.system_metrics)
     return Experiment(name=config.name, run=run, layout=layout, sweep=_sweep(config), tracking=tracking,
                       config_json=json.dumps(config.model_dump(), default=str))

@@ -58,6 +58,7 @@ class TrialTracking:
     parent_run_id: str
     sweep: str
     journal_dir: str | None = None  # metric journals of the trials' runs (metric_journal.py); None: none
+    system_metrics: bool = False  # each trial's rank 0 logs MLflow system metrics into its run
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class WorkerJob:
     tracking_uri: str | None = None  # with run_id: rank 0 logs the step metrics into this MLflow run
     run_id: str | None = None
     journal_dir: str | None = None  # with run_id: rank 0 journals its metric points there (no point lost)
+    system_metrics: bool = False  # with run_id: rank 0 logs MLflow system metrics (CPU, memory, GPU) into it
     fit_called_at: float | None = None  # for the start-up probe (probes.StartupClock); None: no Ray Train
     trial_started_at: float | None = None  # when the trial function started (probes.StartupClock)
 
@@ -112,6 +114,11 @@ def run_engine(job: WorkerJob, *, rank: int, device: str, send: Send, restored: 
 
         tracker = TrialTracker(job.tracking_uri, job.run_id,
                                journal=journal_path(job.journal_dir, job.run_id) if job.journal_dir else None)
+    system_metrics = None
+    if job.run_id and rank == 0 and job.system_metrics:  # rank 0's node only (docs/mlflow.md#system-metrics)
+        from orchestrator.tracking.trial_tracker import start_system_metrics
+
+        system_metrics = start_system_metrics(job.tracking_uri, job.run_id)
 
     def to_ray_and_mlflow(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         if tracker is not None:  # asynchronous: never waits for the tracking server
@@ -135,6 +142,8 @@ def run_engine(job: WorkerJob, *, rank: int, device: str, send: Send, restored: 
             with restored.as_directory() as checkpoint_dir:
                 run(checkpoint_dir)
     finally:
+        if system_metrics is not None:
+            system_metrics.finish()
         if tracker is not None:
             tracker.close(timeout_s=60)  # flush; trial_run sets the run's status
         shutil.rmtree(local_dir, ignore_errors=True)
@@ -201,6 +210,7 @@ def warm_trial(trial_config: dict[str, Any], *, spec: RunSpec, layout: StorageLa
         with trial_run(tracking, trial_config, trial_spec, layout.trial_dir(trial_id)) as run_id:
             job = WorkerJob(spec=trial_spec, shared=shared, tracking_uri=tracking.uri if tracking else None,
                             run_id=run_id, journal_dir=tracking.journal_dir if tracking else None,
+                            system_metrics=bool(tracking and tracking.system_metrics),
                             trial_started_at=started)
             run_engine(job, rank=0, device=warm_device(spec.resources),
                        send=lambda metrics, checkpoint: tune.report(metrics, checkpoint=checkpoint),
@@ -266,6 +276,7 @@ def run_trial(trial_config: dict[str, Any], *, spec: RunSpec, layout: StorageLay
     with trial_run(tracking, trial_config, trial_spec, layout.trial_dir(trial_id)) as run_id:
         job = WorkerJob(spec=trial_spec, shared=shared, tracking_uri=tracking.uri if tracking else None, run_id=run_id,
                         journal_dir=tracking.journal_dir if tracking else None,
+                        system_metrics=bool(tracking and tracking.system_metrics),
                         fit_called_at=time.time(), trial_started_at=started)
         train_job(job, name=trial_id, storage=layout.trials, callbacks=[TuneReportCallback()]).fit()
 

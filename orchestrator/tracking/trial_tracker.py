@@ -268,3 +268,21 @@ class TrialTracker:
             self._dropped_reported = self.dropped_points
         except Exception as error:  # noqa: BLE001
             logger.warning("could not log %s to run %s: %s", DROPPED_METRIC, self.run_id, redact(str(error)))
+
+
+# ---- system metrics (tracking.system_metrics) ------------------------------------------------------
+
+SYSTEM_METRICS_INTERVAL_S = 10.0
+
+
+def start_system_metrics(uri: str, run_id: str, interval_s: float = SYSTEM_METRICS_INTERVAL_S):
+    """MLflow's system-metrics monitor for one trial run (CPU, memory, disk, network; GPU utilisation and
+    memory where pynvml finds a GPU), sampled every interval_s in a daemon thread, logged as `system/*`
+    metrics of the run, continuing its step count after a retry. Returns it started; call `.finish()`.
+    Off by default (tracking.system_metrics): bench/system_metrics.py measures what it costs a trial."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, samples_before_logging=1,
+                                   resume_logging=True, tracking_uri=uri)
+    monitor.start()
+    return monitor

@@ -220,7 +220,8 @@ def run_sweep(experiment: Experiment, *, address: str | None = None, resume: boo
         # 4) the trials
         tracking = TrialTracking(sweep_records.uri, sweep_records.experiment_id, sweep_records.parent_run_id,
                                  sweep_records.sweep, journal_dir=None if layout.metric_journals is None
-                                 else str(layout.metric_journals)) if sweep_records else None
+                                 else str(layout.metric_journals),
+                                 system_metrics=experiment.tracking.system_metrics) if sweep_records else None
         shared = SharedRefs(data=data_ref, reference_ready=reference.ref if reference else None)
         results = build_tuner(experiment, resume, tracking, shared, console=console).fit()
         # 5) the summary
