@@ -170,3 +170,33 @@ def test_kl_values_stay_sane_on_a_short_quickstart_like_run(world, tmp_path):
     assert len(kl_values) >= 12 + 3
     assert all(math.isfinite(value) and 0 <= value < 50 for value in kl_values), kl_values
     assert max(report["eval/kl"] for report in reports if "eval/kl" in report) > 1e-4  # the policy did move
+
+
+def test_wpo_log_sum_of_squares_comes_from_the_log_prob_head_as_from_the_full_logits(world):
+    """WPO's log sum_v p(v)^2 per answer token, filled by the chunked head (no logits kept), equals the same
+    from the model's full logits, bucketed or not, and leaves the log-probs' gradient unchanged."""
+    from trainables import answer_head
+    from trainables.entrypoints import load_preference_data
+    from trainables.logprobs import forward_logps
+    from trainables.loss_family import log_sum_squared_probs
+    from trainables.modeling import load_causal_lm
+    from trainables.tokenization import collate_pairs
+
+    spec = engine_args(world["model"], world["train"], **ONE_STEP)
+    data = load_preference_data(spec.model, spec.data)
+    model = load_causal_lm(world["model"])
+    batch = collate_pairs(data.train[:4], data.tokenizer.pad_token_id)
+    with torch.no_grad():
+        full = forward_logps(model, batch, keep_logits=True)  # (rows, seq, vocab) logits, aligned
+    expected = log_sum_squared_probs(full.logits) * batch["answer_mask"]  # (rows, seq)
+    for buckets in (1, 2):
+        head = forward_logps(model, batch, padding_buckets=buckets, log_sum_sq=True)
+        assert getattr(model, answer_head._DECISION) is True and head.logits is None  # the chunked head ran
+        torch.testing.assert_close(head.log_sum_sq_probs, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(forward_logps(model, batch, keep_logits=True, log_sum_sq=True).log_sum_sq_probs, expected)
+    gradients = []
+    for log_sum_sq in (False, True):
+        model.zero_grad()
+        forward_logps(model, batch, log_sum_sq=log_sum_sq).sequence_logps.sum().backward()
+        gradients.append(model.get_output_embeddings().weight.grad.clone())
+    torch.testing.assert_close(gradients[0], gradients[1], atol=0, rtol=0)

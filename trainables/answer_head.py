@@ -53,8 +53,9 @@ class ChunkedTargetLogps(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-                compute_dtype: torch.dtype) -> torch.Tensor:
+                compute_dtype: torch.dtype, log_sum_sq_out: torch.Tensor | None = None) -> torch.Tensor:
         # hidden: (N, hidden); weight: (vocab, hidden); bias: (vocab,) or None; targets: (N,) long
+        # log_sum_sq_out: (N,) float32 or None, filled (no gradient) with log sum_v p(v)^2 per row for WPO
         hidden_c, weight_c = hidden.to(compute_dtype), weight.to(compute_dtype)
         bias_c = None if bias is None else bias.to(compute_dtype)
         accumulate = _accumulate_dtype(compute_dtype)
@@ -66,6 +67,8 @@ class ChunkedTargetLogps(torch.autograd.Function):
                 logits = torch.nn.functional.linear(hidden_c[start:stop], weight_c, bias_c).to(accumulate)  # (chunk, vocab)
                 normalisers[start:stop] = torch.logsumexp(logits, dim=-1)
                 picked[start:stop] = logits.gather(-1, targets[start:stop, None]).squeeze(-1)
+                if log_sum_sq_out is not None:  # log sum_v p^2 = logsumexp(2z) - 2 logsumexp(z), from the same chunk
+                    log_sum_sq_out[start:stop] = torch.logsumexp(2 * logits, dim=-1) - 2 * normalisers[start:stop]
         ctx.save_for_backward(hidden_c, weight, bias, targets, normalisers)
         ctx.compute_dtype, ctx.input_dtype = compute_dtype, hidden.dtype
         return picked - normalisers
@@ -95,13 +98,14 @@ class ChunkedTargetLogps(torch.autograd.Function):
                     grad_bias += grad_logits.sum(0)
         grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
         grad_bias = None if grad_bias is None else grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None
 
 
 def chunked_target_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                         targets: torch.Tensor) -> torch.Tensor:
-    """(N,) float32 log-probs of `targets` under logits hidden W^T + b, computed in chunks (see module docstring)."""
-    return ChunkedTargetLogps.apply(hidden, weight, bias, targets, _compute_dtype(weight))
+                         targets: torch.Tensor, log_sum_sq_out: torch.Tensor | None = None) -> torch.Tensor:
+    """(N,) float32 log-probs of `targets` under logits hidden W^T + b, computed in chunks (see module docstring);
+    log_sum_sq_out (N,): also filled with WPO's log sum_v p(v)^2 of each row, at no extra matmul."""
+    return ChunkedTargetLogps.apply(hidden, weight, bias, targets, _compute_dtype(weight), log_sum_sq_out)
 
 
 def output_layer(model: torch.nn.Module) -> torch.nn.Module | None:
@@ -113,16 +117,18 @@ def output_layer(model: torch.nn.Module) -> torch.nn.Module | None:
 
 
 @contextlib.contextmanager
-def answer_head(model: torch.nn.Module, predictor: torch.Tensor, targets: torch.Tensor):
+def answer_head(model: torch.nn.Module, predictor: torch.Tensor, targets: torch.Tensor,
+                log_sum_sq_out: torch.Tensor | None = None):
     """For one call of `model`, its output layer returns the answer log-probs, shape (1, N, 1), instead of
-    logits: predictor (N,) are flat indices into (rows * seq) of the positions predicting targets (N,)."""
+    logits: predictor (N,) are flat indices into (rows * seq) of the positions predicting targets (N,).
+    log_sum_sq_out (N,): filled with log sum_v p(v)^2 at those positions (WPO)."""
     head = output_layer(model)
     if head is None:
         raise ValueError("the model's output layer is not a plain Linear; use the standard route")
 
     def forward(hidden: torch.Tensor) -> torch.Tensor:  # hidden: (rows, seq, hidden)
         flat = hidden.reshape(-1, hidden.shape[-1])[predictor]  # (N, hidden): only the answer-predicting positions
-        return chunked_target_logps(flat, head.weight, head.bias, targets).view(1, -1, 1)
+        return chunked_target_logps(flat, head.weight, head.bias, targets, log_sum_sq_out).view(1, -1, 1)
 
     head.forward = forward
     try:
@@ -132,16 +138,23 @@ def answer_head(model: torch.nn.Module, predictor: torch.Tensor, targets: torch.
 
 
 def _standard(model: torch.nn.Module, inputs: dict[str, torch.Tensor], predictor: torch.Tensor,
-              targets: torch.Tensor) -> torch.Tensor:
+              targets: torch.Tensor, log_sum_sq_out: torch.Tensor | None = None) -> torch.Tensor:
     from trainables.logprobs import target_logps
 
     logits = model(**inputs, use_cache=False).logits  # (rows, seq, vocab)
-    return target_logps(logits.reshape(-1, logits.shape[-1])[predictor], targets)  # (N,)
+    predicting = logits.reshape(-1, logits.shape[-1])[predictor]  # (N, vocab)
+    if log_sum_sq_out is not None:
+        with torch.no_grad():
+            for start in range(0, predicting.shape[0], CHUNK_TOKENS):  # float32 in chunks, as the head
+                chunk = predicting[start : start + CHUNK_TOKENS].float()  # (chunk, vocab)
+                log_sum_sq_out[start : start + CHUNK_TOKENS] = (torch.logsumexp(2 * chunk, dim=-1)
+                                                                - 2 * torch.logsumexp(chunk, dim=-1))
+    return target_logps(predicting, targets)  # (N,)
 
 
 def _with_head(model: torch.nn.Module, inputs: dict[str, torch.Tensor], predictor: torch.Tensor,
-               targets: torch.Tensor) -> torch.Tensor:
-    with answer_head(model, predictor, targets):
+               targets: torch.Tensor, log_sum_sq_out: torch.Tensor | None = None) -> torch.Tensor:
+    with answer_head(model, predictor, targets, log_sum_sq_out):
         return model(**inputs, use_cache=False).logits.reshape(-1)  # (N,)
 
 
@@ -204,9 +217,11 @@ def _decide(model: torch.nn.Module, inputs: dict[str, torch.Tensor], predictor: 
 
 
 def answer_logps(model: torch.nn.Module, inputs: dict[str, torch.Tensor], predictor: torch.Tensor,
-                 targets: torch.Tensor) -> torch.Tensor:
+                 targets: torch.Tensor, log_sum_sq_out: torch.Tensor | None = None) -> torch.Tensor:
     """(N,) float32 log-probs of `targets` at flat positions `predictor` of model(**inputs): by the chunked
-    head when this model passed its probe (decided once per model), else from the full logits."""
+    head when this model passed its probe (decided once per model), else from the full logits.
+    log_sum_sq_out: an (N,) float32 tensor to fill with log sum_v p(v)^2 at each position (WPO's weights;
+    given only when dpo.use_weighting is on), from the same logits, without gradient."""
     inner = getattr(model, "module", model)
     decision = getattr(inner, _DECISION, None)
     if decision is None:
@@ -214,5 +229,5 @@ def answer_logps(model: torch.nn.Module, inputs: dict[str, torch.Tensor], predic
         if decision is not None:
             object.__setattr__(inner, _DECISION, decision)  # plain attribute: not a parameter, not a buffer
     if decision:
-        return _with_head(model, inputs, predictor, targets)
-    return _standard(model, inputs, predictor, targets)
+        return _with_head(model, inputs, predictor, targets, log_sum_sq_out)
+    return _standard(model, inputs, predictor, targets, log_sum_sq_out)

@@ -16,8 +16,8 @@ with precomputed log-probs, the reference model loaded at the first evaluation a
 sequence-level log-ratio statistics `eval/log_ratio_chosen`, `eval/log_ratio_rejected` and the penalty's
 own value `eval/kl_penalty`. Policy (and live-reference) log-probs come from the
 shared-prompt forward (trainables/shared_prompt.py: each prompt computed once for chosen and rejected)
-when `share_prompt` allows it and its probe agrees, else from logprobs.forward_logps; the exact KL and WPO
-always use the latter (they need full-vocabulary logits). Used by trainables/loop.py; tested by
+when `share_prompt` allows it and its probe agrees, else from logprobs.forward_logps; the exact KL (full
+logits) and WPO (log sum_v pi(v)^2 per answer token, from the log-prob head) always use the latter. Used by trainables/loop.py; tested by
 `python -m pytest tests/test_engine.py -q`.
 """
 
@@ -156,13 +156,12 @@ class DPOObjective:
         self.answer_tokens = [len(p.chosen_ids) + len(p.rejected_ids) for p in train_pairs]
         # forwards per micro-batch (padding_buckets: 1, K or "auto"); share_prompt: "auto" | True | False
         buckets = padding_buckets_for_world(padding_buckets)
-        needs_logits = exact_kl or loss.spec.use_weighting  # full-vocabulary logits: exact KL, WPO's sum_v pi(v)^2
-        self.forward = PairForward(share_prompt, pad_token_id, buckets, needs_logits, "policy")
-        self.eval_forward = (PairForward(False, pad_token_id, buckets, True, "policy (evaluation)")
+        weighting = loss.spec.use_weighting  # WPO: log sum_v pi(v)^2 per answer token, from the log-prob head
+        self.forward = PairForward(share_prompt, pad_token_id, buckets, exact_kl, "policy", log_sum_sq=weighting)
+        self.eval_forward = (PairForward(False, pad_token_id, buckets, True, "policy (evaluation)", log_sum_sq=weighting)
                              if reference_distributions is not None else self.forward)
-        if needs_logits and share_prompt is True:
-            logger.warning("share_prompt=true ignored: the exact KL and WPO need the standard forward's full-vocabulary "
-                           "logits")
+        if (exact_kl or weighting) and share_prompt is True:
+            logger.warning("share_prompt=true ignored: the exact KL and WPO use the standard forward")
 
     def token_count(self, indices: Sequence[int]) -> int:
         return sum(self.answer_tokens[i] for i in indices)
@@ -194,8 +193,8 @@ class DPOObjective:
                                family.ld_dpo_logps(reference.token_logps.to(policy_sums.dtype), answer_mask, spec.ld_alpha))
         lengths = family.answer_lengths(answer_mask).to(policy_sums.dtype)  # (2B,)
         weights = None
-        if spec.use_weighting:  # WPO: log sum_v pi(v)^2 at each answer position, from the policy's logits
-            weights = family.wpo_weights(policy.token_logps, family.log_sum_squared_probs(policy.logits), answer_mask)
+        if spec.use_weighting:  # WPO: log sum_v pi(v)^2 at each answer position, from the log-prob head
+            weights = family.wpo_weights(policy.token_logps, policy.log_sum_sq_probs, answer_mask)
         policy_chosen, policy_rejected = split_chosen_rejected(policy_logps)
         reference_chosen, reference_rejected = split_chosen_rejected(reference_logps)
         chosen_lengths, rejected_lengths = split_chosen_rejected(lengths)

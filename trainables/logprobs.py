@@ -66,11 +66,13 @@ class ForwardLogps:
     token_logps: torch.Tensor  # (rows, seq) float32, zero outside the answer mask
     sequence_logps: torch.Tensor  # (rows,) sum over answer tokens
     logits: torch.Tensor | None  # (rows, seq, vocab) kept only when an exact KL needs them
+    log_sum_sq_probs: torch.Tensor | None = None  # (rows, seq) log sum_v p(v)^2 at answer tokens: WPO only
 
 
-def _forward_once(model: torch.nn.Module, batch: dict[str, torch.Tensor], keep_logits: bool) -> ForwardLogps:
+def _forward_once(model: torch.nn.Module, batch: dict[str, torch.Tensor], keep_logits: bool,
+                  log_sum_sq: bool = False) -> ForwardLogps:
     if not keep_logits:
-        return _answer_head_once(model, batch)
+        return _answer_head_once(model, batch, log_sum_sq)
     outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     logits = outputs.logits  # (rows, seq, vocab)
     answer_mask = batch["answer_mask"]  # (rows, seq) bool
@@ -79,21 +81,33 @@ def _forward_once(model: torch.nn.Module, batch: dict[str, torch.Tensor], keep_l
     if keep_logits:
         # logits[t-1] predicts token t: shift so position t holds the distribution over token t.
         aligned_logits = F.pad(logits[:, :-1, :], (0, 0, 1, 0))  # (rows, seq, vocab)
-    return ForwardLogps(token_logps=token_logps, sequence_logps=token_logps.sum(-1), logits=aligned_logits)
+    squares = None
+    if log_sum_sq:  # WPO from the kept logits: log sum_v p^2 = logsumexp(2z) - 2 logsumexp(z), no gradient
+        with torch.no_grad():
+            squares = torch.stack([torch.logsumexp(2 * row.float(), -1) - 2 * torch.logsumexp(row.float(), -1)
+                                   for row in aligned_logits]) * answer_mask  # (rows, seq), a row at a time
+    return ForwardLogps(token_logps=token_logps, sequence_logps=token_logps.sum(-1), logits=aligned_logits,
+                        log_sum_sq_probs=squares)
 
 
-def _answer_head_once(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> ForwardLogps:
+def _answer_head_once(model: torch.nn.Module, batch: dict[str, torch.Tensor], log_sum_sq: bool = False) -> ForwardLogps:
     """Answer-token log-probs without materialising the logits (trainables/answer_head.py)."""
     from trainables.answer_head import answer_logps
 
     input_ids, answer_mask = batch["input_ids"], batch["answer_mask"]  # (rows, seq) each
     rows, seq = input_ids.shape
     row, column = answer_mask[:, 1:].nonzero(as_tuple=True)  # position `column` predicts answer token column + 1
+    squares = torch.empty(row.shape, dtype=torch.float32, device=input_ids.device) if log_sum_sq else None
     values = answer_logps(model, {"input_ids": input_ids, "attention_mask": batch["attention_mask"]},
-                          predictor=row * seq + column, targets=input_ids[row, column + 1])  # (answer tokens,)
+                          predictor=row * seq + column, targets=input_ids[row, column + 1],
+                          log_sum_sq_out=squares)  # (answer tokens,)
     token_logps = torch.zeros((rows, seq), dtype=torch.float32, device=input_ids.device).index_put(
         (row, column + 1), values)  # (rows, seq), zero outside the answers
-    return ForwardLogps(token_logps=token_logps, sequence_logps=token_logps.sum(-1), logits=None)
+    if squares is not None:
+        squares = torch.zeros((rows, seq), dtype=torch.float32, device=input_ids.device).index_put(
+            (row, column + 1), squares)  # (rows, seq)
+    return ForwardLogps(token_logps=token_logps, sequence_logps=token_logps.sum(-1), logits=None,
+                        log_sum_sq_probs=squares)
 
 
 def forward_logps(
@@ -102,6 +116,7 @@ def forward_logps(
     *,
     keep_logits: bool = False,
     padding_buckets: PaddingBuckets = 1,
+    log_sum_sq: bool = False,
 ) -> ForwardLogps:
     """Run the model on a collated, right-padded batch and return masked answer-token log-probs.
 
@@ -109,18 +124,19 @@ def forward_logps(
     bucket (trainables/bucketing.plan_buckets), results in the batch's row order and width.
     """
     if padding_buckets == 1:
-        return _forward_once(model, batch, keep_logits)
+        return _forward_once(model, batch, keep_logits, log_sum_sq)
     lengths = batch["attention_mask"].sum(-1).tolist()  # real tokens per row (right padding)
     buckets = plan_buckets(lengths, padding_buckets)
     if len(buckets) == 1:
-        return _forward_once(model, batch, keep_logits)
+        return _forward_once(model, batch, keep_logits, log_sum_sq)
     width = batch["input_ids"].shape[1]
     device = batch["input_ids"].device
     parts = []
     for rows in buckets:
         index = torch.tensor(rows, device=device)  # (bucket rows,)
         longest = max(lengths[row] for row in rows)
-        part = _forward_once(model, {key: value[index, :longest] for key, value in batch.items()}, keep_logits)
+        part = _forward_once(model, {key: value[index, :longest] for key, value in batch.items()}, keep_logits,
+                             log_sum_sq)
         parts.append(part)  # token_logps (bucket rows, longest), logits (bucket rows, longest, vocab)
     order = torch.tensor([row for rows in buckets for row in rows], device=device)  # (rows,) sorted position -> row
     inverse = torch.empty_like(order)
@@ -130,7 +146,11 @@ def forward_logps(
     if keep_logits:
         logits = torch.cat([F.pad(p.logits, (0, 0, 0, width - p.logits.shape[1])) for p in parts])[inverse]
     sequence_logps = torch.cat([p.sequence_logps for p in parts])[inverse]  # (rows,)
-    return ForwardLogps(token_logps=token_logps, sequence_logps=sequence_logps, logits=logits)  # (rows, seq) etc.
+    squares = None
+    if log_sum_sq:
+        squares = torch.cat([F.pad(p.log_sum_sq_probs, (0, width - p.log_sum_sq_probs.shape[1])) for p in parts])[inverse]
+    return ForwardLogps(token_logps=token_logps, sequence_logps=sequence_logps, logits=logits,
+                        log_sum_sq_probs=squares)  # (rows, seq) etc.
 
 
 def padding_buckets_for_world(padding_buckets: PaddingBuckets) -> PaddingBuckets:

@@ -200,13 +200,14 @@ def decide_share_prompt(model: torch.nn.Module, share_prompt: SharePrompt, pairs
 class PairForward:
     """Answer-token log-probs of collated pairs for one model (the policy, or a live reference): by the
     shared-prompt forward when `share_prompt` allows it, decided once by decide_share_prompt on the first
-    batch, else by logprobs.forward_logps. keep_logits (the exact KL) always takes the standard forward."""
+    batch, else by logprobs.forward_logps. keep_logits (the exact KL) and log_sum_sq (WPO's log sum_v p^2 per
+    answer token, from the log-prob head) always take the standard forward."""
 
     def __init__(self, share_prompt: SharePrompt, pad_token_id: int, padding_buckets: PaddingBuckets,
-                 keep_logits: bool, who: str):
+                 keep_logits: bool, who: str, log_sum_sq: bool = False):
         self.share_prompt, self.pad_token_id, self.who = share_prompt, pad_token_id, who
-        self.padding_buckets, self.keep_logits = padding_buckets, keep_logits
-        self.shared: bool | None = False if keep_logits else None  # None: not decided yet
+        self.padding_buckets, self.keep_logits, self.log_sum_sq = padding_buckets, keep_logits, log_sum_sq
+        self.shared: bool | None = False if keep_logits or log_sum_sq else None  # None: not decided yet
 
     def __call__(self, model: torch.nn.Module, pairs: Sequence[TokenizedPair],
                  batch: dict[str, torch.Tensor]) -> ForwardLogps:
@@ -215,7 +216,8 @@ class PairForward:
             self.shared = decide_share_prompt(model, self.share_prompt, pairs, batch, self.pad_token_id, self.who)
         if self.shared:
             return shared_forward_logps(model, pairs, batch["answer_mask"], self.pad_token_id, self.padding_buckets)
-        return forward_logps(model, batch, keep_logits=self.keep_logits, padding_buckets=self.padding_buckets)
+        return forward_logps(model, batch, keep_logits=self.keep_logits, padding_buckets=self.padding_buckets,
+                             log_sum_sq=self.log_sum_sq)
 
 
 def _refuse(share_prompt: SharePrompt, who: str, reason: str) -> bool:
