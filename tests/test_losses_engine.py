@@ -200,3 +200,42 @@ def test_wpo_log_sum_of_squares_comes_from_the_log_prob_head_as_from_the_full_lo
         forward_logps(model, batch, log_sum_sq=log_sum_sq).sequence_logps.sum().backward()
         gradients.append(model.get_output_embeddings().weight.grad.clone())
     torch.testing.assert_close(gradients[0], gradients[1], atol=0, rtol=0)
+
+
+def config_of(tmp_path, **dpo):
+    from orchestrator.config.schema import ExperimentConfig
+
+    return ExperimentConfig.model_validate({"name": "c", "model": {"path": str(tmp_path)}, "data": {"train": "t.jsonl"},
+                                            "dpo": dpo})
+
+
+def test_dpo_loss_config_resolves_into_the_run_specs_loss_spec(tmp_path):
+    from orchestrator.config.loading import load_config
+    from orchestrator.config.spec import resolve_run
+    from tests.tiny_world import minimal_config_file
+
+    rpo = resolve_run(config_of(tmp_path, loss=["sigmoid", "sft"], loss_weights=[1.0, 0.2], ld_alpha=0.5,
+                                f_divergence="alpha_divergence", f_alpha=0.3)).preference.loss
+    assert (rpo.names, rpo.weights, rpo.ld_alpha, rpo.f_divergence, rpo.f_alpha) == (
+        ("sigmoid", "sft"), (1.0, 0.2), 0.5, "alpha_divergence", 0.3)
+    from_cli = load_config(minimal_config_file(tmp_path), ["dpo.loss=sigmoid,sft", "dpo.use_weighting=true"])
+    assert from_cli.dpo.loss_spec().names == ("sigmoid", "sft") and from_cli.dpo.use_weighting
+    simpo = config_of(tmp_path, loss="simpo", simpo_gamma=1.0)
+    assert simpo.reference.mode == "none" and resolve_run(simpo).preference.reference_mode == "none"
+
+
+@pytest.mark.parametrize(("dpo", "message"), [
+    (dict(loss="dpo"), "dpo.loss: unknown preference loss 'dpo'"),
+    (dict(loss=["sigmoid", "sft"], loss_weights=[1.0]), "dpo.loss_weights: one weight per name"),
+    (dict(loss="simpo", kl_weight=0.1), r"dpo.kl_weight: must be 0 \(dpo.loss simpo is reference-free"),
+    (dict(loss="sigmoid", label_smoothing=0.1), "dpo.label_smoothing: only used by dpo.loss=cdpo"),
+    (dict(loss="nca_pair", f_divergence="forward_kl"), "dpo.f_divergence"),
+    (dict(loss="aot", use_weighting=True), "dpo.use_weighting"),
+    (dict(ld_alpha=1.5), "ld_alpha"),
+    (dict(kl_estimator="k3"), "kl_estimator"),
+])
+def test_bad_loss_settings_are_refused_naming_the_key(tmp_path, dpo, message):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=message):
+        config_of(tmp_path, **dpo)
