@@ -126,7 +126,7 @@ def _fsdp_worker(rank: int, world_size: int, init_file: str, raw: dict[str, Any]
     """One rank: an uninterrupted FSDP run, then two resumed ones; rank 0 writes what each reported."""
     import torch.distributed as dist
 
-    from trainables.sharding import full_model_state, shard_model
+    from trainables.sharding import FSDPPreparer, full_model_state
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
@@ -134,9 +134,12 @@ def _fsdp_worker(rank: int, world_size: int, init_file: str, raw: dict[str, Any]
     try:
         sharded: list[torch.nn.Module] = []
 
-        def prepare(model: torch.nn.Module) -> torch.nn.Module:
-            sharded.append(shard_model(model, device=torch.device("cpu")))
-            return sharded[-1]
+        class Recording(FSDPPreparer):  # what a Ray Train worker uses: rank 0 reads weights, the others get shards
+            def load_sharded(self, build):
+                sharded.append(super().load_sharded(build))
+                return sharded[-1]
+
+        prepare = Recording(torch.device("cpu"))
 
         out = Path(root)
         results = {"straight": run_engine(raw, out / "straight", workers=world_size, prepare_model=prepare)}

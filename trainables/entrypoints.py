@@ -29,6 +29,7 @@ from trainables.modeling import (attach_lora, check_trainable_dtype, enable_grad
                                  usable_attn_implementation)
 from trainables.reference_cache import (ReferenceKeyInputs, ReferenceLogps, load_or_compute_reference_logps,
                                        reference_fingerprint)
+from trainables.sharding import empty_causal_lm
 from trainables.settings import DataArgs, LoopSettings, ModelArgs, PreferenceArgs, RuntimeArgs
 from trainables.sft_objective import SFTObjective
 from trainables.tokenization import TokenizedPair, load_tokenized_examples, load_tokenized_pairs
@@ -170,21 +171,33 @@ def _resume_checkpoint(resume_from: str | None, output_dir: str, lineage: dict[s
 
 
 def _load_policy(model_args: ModelArgs, checkpoint: Path | None, device, prepare_model, gradient_checkpointing: bool):
-    """The policy: full weights from the checkpoint, or the base model plus (resumed) LoRA adapters."""
+    """The policy: full weights from the checkpoint, or the base model plus (resumed) LoRA adapters.
+
+    Under FSDP (a prepare_model with load_sharded, trainables/sharding.py) only rank 0 reads the weights;
+    every rank builds the model on the meta device and receives its shards, so no other rank ever holds the
+    full model in host memory.
+    """
     lora = model_args.lora_rank is not None
     full_checkpoint = checkpoint is not None and not lora
-    model = load_causal_lm(
-        str(checkpoint / "model") if full_checkpoint else model_args.path,
-        revision=None if full_checkpoint else model_args.revision,
-        trust_remote_code=model_args.trust_remote_code, dtype=model_args.dtype,
-        attn_implementation=model_args.attn_implementation, disable_dropout=model_args.disable_dropout,
-    )
-    if gradient_checkpointing:  # before LoRA and DDP/FSDP wrap it: it switches Hugging Face's own decoder layers
-        enable_gradient_checkpointing(model)
-    if lora:
-        model = attach_lora(model, rank=model_args.lora_rank, alpha=model_args.lora_alpha,
-                            dropout=model_args.lora_dropout, target_modules=model_args.lora_target_modules,
-                            adapter_dir=str(checkpoint / "model") if checkpoint else None)
+
+    def build(meta: bool = False) -> torch.nn.Module:
+        source = dict(revision=None if full_checkpoint else model_args.revision,
+                      trust_remote_code=model_args.trust_remote_code, dtype=model_args.dtype,
+                      attn_implementation=model_args.attn_implementation)
+        path = str(checkpoint / "model") if full_checkpoint else model_args.path
+        model = (empty_causal_lm(path, disable_dropout=model_args.disable_dropout, **source) if meta
+                 else load_causal_lm(path, disable_dropout=model_args.disable_dropout, **source))
+        if gradient_checkpointing:  # before LoRA and DDP/FSDP wrap it: it switches Hugging Face's own decoder layers
+            enable_gradient_checkpointing(model)
+        if lora:  # on the meta device new adapters of the same names: their values come from rank 0's
+            model = attach_lora(model, rank=model_args.lora_rank, alpha=model_args.lora_alpha,
+                                dropout=model_args.lora_dropout, target_modules=model_args.lora_target_modules,
+                                adapter_dir=str(checkpoint / "model") if checkpoint and not meta else None)
+        return model
+
+    if hasattr(prepare_model, "load_sharded"):
+        return prepare_model.load_sharded(build)
+    model = build()
     return prepare_model(model) if prepare_model else model.to(device)
 
 

@@ -198,7 +198,8 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
 # ---- loading that scales: meta-device construction on every rank, weights read once, broadcast into shards ----
 
 def empty_causal_lm(path: str, *, revision: str | None = None, trust_remote_code: bool = False,
-                    dtype: str = "float32", attn_implementation: str | None = "sdpa") -> torch.nn.Module:
+                    dtype: str = "float32", attn_implementation: str | None = "sdpa",
+                    disable_dropout: bool = True) -> torch.nn.Module:
     """The causal LM of `path` built on the meta device: its modules, names and shapes, and no memory at all."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -209,7 +210,8 @@ def empty_causal_lm(path: str, *, revision: str | None = None, trust_remote_code
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=_DTYPES[dtype], **kwargs)
-    disable_dropout_in(model)
+    if disable_dropout:
+        disable_dropout_in(model)
     return model
 
 

@@ -232,13 +232,14 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     device = device[0] if isinstance(device, list) else device
 
     def prepare_model(model: torch.nn.Module) -> torch.nn.Module:
-        if job.spec.resources.strategy == "fsdp" and context.get_world_size() > 1:  # CPU (gloo) or CUDA (NCCL)
-            from trainables.modeling import resolve_autocast_dtype
-            from trainables.sharding import shard_model
-
-            compute_dtype = resolve_autocast_dtype(job.spec.runtime.precision, device)
-            return shard_model(model, device=device, compute_dtype=compute_dtype)
         return ray.train.torch.prepare_model(model, parallel_strategy="ddp")  # DDP; one worker: just the device
+
+    if job.spec.resources.strategy == "fsdp" and context.get_world_size() > 1:  # CPU (gloo) or CUDA (NCCL)
+        from trainables.modeling import resolve_autocast_dtype
+        from trainables.sharding import FSDPPreparer
+
+        # shards the model as it loads: rank 0 reads the weights, every rank receives only its shards
+        prepare_model = FSDPPreparer(device, resolve_autocast_dtype(job.spec.runtime.precision, device))
 
     run_engine(job, rank=context.get_world_rank(), device=str(device),
                send=lambda metrics, checkpoint: ray.train.report(metrics, checkpoint=checkpoint),
