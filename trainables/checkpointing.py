@@ -57,17 +57,30 @@ def _sha256(path: Path) -> str:
 
 
 def rng_state() -> dict[str, Any]:
+    """CPU, Python and (with CUDA) this process's current device's RNG state: each rank uses one device."""
     state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:
+    """Restore rng_state(); the CUDA state goes to the current device, whichever devices are visible now.
+
+    Older checkpoints hold one state per visible device (get_rng_state_all): the first, the device the saving
+    rank trained on, is restored. Indexing devices by saved position failed when a run resumed with fewer
+    visible GPUs (IndexError), as under Ray, where each worker sees its own GPU(s) only.
+    """
     torch.set_rng_state(state["torch"])
     random.setstate((3, tuple(state["python"]), None))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    saved = state.get("cuda")
+    if saved is None or not torch.cuda.is_available():
+        return
+    if isinstance(saved, (list, tuple)):
+        if not saved:
+            return
+        saved = saved[0]
+    torch.cuda.set_rng_state(saved)
 
 
 def save_checkpoint(
