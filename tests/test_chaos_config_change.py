@@ -3,7 +3,7 @@
 `dpo train` is run to its end, then resumed with keys changed: result keys are refused (exit 2, the keys
 and both values listed, nothing written); keys that cannot change results (tracking, the grace period)
 pass; `--force-config-change` lets result keys pass with a warning. `dpo sweep --resume` is refused the
-same way before Ray starts. Run: `python -m pytest tests/test_chaos_config_change.py -q` (about 15 s).
+same way before Ray starts (a sweep may not change train.max_steps; a single run may, to train longer). Run: `python -m pytest tests/test_chaos_config_change.py -q` (about 15 s).
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ def test_dpo_train_resumed_with_changed_result_keys_is_refused_listing_them_unle
     assert code == 2
     assert "differs from the one the run started with" in error and "in 2 key(s)" in error
     assert "dpo.beta: 0.1 -> 0.3" in error and "train.learning_rate: 0.001 -> 0.01" in error
+    assert "resuming from step-000002" in error
     assert "preemption_grace_s" not in error and "--force-config-change" in error
     assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == metrics  # nothing written
     assert not (tmp_path / "run" / "run.lock").exists()
@@ -77,7 +78,11 @@ def test_dpo_train_resumed_with_changed_result_keys_is_refused_listing_them_unle
                  "--set", "reference.cache_dir=" + str(tmp_path / "moved-cache")]) == 0
     with caplog.at_level(logging.WARNING, logger="orchestrator.workflows.config_change"):
         assert main(["train", world["config"], *resume, "--force-config-change", "--set", "dpo.beta=0.3"]) == 0
+        # a single run may train longer than first planned, with a warning
+        assert main(["train", world["config"], *resume, "--set", "train.max_steps=3"]) == 0
     assert "--force-config-change: resuming with 1 changed key(s) that can change results: dpo.beta: 0.1 -> 0.3" in caplog.text
+    assert "train.max_steps changes from 2 to 3" in caplog.text
+    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 3
 
 
 def test_dpo_sweep_resumed_with_a_changed_result_key_is_refused_before_ray_starts(world, capsys, monkeypatch):

@@ -9,8 +9,10 @@ every changed key with both values, unless the command was given `--force-config
 Keys that cannot change results may differ: where the run is tracked (tracking.*), where it lives
 (output_dir, storage_path, reference.cache_dir, whose content is checked by its key), how to go on
 (train.resume_from, train.overwrite_output_dir), the preemption grace period and the number of restarts
-(failure.max_failures). A key the stored config does not hold (written by an older version) is not
-compared. Pure Python: no torch. Tested by `python -m pytest tests/test_chaos_config_change.py -q`.
+(failure.max_failures). A single run (`dpo train` / `dpo sft`) may also change train.max_steps, to train
+longer (or stop sooner) than first planned: the steps after the checkpoint follow the new schedule, and a
+warning says so. A sweep may not: its finished trials would not be comparable with the others. A key the
+stored config does not hold (written by an older version) is not compared. Pure Python: no torch. Tested by `python -m pytest tests/test_chaos_config_change.py -q`.
 """
 
 from __future__ import annotations
@@ -47,10 +49,13 @@ def comparable(config: ExperimentConfig | dict[str, Any]) -> dict[str, Any]:
     return flatten(json.loads(json.dumps(redact(values), default=str)))
 
 
-def changed_keys(stored: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """Keys held by both whose values differ, other than NON_RESULT_KEYS: key -> (stored, current)."""
+SINGLE_RUN_MAY_CHANGE = frozenset({"train.max_steps"})  # train longer: a deliberate change, warned about
+
+
+def changed_keys(stored: dict[str, Any], current: dict[str, Any], allowed: frozenset[str] = frozenset()) -> dict[str, tuple[Any, Any]]:
+    """Keys held by both whose values differ, other than NON_RESULT_KEYS and `allowed`: key -> (stored, current)."""
     return {key: (stored[key], current[key]) for key in sorted(stored.keys() & current.keys())
-            if key not in NON_RESULT_KEYS and stored[key] != current[key]}
+            if key not in NON_RESULT_KEYS and key not in allowed and stored[key] != current[key]}
 
 
 def _shown(value: Any) -> str:
@@ -72,16 +77,24 @@ def read_stored_config(path: Path) -> dict[str, Any] | None:
 
 
 def check_resume_config(stored_path: Path, config: ExperimentConfig | dict[str, Any], *, force: bool,
-                        command: str) -> dict[str, tuple[Any, Any]]:
+                        command: str, single_run: bool = False, resuming_from: str | None = None
+                        ) -> dict[str, tuple[Any, Any]]:
     """Refuse (ConfigChangedError, exit 2) to resume under a config whose result keys differ from the stored one;
-    with `force`, warn and go on. Returns the changed keys."""
+    with `force`, warn and go on. Returns the changed keys. single_run: `dpo train` / `dpo sft` (may change
+    SINGLE_RUN_MAY_CHANGE); resuming_from: the checkpoint's name, for the message."""
     stored = read_stored_config(stored_path)
     if stored is None:
         if not force:
             logger.warning("%s: no stored config at %s to compare with (a run of an older version?); resuming "
                            "without the comparison", command, stored_path)
         return {}
-    changes = changed_keys(comparable(stored), comparable(config))
+    stored_values, current_values = comparable(stored), comparable(config)
+    allowed = SINGLE_RUN_MAY_CHANGE if single_run else frozenset()
+    for key in sorted(allowed & stored_values.keys() & current_values.keys()):
+        if stored_values[key] != current_values[key]:
+            logger.warning("%s: %s changes from %s to %s; the steps after the checkpoint follow the new schedule",
+                           command, key, _shown(stored_values[key]), _shown(current_values[key]))
+    changes = changed_keys(stored_values, current_values, allowed)
     if not changes:
         return {}
     listed = "; ".join(f"{key}: {_shown(old)} -> {_shown(new)}" for key, (old, new) in list(changes.items())[:SHOWN_CHANGES])
@@ -91,6 +104,7 @@ def check_resume_config(stored_path: Path, config: ExperimentConfig | dict[str, 
                        command, len(changes), listed, more)
         return changes
     raise ConfigChangedError(
-        f"{command}: this config differs from the one the run started with ({stored_path}) in {len(changes)} key(s) "
+        f"{command}: this config differs from the one the run started with ({stored_path}"
+        f"{f', resuming from {resuming_from}' if resuming_from else ''}) in {len(changes)} key(s) "
         f"that can change its results: {listed}{more}. Put them back, start a new run (another name or "
         "output_dir), or pass --force-config-change to resume anyway")

@@ -27,6 +27,7 @@ from orchestrator.config.spec import resolve_run
 from orchestrator.tracking.records import write_config_yaml
 from orchestrator.workflows.config_change import check_resume_config
 from orchestrator.workflows.output_dir import COMMANDS, Claim, claim
+from trainables.checkpointing import list_checkpoints
 from trainables.entrypoints import run_dpo, run_sft
 from trainables.preemption import stop_on_signals
 
@@ -88,8 +89,11 @@ def _run_in_process(config: ExperimentConfig, stage: str, run, force_config_chan
     sink = MetricsFile(owner.layout, config, append=config.train.resume_from is not None, owner=owner)
     try:
         if config.train.resume_from is not None:
-            check_resume_config(owner.layout.config_file, config, force=force_config_change,
-                                command=f"{COMMANDS[stage]} with train.resume_from")
+            resume_from = config.train.resume_from
+            newest = ([c.name for c in list_checkpoints(owner.layout.checkpoints)] or [None])[-1]
+            check_resume_config(owner.layout.config_file, config, force=force_config_change, single_run=True,
+                                command=f"{COMMANDS[stage]} with train.resume_from",
+                                resuming_from=newest if resume_from == "latest" else Path(resume_from).name)
         with stop_on_signals(config.train.preemption_grace_s):  # SIGTERM/SIGINT: checkpoint, then Preempted (exit 75)
             run(sink)
     except BaseException:
