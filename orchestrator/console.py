@@ -38,6 +38,7 @@ from ray.tune import Callback
 LOSS_KEY = "train/loss"
 REDRAW_EVERY_S = 0.5
 HEARTBEAT_S = 60.0
+TRAINING_VIEW = "workflowType=machine_learning"  # the MLflow 3 UI's "Model training" mode, as a URL parameter
 MAX_BUFFERED_RECORDS = 20_000  # log records kept while the sweep folder does not exist yet
 WORKER_LOGGER = "dpo.workers"  # what Ray's worker processes print, as log records of this logger
 QUIET_LOGGERS = ("ray", "ray.tune", "ray.train", "ray.data", "ray.serve")  # ERROR and above still shown
@@ -410,10 +411,11 @@ def sweep_session(experiment: Any, verbose: bool = False, stream: TextIO | None 
 # ---- the end --------------------------------------------------------------------------------------
 
 def runs_view_url(uri: str | None, experiment_id: str | None) -> str | None:
-    """The MLflow UI's runs table of an experiment (not the GenAI overview MLflow 3 opens by default)."""
+    """The MLflow UI's runs table of an experiment, in its "Model training" view (MLflow 3 opens an experiment
+    on the GenAI overview, and its sidebar in GenAI mode, unless told: `workflowType`)."""
     if not uri or not experiment_id or not uri.startswith(("http://", "https://")):
         return uri
-    return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs"
+    return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs?{TRAINING_VIEW}"
 
 
 def summary_lines(summary: dict[str, Any], every_trial: bool = False) -> list[str]:

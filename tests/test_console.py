@@ -153,7 +153,7 @@ def test_the_summary_has_the_decision_log_the_best_trial_failed_trials_and_the_r
     assert not any("trial t1  beta" in line for line in lines)  # the trial lines showed it already
     assert "  round 2: beta 0.2 -> stop: upper bound" in lines
     assert "best trial t1: eval/preference_accuracy 0.8000 (beta 0.1, kl_weight 0.0, learning_rate 0.001)" in lines
-    assert lines[-1].startswith("MLflow: http://u:***@127.0.0.1:5000/#/experiments/3/runs ")
+    assert lines[-1].startswith("MLflow: http://u:***@127.0.0.1:5000/#/experiments/3/runs?workflowType=machine_learning ")
     assert sum("trial t1" in line for line in summary_lines(summary, every_trial=True)) == 2
     assert runs_view_url("file:///x", "3") == "file:///x"
 
@@ -254,4 +254,5 @@ def test_quickstart_output_through_a_pipe_is_short_and_shows_every_trial_and_dec
     assert [line.split(":")[1].strip() for line in decisions] == ["round 1", "round 2"], output
     assert any(line.startswith("  round 2: beta 0.2 -> stop") for line in lines), output
     assert "(warm_trial" in (tmp_path / "runs" / "quickstart" / "console.log").read_text()
-    assert re.search(r"MLflow runs: +http://127\.0\.0\.1:\d+/#/experiments/\d+/runs$", output, re.M), output
+    assert re.search(r"MLflow runs: +http://127\.0\.0\.1:\d+/#/experiments/\d+/runs\?workflowType=machine_learning$",
+                     output, re.M), output
