@@ -225,13 +225,13 @@ def test_verbose_shows_worker_output_and_keeps_it_in_the_file(tmp_path):
 @pytest.mark.mlflow
 @pytest.mark.integration
 def test_quickstart_output_through_a_pipe_is_short_and_shows_every_trial_and_decision(tmp_path):
-    """The embedded default, shortened to two rounds (beta 0.1 then 0.2) of 24 steps, in a subprocess whose
+    """The embedded default, shortened to two rounds (beta 0.1 then 0.2) of 12 steps, in a subprocess whose
     stdout and stderr are pipes, as in CI or under `ray job submit`."""
     env = {**os.environ, "DPO_DEMO_CACHE": str(tmp_path / "demo"), "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "orchestrator", "quickstart", str(REPO / "configs/quickstart.yaml"),
                "--set", f"output_dir={tmp_path / 'outputs'}", "--set", f"storage_path={tmp_path / 'runs'}",
-               "--set", "train.max_steps=24", "--set", "train.warmup_steps=4", "--set", "train.log_every=3",
-               "--set", "train.eval_every=12", "--set", "train.checkpoint_every=24",
+               "--set", "train.max_steps=12", "--set", "train.warmup_steps=2", "--set", "train.log_every=3",
+               "--set", "train.eval_every=6", "--set", "train.checkpoint_every=12",
                "--set", "sweep.max_beta=0.2", "--set", "sweep.patience=1", "--set", "sweep.max_trials=4"]
     try:
         done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
