@@ -446,7 +446,8 @@ def summary_lines(summary: dict[str, Any], every_trial: bool = False) -> list[st
         config = best["config"]
         out.append(f"best trial {best['trial_id']}: {metric} {best['metric']:.4f} (beta {config.get('beta')}, "
                    f"kl_weight {config.get('kl_weight')}, learning_rate {config.get('learning_rate')})")
-    out.append(f"results: {summary['storage']}/sweep_summary.json; logs: {summary['storage']}/console.log")
+    out.append(f"results: {summary['storage']}/sweep_summary.json; logs: {summary['storage']}/console.log; "
+               f"reference cache key {summary.get('reference_cache_key')}")
     mlflow = summary.get("mlflow")
     if mlflow:
         url = runs_view_url(mlflow.get("uri"), mlflow.get("experiment_id"))

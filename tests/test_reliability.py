@@ -354,7 +354,7 @@ def test_tracker_log_lines_never_show_the_tracking_password(caplog):
 
 
 def test_the_sweep_summary_never_prints_the_tracking_password(capsys):
-    from orchestrator.workflows.sweep import print_summary
+    from orchestrator.console import print_sweep_summary as print_summary
 
     print_summary({"name": "s", "trials": [], "reference_cache_key": "k", "decision_log": [], "metric": "m",
                    "best": {"trial_id": "t1", "metric": 0.9, "config": {"beta": 0.1}}, "storage": "/runs/s",

@@ -251,20 +251,3 @@ def read_summary(layout: StorageLayout) -> dict[str, Any] | None:
     if layout.summary_file is None or not layout.summary_file.is_file():
         return None
     return json.loads(layout.summary_file.read_text())
-
-
-def print_summary(summary: dict[str, Any]) -> None:
-    print(f"sweep {summary['name']}: {len(summary['trials'])} trials, reference cache key {summary['reference_cache_key']}")
-    for entry in summary["decision_log"]:
-        print(f"  round {entry.get('round')}: beta {entry.get('beta')} -> {entry.get('action')}: {entry.get('reason')}")
-    best = summary["best"]
-    if best is None:
-        print("no trial produced a finite " + summary["metric"])
-        return
-    values = {k: best["config"].get(k) for k in schema.SEARCHED_PARAMS if k in best["config"]}
-    print(f"best trial {best['trial_id']}: {summary['metric']}={best['metric']:.4f} {values}")
-    print(f"results: {summary['storage']}/{schema.SWEEP_SUMMARY_ARTIFACT}")
-    if summary.get("mlflow"):
-        from orchestrator.tracking.records import redact
-
-        print(f"MLflow: {redact(summary['mlflow']['uri'])} (parent run {summary['mlflow']['parent_run_id']})")
