@@ -132,8 +132,8 @@ def divert_worker_output(verbose: bool) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def quiet_session(log_file: Path | str, verbose: bool = False, level: int | str = logging.INFO,
-                  show: tuple[str, ...] = (), stream: TextIO | None = None) -> Iterator[Path]:
+def quiet_session(log_file: Path | str, verbose: bool = False, show: tuple[str, ...] = (),
+                  stream: TextIO | None = None) -> Iterator[Path]:
     """Logs (ours, Ray's, the workers' output) into `log_file`; the terminal keeps warnings and errors
     (everything, with verbose) and the INFO lines of the `show` loggers (a study's stage progress), bare,
     on `stream` (stdout). Restores the logging set-up when it ends."""
@@ -147,7 +147,7 @@ def quiet_session(log_file: Path | str, verbose: bool = False, level: int | str 
         logger.addHandler(progress)
     root = logging.getLogger()
     previous_root_level = root.level
-    root.setLevel(min(logging.getLevelName(level) if isinstance(level, str) else level, logging.INFO))
+    root.setLevel(min(root.level, logging.INFO) if root.level != logging.NOTSET else logging.NOTSET)  # --log-level DEBUG kept
     changed: list[tuple[logging.Handler, int]] = []
     if not verbose:
         for existing in root.handlers:  # main()'s stderr handler: only warnings and errors now
