@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.cli.main import main
+from orchestrator.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,6 +31,6 @@ def test_quickstart_reaches_090_preference_accuracy(tmp_path, monkeypatch):
     assert records[0]["step"] == 1
     assert abs(records[0]["train/loss"] - math.log(2)) < 1e-4
     final = [r for r in records if "eval/preference_accuracy" in r][-1]
-    assert final["step"] == 450
+    assert final["step"] == load_config(REPO / "configs/quickstart.yaml").train.max_steps
     assert final["eval/preference_accuracy"] >= 0.9
     assert final["eval/reward_margin"] > 0
