@@ -5,11 +5,11 @@
     dpo config-reference                               every config key, its default and description
     dpo train CONFIG [--set key=value ...]             DPO in this process (no Ray)
     dpo sft CONFIG [--set key=value ...]               SFT in this process on data.sft_train
-    dpo sweep CONFIG [--set ...] [--address ADDR] [--resume]   Ray Tune sweep of Ray Train trials
-    dpo study CONFIG [--set ...] [--address ADDR] [--resume]   SFT-then-DPO vs DPO-only with benchmark deltas
+    dpo sweep CONFIG [--set ...] [--address ADDR] [--resume] [--verbose]   Ray Tune sweep of Ray Train trials
+    dpo study CONFIG [--set ...] [--address ADDR] [--resume] [--verbose]   SFT-then-DPO vs DPO-only, benchmarked
     dpo ui [CONFIG] [--stop]                           start (or reuse) the MLflow UI and print its URL
     dpo analyze CONFIG|NAME [--kl-budget X ...]        pick beta from the sweep's MLflow runs, write the report
-    dpo export CONFIG|NAME --out DIR [--trial ID] [--register MODEL_NAME]   best checkpoint -> HF model directory
+    dpo export CONFIG|NAME --out DIR [--trial ID] [--register MODEL_NAME [--alias A]]   best checkpoint -> HF model
     dpo quickstart CONFIG [--out DIR]                  sweep -> analyze -> export in one command
     dpo plan CONFIG [--gpu-memory GB] [--json]         per-GPU memory from config.json only; does it fit
 
@@ -18,7 +18,8 @@ error (trainables.errors.UserError: bad config, bad data, a missing sweep or che
 tracking server) exits with status 2 and a message naming the key, file, rows and reason; nothing is
 trained and nothing is written. A bad command line (an unknown flag, a --log-level that is not a level)
 is argparse's exit 2. Any other exception is a bug: its traceback is printed and the exit status is 1.
-Nothing `main` prints or logs shows a secret (orchestrator/redaction.py: messages, tracebacks and every
+`dpo sweep`, `study` and `quickstart` show their trials through orchestrator/console.py and keep Ray's
+own output in the sweep's console.log (`--verbose` shows it too). Nothing `main` prints or logs shows a secret (orchestrator/redaction.py: messages, tracebacks and every
 log record are redacted). `python -m orchestrator ...` is the same as `dpo ...`.
 """
 
