@@ -220,3 +220,82 @@ def test_a_trial_with_two_fsdp_workers_on_ray_gives_the_losses_of_one_process(wo
     # The workers really sharded (Ray's own prepare_model would have given DDP): their parameters were
     # DTensors, for which build_optimizer leaves AdamW's fused kernel off.
     assert not any(group["fused"] for group in groups), groups
+
+
+# ---- communication: one gradient reduction per step with gradient accumulation ------------------------
+
+def _count_worker(rank: int, world_size: int, init_file: str, model_dir: str, out: str) -> None:
+    """Two micro-batches per step, with gradient_sync (as the loop does) and syncing every micro-batch:
+    counts FSDP2's reduce-scatters (torch.distributed calls) and DDP's all-reduced buckets (a comm hook),
+    and checks that the gradients are the same either way."""
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    from trainables.modeling import load_causal_lm
+    from trainables.sharding import gradient_sync, shard_model
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=120))
+    try:
+        calls = {"reduce": 0}
+        names = [n for n in ("reduce_scatter_single", "reduce_scatter_tensor", "all_reduce") if hasattr(dist, n)]
+        for name in names:
+            original = getattr(dist, name)
+
+            def counted(*args, _original=original, **kwargs):
+                calls["reduce"] += 1
+                return _original(*args, **kwargs)
+
+            setattr(dist, name, counted)
+        torch.manual_seed(rank)
+        batches = [torch.randint(4, 16, (2, 10)) for _ in range(2)]  # this rank's two micro-batches
+
+        def step(model, accumulate: bool) -> dict[str, torch.Tensor]:
+            calls["reduce"] = 0
+            for index, tokens in enumerate(batches):
+                with gradient_sync(model, index == len(batches) - 1 or not accumulate):
+                    model(input_ids=tokens, labels=tokens).loss.backward()
+            grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+                     for n, p in model.named_parameters()}
+            model.zero_grad(set_to_none=True)
+            return {"calls": calls["reduce"], "grads": grads}
+
+        result = {}
+        fsdp = shard_model(load_causal_lm(model_dir), device=torch.device("cpu"))
+        every, once = step(fsdp, accumulate=False), step(fsdp, accumulate=True)
+        result["fsdp"] = {"every": every["calls"], "once": once["calls"],
+                          "same": all(torch.allclose(every["grads"][n], g, atol=1e-6) for n, g in once["grads"].items())}
+        buckets = {"count": 0}
+
+        def counting_hook(state, bucket):
+            buckets["count"] += 1
+            return allreduce_hook(state, bucket)
+
+        ddp = torch.nn.parallel.DistributedDataParallel(load_causal_lm(model_dir))
+        ddp.register_comm_hook(None, counting_hook)
+        counts = {}
+        for accumulate in (False, True):
+            buckets["count"] = 0
+            grads = step(ddp, accumulate)["grads"]
+            counts["once" if accumulate else "every"] = (buckets["count"], grads)
+        result["ddp"] = {"every": counts["every"][0], "once": counts["once"][0],
+                         "same": all(torch.allclose(counts["every"][1][n], g, atol=1e-6) for n, g in counts["once"][1].items())}
+        if rank == 0:
+            Path(out).write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.integration
+def test_gradient_accumulation_reduces_gradients_once_per_step(tmp_path):
+    import torch.multiprocessing as mp
+
+    model_dir = build_model_dir(tmp_path / "model", "llama")
+    mp.spawn(_count_worker, args=(2, str(tmp_path / "rendezvous"), str(model_dir), str(tmp_path / "counts.json")),
+             nprocs=2, join=True)
+    counts = json.loads((tmp_path / "counts.json").read_text())
+    print(counts)
+    for strategy in ("fsdp", "ddp"):
+        assert counts[strategy]["same"], counts  # the same gradients, summed over micro-batches and ranks
+        assert 0 < counts[strategy]["once"] and counts[strategy]["every"] == 2 * counts[strategy]["once"], counts

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from trainables.settings import LoopSettings
 from trainables.checkpointing import restore_rng_state, save_checkpoint
 from trainables.preemption import Preempted, stop_requested
-from trainables.sharding import clip_gradients, gather_full_state, load_optimizer_state
+from trainables.sharding import clip_gradients, gather_full_state, gradient_sync, load_optimizer_state
 
 logger = logging.getLogger(__name__)
 
@@ -162,13 +162,15 @@ def run_training_loop(
         step_sums: dict[str, float] = {}
         for start in range(0, len(local), settings.micro_batch_size):
             micro = local[start : start + settings.micro_batch_size]
-            loss, sums = objective.micro_batch(model, micro, settings.batch_size, global_tokens)
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"non-finite loss ({loss.item()}) at step {step + 1}; stopping without a checkpoint. "
-                    "Lower train.learning_rate or dpo.beta, or check the data for degenerate pairs."
-                )
-            (loss * world).backward()  # DDP and FSDP average gradients over ranks; undo that: the global mean
+            final = start + settings.micro_batch_size >= len(local)
+            with gradient_sync(model, final):  # one gradient reduction per step, in the last micro-batch's backward
+                loss, sums = objective.micro_batch(model, micro, settings.batch_size, global_tokens)
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError(
+                        f"non-finite loss ({loss.item()}) at step {step + 1}; stopping without a checkpoint. "
+                        "Lower train.learning_rate or dpo.beta, or check the data for degenerate pairs."
+                    )
+                (loss * world).backward()  # DDP and FSDP average gradients over ranks; undo that: the global mean
             for key, value in sums.items():
                 step_sums[key] = step_sums.get(key, 0.0) + value
         grad_norm = clip_gradients(model, settings.max_grad_norm)  # the global norm, also under FSDP

@@ -23,10 +23,11 @@ Tested on CPU with gloo by `python -m pytest tests/test_fsdp.py -q`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import sys
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -263,3 +264,27 @@ class FSDPPreparer:
 
     def load_sharded(self, build: Any) -> torch.nn.Module:
         return load_sharded(build, device=self.device, compute_dtype=self.compute_dtype)
+
+
+@contextlib.contextmanager
+def gradient_sync(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
+    """Reduce gradients over ranks in this block's backward only when `enabled` (the step's last micro-batch).
+
+    Gradient accumulation under DDP or FSDP otherwise reduces every micro-batch's gradients: with k
+    micro-batches, k all-reduces (DDP) or reduce-scatters (FSDP) per step instead of one. FSDP2
+    (set_requires_gradient_sync(False)) keeps unsharded gradients between micro-batches; DDP's no_sync
+    accumulates locally and the final backward reduces the sum. Nothing changes without torch.distributed.
+    """
+    if enabled:
+        yield
+    elif is_sharded(model):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        with model.no_sync():
+            yield
+    else:
+        yield
