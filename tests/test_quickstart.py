@@ -34,3 +34,6 @@ def test_quickstart_reaches_090_preference_accuracy(tmp_path, monkeypatch):
     assert final["step"] == load_config(REPO / "configs/quickstart.yaml").train.max_steps
     assert final["eval/preference_accuracy"] >= 0.9
     assert final["eval/reward_margin"] > 0
+    # issue 21: the KL users read stays a sane number of nats per answer token (k3 reached 4e9 here)
+    kl_values = [r[key] for r in records for key in ("train/kl", "eval/kl") if key in r]
+    assert kl_values and all(0 <= value < 50 for value in kl_values), max(kl_values)
