@@ -141,7 +141,7 @@ def bootstrapped(cluster: dict[str, Any]) -> Autoscaling:
 
 def test_a_trial_waits_for_the_autoscaler_instead_of_failing_on_an_empty_cluster(cluster) -> None:
     """Right after `ray up` (min_workers: 0) the cluster has the head's 8 CPUs and no GPU: a 4-GPU trial is
-    accepted because up to 8 g5.12xlarge (4 GPUs each) may join; 40 GPUs, or 8 GPUs per worker, never fit."""
+    accepted because up to 8 g5.12xlarge (4 GPUs each) may join; 40 GPUs, or 64 CPUs per worker, never fit."""
     autoscaling = bootstrapped(cluster)
     assert autoscaling.most("GPU") == 8 * 4 and autoscaling.most("CPU") == 8 * 48
     empty = {"CPU": 8.0}
@@ -149,9 +149,9 @@ def test_a_trial_waits_for_the_autoscaler_instead_of_failing_on_an_empty_cluster
     assert message and "0 GPUs now" in message and "gpu_worker (up to 8 x {CPU: 48, GPU: 4})" in message
     with pytest.raises(ConfigError, match=r"use_gpu: 40 GPUs needed, the cluster has 0 and its autoscaler can add 32"):
         check_cluster_fits(trial(40), empty, autoscaling)
-    with pytest.raises(ConfigError, match=r"one worker \(resources.cpus_per_worker: 1, resources.gpus_per_worker: 8\) "
+    with pytest.raises(ConfigError, match=r"one worker \(resources.cpus_per_worker: 64, resources.gpus_per_worker: 1\) "
                                           r"fits on no node type"):
-        check_cluster_fits(trial(1, gpus_per_worker=8), empty, autoscaling)
+        check_cluster_fits(trial(1, cpus_per_worker=64), empty, autoscaling)
     assert check_cluster_fits(trial(4), {"CPU": 56.0, "GPU": 4.0}, autoscaling) is None  # fits now: nothing to say
     with pytest.raises(ConfigError, match=r"4 GPUs needed, the cluster has 0$"):  # a local Ray: its size is final
         check_cluster_fits(trial(4), empty, None)
@@ -296,3 +296,26 @@ def test_a_sweep_joining_an_empty_autoscaling_cluster_gets_its_trial_placed_once
     assert ray.cluster_resources()["GPU"] == 2 and sum(n["Alive"] for n in ray.nodes()) == 2
     print(f"placed after {time.monotonic() - started:.1f} s")
     remove_placement_group(group)
+
+
+def test_gpus_per_worker_is_one_whole_gpu_or_a_fraction_for_one_worker_trials(tmp_path) -> None:
+    """A worker trains on one GPU: more per worker would sit idle, a fraction only for single-worker trials."""
+    from orchestrator.config.loading import load_config
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "train.jsonl").write_text("")
+    config = tmp_path / "gpus.yaml"
+    config.write_text(yaml.safe_dump({"name": "gpus", "model": {"path": str(tmp_path / "model")},
+                                      "data": {"train": str(tmp_path / "train.jsonl")},
+                                      "resources": {"use_gpu": True}}))
+    assert load_config(config, ["resources.gpus_per_worker=0.5"]).resources.gpus_per_worker == 0.5  # trials share a GPU
+    assert load_config(config, ["resources.num_workers=4"]).resources.gpus_per_worker == 1
+    refusals = {
+        ("resources.gpus_per_worker=2", "resources.num_workers=2"): r"gpus_per_worker: 2, but a worker trains on one GPU.*num_workers to 4",
+        ("resources.gpus_per_worker=0.5", "resources.num_workers=2"): r"gpus_per_worker: 0.5 is a fraction of a GPU",
+        ("resources.gpus_per_worker=0",): r"gpus_per_worker: 0 with resources.use_gpu: true",
+    }
+    for overrides, message in refusals.items():
+        with pytest.raises(ConfigError, match=message):
+            load_config(config, list(overrides))
+    assert load_config(config, ["resources.use_gpu=false", "resources.gpus_per_worker=4"])  # ignored without GPUs

@@ -9,6 +9,8 @@ takes. Importing it imports no torch.
 
 from __future__ import annotations
 
+import math
+
 import re
 from typing import Any, Literal
 
@@ -195,6 +197,26 @@ class ResourcesSection(Section):
     cpus_per_worker: float = Field(1, gt=0, le=MAX_CPUS, description="CPUs reserved per worker; also its torch thread count" + at_most(MAX_CPUS))
     gpus_per_worker: float = Field(1, ge=0, le=MAX_GPUS, description="GPUs per worker when use_gpu" + at_most(MAX_GPUS))
     strategy: Literal["ddp", "fsdp"] = Field("ddp", description="ddp: a full model per worker; fsdp: shard models that do not fit one device")
+
+    @model_validator(mode="after")
+    def _gpus_a_worker_uses(self) -> "ResourcesSection":
+        """A worker trains on one GPU (one rank per device): more would sit idle; a fraction of one only makes
+        sense for single-worker trials sharing a GPU, since NCCL runs one rank per GPU (issue 19)."""
+        gpus = self.gpus_per_worker
+        if not self.use_gpu:
+            return self
+        if gpus == 0:
+            raise ValueError("resources.gpus_per_worker: 0 with resources.use_gpu: true gives the workers no GPU; "
+                             "set it to 1 (or use_gpu: false)")
+        if gpus > 1:
+            raise ValueError(f"resources.gpus_per_worker: {gpus:g}, but a worker trains on one GPU (one rank per GPU) and "
+                             f"the others would sit idle; set it to 1 and resources.num_workers to "
+                             f"{self.num_workers * math.ceil(gpus)} to use that many GPUs")
+        if gpus < 1 and self.num_workers > 1:
+            raise ValueError(f"resources.gpus_per_worker: {gpus:g} is a fraction of a GPU, which only single-worker "
+                             f"trials may take (several share a GPU); with resources.num_workers: {self.num_workers} each "
+                             "worker needs a whole GPU (one rank per GPU): set it to 1")
+        return self
 
 
 class FailureSection(Section):
