@@ -43,7 +43,8 @@ MAX_BUFFERED_RECORDS = 20_000  # log records kept while the sweep folder does no
 WORKER_LOGGER = "dpo.workers"  # what Ray's worker processes print, as log records of this logger
 QUIET_LOGGERS = ("ray", "ray.tune", "ray.train", "ray.data", "ray.serve")  # ERROR and above still shown
 QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1",  # the driver's weight-loading and writing bars
-             "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}  # MLflow's "View run ... at" after each run ends
+             "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",  # MLflow's "View run ... at" after each run ends
+             "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}  # MLflow's download bars (the analysis reads artifacts)
 # Tune's newer output prints its experiment box whatever the verbosity; its classic reporter obeys verbose=0.
 TUNE_ENV = {"RAY_AIR_NEW_OUTPUT": "0"}
 
