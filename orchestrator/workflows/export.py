@@ -238,6 +238,7 @@ def write_export(checkpoint: CheckpointChoice, out: Path, lineage: dict[str, Any
 
 
 DEFAULT_ALIAS = "champion"
+QUIET_URL_ENV = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
 MODEL_REQUIREMENTS = ("transformers", "torch", "tokenizers", "safetensors")  # what loading the MLflow model needs
 
 
@@ -265,12 +266,18 @@ def fluent_uris(uri: str) -> Iterator[None]:
 
     tracking_state, registry_state = _tracking_service.utils, _model_registry.utils
     saved = getattr(tracking_state, "_tracking_uri", None), getattr(registry_state, "_registry_uri", None)
+    quiet = os.environ.get(QUIET_URL_ENV)
+    os.environ[QUIET_URL_ENV] = "true"  # no "View run ... at" lines when the reopened run ends
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
         yield
     finally:
         tracking_state._tracking_uri, registry_state._registry_uri = saved
+        if quiet is None:
+            os.environ.pop(QUIET_URL_ENV, None)
+        else:
+            os.environ[QUIET_URL_ENV] = quiet
 
 
 def register_export(uri: str, run_id: str, directory: Path, model_name: str, *, alias: str = DEFAULT_ALIAS,
