@@ -1,7 +1,8 @@
 """Screenshots of the MLflow UI and the analysis report after a quickstart, taken with a real headless
 browser, for docs/images/ (shown in docs/mlflow.md and the README's tour).
 
-It installs nothing: it needs a Chromium on PATH (`chromium` or `chromium-browser`; on Debian
+It installs nothing: it drives a Chromium on PATH over its DevTools protocol (with aiohttp, which Ray
+installs) and needs it (`chromium` or `chromium-browser`; on Debian
 `apt-get install -y chromium`), a finished sweep (e.g. `dpo quickstart configs/quickstart.yaml`) and, for
 the registry picture, a registered model (`dpo export configs/quickstart.yaml --out models/quickstart
 --register quickstart-dpo`). It starts or reuses the embedded MLflow server of the storage path and shoots:
@@ -20,11 +21,12 @@ import argparse
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
-WINDOW = "1500,950"
-WAIT_MS = 20000  # virtual time for the UI's JavaScript to load its data
+WINDOW = "1600,900"
+WAIT_MS = 12000  # for the UI's JavaScript to load its data
 
 
 def browser() -> str:
@@ -35,13 +37,64 @@ def browser() -> str:
     sys.exit(f"no headless browser found ({', '.join(BROWSERS)}); on Debian: apt-get install -y chromium")
 
 
-def shoot(url: str, out: Path, wait_ms: int = WAIT_MS) -> Path:
-    """One screenshot of `url` by a headless Chromium (a fresh profile, no sandbox: it runs as any user)."""
-    command = [browser(), "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-               f"--window-size={WINDOW}", f"--virtual-time-budget={wait_ms}", f"--screenshot={out}", url]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=180)
-    if done.returncode != 0 or not out.is_file():
-        sys.exit(f"chromium could not shoot {url}: {done.stderr[-2000:]}")
+# Run in the page before the picture: open the sweep's parent run (nested trials shown), close the side panel.
+EXPAND_NESTED_RUNS = """[...document.querySelectorAll('button[data-component-id*="runnamecellrenderer"]')].forEach(b => b.click());"""
+CLOSE_ASSISTANT = """[...document.querySelectorAll('button')].filter(b => /close/i.test(b.getAttribute('aria-label') || ''))
+  .forEach(b => b.click());"""
+
+
+def shoot(url: str, out: Path, wait_s: float = WAIT_MS / 1000, script: str = CLOSE_ASSISTANT) -> Path:
+    """One screenshot of `url` by a headless Chromium driven over its DevTools protocol (aiohttp's websocket
+    client, installed with Ray): load, wait, run `script` in the page, wait, capture."""
+    import asyncio
+    import base64
+    import json
+    import tempfile
+    import urllib.request
+
+    import aiohttp
+
+    port = 9333
+    with tempfile.TemporaryDirectory() as profile:
+        process = subprocess.Popen([browser(), "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                                    f"--window-size={WINDOW}", f"--remote-debugging-port={port}",
+                                    f"--user-data-dir={profile}", "about:blank"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            for _ in range(200):
+                try:
+                    pages = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=5))
+                    break
+                except OSError:
+                    time.sleep(0.3)
+            else:
+                sys.exit("chromium did not open its DevTools port")
+            target = [page for page in pages if page["type"] == "page"][0]["webSocketDebuggerUrl"]
+
+            async def drive() -> bytes:
+                async with aiohttp.ClientSession() as session, session.ws_connect(target, max_msg_size=0) as socket:
+                    counter = 0
+
+                    async def call(method: str, **params):
+                        nonlocal counter
+                        counter += 1
+                        await socket.send_json({"id": counter, "method": method, "params": params})
+                        while True:
+                            message = await socket.receive_json()
+                            if message.get("id") == counter:
+                                return message.get("result", {})
+
+                    await call("Page.enable")
+                    await call("Page.navigate", url=url)
+                    await asyncio.sleep(wait_s)
+                    await call("Runtime.evaluate", expression=script)
+                    await asyncio.sleep(3)
+                    return base64.b64decode((await call("Page.captureScreenshot", format="png"))["data"])
+
+            out.write_bytes(asyncio.run(drive()))
+        finally:
+            process.terminate()
+            process.wait(30)
     print(f"{out}  <-  {url}")
     return out
 
@@ -73,7 +126,7 @@ def main() -> None:
     trials = client.search_runs([eid], tag_filter({SWEEP_TAG: args.name, ROLE_TAG: TRIAL_ROLE}),
                                 order_by=["metrics.`eval/preference_accuracy` DESC"])
     base = uri.rstrip("/")
-    shoot(runs_view_url(uri, eid), out / "mlflow-experiment.png")
+    shoot(runs_view_url(uri, eid), out / "mlflow-experiment.png", script=EXPAND_NESTED_RUNS + CLOSE_ASSISTANT)
     if trials:
         trial = trials[0].info.run_id
         shoot(f"{base}/#/experiments/{eid}/runs/{trial}/model-metrics?{TRAINING_VIEW}", out / "mlflow-trial-curves.png")
@@ -83,7 +136,7 @@ def main() -> None:
         print(f"no registered model {args.model!r}: `dpo export ... --register {args.model}` first; skipped")
     report = StorageLayout.of(args.storage, args.name).analysis_dir / "report.html"
     if report.is_file():
-        shoot(report.resolve().as_uri(), out / "analysis-report.png", wait_ms=3000)
+        shoot(report.resolve().as_uri(), out / "analysis-report.png", wait_s=3)
     else:
         print(f"no report at {report}: `dpo analyze` first; skipped")
     print(f"parent run: {base}/#/experiments/{eid}/runs/{parent.info.run_id}")
