@@ -299,3 +299,50 @@ def test_gradient_accumulation_reduces_gradients_once_per_step(tmp_path):
     for strategy in ("fsdp", "ddp"):
         assert counts[strategy]["same"], counts  # the same gradients, summed over micro-batches and ranks
         assert 0 < counts[strategy]["once"] and counts[strategy]["every"] == 2 * counts[strategy]["once"], counts
+
+
+def test_a_micro_batch_reads_its_metrics_from_the_device_once(tmp_path, monkeypatch):
+    """DPOObjective.micro_batch used to call .item() once per metric (10 host syncs in training, each waiting for the
+    GPU); now its metric sums are stacked and read with one tolist(), with the same values as .item()."""
+    import sys
+
+    from tests.tiny_world import engine_args
+    from trainables.dpo_objective import DPOObjective, host_values
+    from trainables.entrypoints import run_dpo
+
+    sums = {"loss": torch.tensor(0.6931471824645996), "correct": torch.tensor(3), "tokens": torch.tensor(17.25)}
+    assert host_values(sums) == {key: value.item() for key, value in sums.items()}
+
+    build_model_dir(tmp_path / "model", "llama")
+    write_jsonl(tmp_path / "train.jsonl", pair_rows("explicit", 8, seed=1))
+    write_jsonl(tmp_path / "eval.jsonl", pair_rows("explicit", 4, seed=2))
+    spec = engine_args(str(tmp_path / "model"), str(tmp_path / "train.jsonl"), str(tmp_path / "eval.jsonl"),
+                       stage="dpo", output_dir=tmp_path / "out", reference_cache=tmp_path / "cache",
+                       data__max_length=48, train__device="cpu", train__batch_size=8, train__micro_batch_size=4,
+                       train__max_steps=1, train__warmup_steps=0, train__checkpoint_every=1, train__eval_every=1,
+                       train__log_every=1)
+    reads = {"item": 0, "tolist": 0, "micro_batches": 0}
+    inside = {"now": False}
+    original_item, original_tolist, original_micro_batch = torch.Tensor.item, torch.Tensor.tolist, DPOObjective.micro_batch
+
+    def counting(name, original):
+        def read(self, *args, **kwargs):
+            if inside["now"] and sys._getframe(1).f_code.co_filename.endswith("dpo_objective.py"):
+                reads[name] += 1  # the objective's own reads (the forward's bucketing has a few of its own)
+            return original(self, *args, **kwargs)
+        return read
+
+    def micro_batch(self, *args, **kwargs):
+        inside["now"], reads["micro_batches"] = True, reads["micro_batches"] + 1
+        try:
+            return original_micro_batch(self, *args, **kwargs)
+        finally:
+            inside["now"] = False
+
+    monkeypatch.setattr(torch.Tensor, "item", counting("item", original_item))
+    monkeypatch.setattr(torch.Tensor, "tolist", counting("tolist", original_tolist))
+    monkeypatch.setattr(DPOObjective, "micro_batch", micro_batch)
+    reports = []
+    run_dpo(spec.model, spec.data, spec.preference, spec.loop, spec.runtime, lambda m, c: reports.append(m))
+    assert reports and reads["micro_batches"] == 2, reads
+    assert reads["item"] == 0 and reads["tolist"] == reads["micro_batches"], reads  # one read per micro-batch

@@ -124,6 +124,19 @@ class ReferenceDistributions:
         return self._live.values("eval", range(len(pairs)), pairs, batch).logits
 
 
+
+def host_values(sums: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Metric sums (0-d tensors on the model's device) as floats with one device-to-host transfer.
+
+    Each .item() is a host sync that waits for the GPU; a micro-batch's dozen metrics stacked and read once
+    cost one (issue 19). Values are read as float64, so float32 and integer sums come back exactly as .item()
+    would return them.
+    """
+    keys = list(sums)
+    device = next((v.device for v in sums.values() if v.device.type != "cpu"), torch.device("cpu"))
+    stacked = torch.stack([sums[key].detach().to(device=device, dtype=torch.float64).reshape(()) for key in keys])
+    return dict(zip(keys, stacked.tolist()))
+
 class DPOObjective:
     """Computes one micro-batch's DPO loss and the sums behind the train/ and eval/ metrics."""
 
@@ -222,34 +235,34 @@ class DPOObjective:
             token_kl = torch.zeros_like(policy.token_logps)
         margins = out.chosen_rewards - out.rejected_rewards  # (B,)
         policy_chosen, policy_rejected = split_chosen_rejected(policy.sequence_logps.detach())  # (B,) summed log-probs
-        sums = {
-            "preference_loss": out.losses.detach().sum().item(),
-            "correct": (margins > 0).sum().item(),
-            "margin": margins.sum().item(),
-            "reward_chosen": out.chosen_rewards.sum().item(),
-            "reward_rejected": out.rejected_rewards.sum().item(),
-            "logp_chosen": policy_chosen.sum().item(),
-            "logp_rejected": policy_rejected.sum().item(),
-            "kl": token_kl.detach().sum().item(),
-            "answer_tokens": answer_mask.sum().item(),
-            "pairs": float(len(indices)),
-            "tokens": batch["attention_mask"].sum().item(),
+        sums = {  # tensors until host_values: one device-to-host copy per micro-batch, not one per metric
+            "preference_loss": out.losses.detach().sum(),
+            "correct": (margins > 0).sum(),
+            "margin": margins.sum(),
+            "reward_chosen": out.chosen_rewards.sum(),
+            "reward_rejected": out.rejected_rewards.sum(),
+            "logp_chosen": policy_chosen.sum(),
+            "logp_rejected": policy_rejected.sum(),
+            "kl": token_kl.detach().sum(),
+            "answer_tokens": answer_mask.sum(),
+            "pairs": torch.tensor(float(len(indices))),
+            "tokens": batch["attention_mask"].sum(),
         }
         if split == "eval":  # margin against answer-length difference: the length-exploitation diagnosis
             chosen_lengths, rejected_lengths = split_chosen_rejected(answer_mask.sum(-1).double())  # (B,) each
             length_difference = chosen_lengths - rejected_lengths  # (B,)
-            sums["length_difference"] = length_difference.sum().item()
-            sums["length_difference_sq"] = length_difference.square().sum().item()
-            sums["margin_sq"] = margins.double().square().sum().item()
-            sums["margin_length"] = (margins.double() * length_difference).sum().item()
+            sums["length_difference"] = length_difference.sum()
+            sums["length_difference_sq"] = length_difference.square().sum()
+            sums["margin_sq"] = margins.double().square().sum()
+            sums["margin_length"] = (margins.double() * length_difference).sum()
         if split == "eval" and self.has_reference:
-            sums["log_ratio_chosen"] = (policy_chosen - reference.chosen_logps).sum().item()
-            sums["log_ratio_rejected"] = (policy_rejected - reference.rejected_logps).sum().item()
+            sums["log_ratio_chosen"] = (policy_chosen - reference.chosen_logps).sum()
+            sums["log_ratio_rejected"] = (policy_rejected - reference.rejected_logps).sum()
             if self.reference_distributions is not None:
                 reference_logits = (reference.logits if reference.logits is not None
                                     else self.reference_distributions.logits(batch_pairs, batch))
-                sums["exact_kl"] = exact_token_kl(policy.logits, reference_logits, answer_mask).sum().item()
-        return out.losses.sum(), token_kl.sum(), sums
+                sums["exact_kl"] = exact_token_kl(policy.logits, reference_logits, answer_mask).sum()
+        return out.losses.sum(), token_kl.sum(), host_values(sums)
 
     def micro_batch(self, model, indices, global_batch_size, global_token_count):
         preference_loss, kl_sum, sums = self._sums(model, self.train_pairs, indices, "train")
