@@ -6,8 +6,11 @@ ranks (7 pairs, batches of 3: rank 0 runs two eval forwards, rank 1 one, so the 
 needed or the run hangs). FSDP checkpoints are single-process checkpoints: the saved weights load with
 from_pretrained and equal the weights gathered from the shards, the optimizer state matches one
 process's, and resuming under FSDP, from an FSDP or a single-process checkpoint, continues the
-uninterrupted losses. One test runs the engine in 2 processes (torch.multiprocessing, gloo), one runs
-a trial's TorchTrainer on a local Ray with 2 workers (orchestrator/ray/trial.py's FSDP path).
+uninterrupted losses. One test runs the engine in 2 processes (torch.multiprocessing, gloo), loading the
+policy sharded (rank 0 reads the weights, trainables/sharding.py: FSDPPreparer), one runs a trial's
+TorchTrainer on a local Ray with 2 workers (orchestrator/ray/trial.py's FSDP path). Communication (issue
+19): with 2 micro-batches per step, gradients are reduced once per step (FSDP reduce-scatters and DDP
+buckets counted on 2 gloo ranks, same gradients), and a micro-batch reads its metrics from the device once.
 Run: `python -m pytest tests/test_fsdp.py -q --durations=5` (about 1.5 minutes on 2 busy CPU cores).
 """
 
