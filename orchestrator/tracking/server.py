@@ -308,10 +308,11 @@ def prepare_tracking_uri(config_uri: str | None, storage_path: str, *, timeout_s
     if embedded:
         uri = EmbeddedServer(uri).start_or_reuse()
     ensure_reachable(uri, timeout_s=timeout_s)
-    if uri not in _ANNOUNCED:  # once per process: quickstart prepares it for the sweep and again for the analysis
-        _ANNOUNCED.add(uri)
+    announced = (uri, config_uri, str(storage_path))
+    if announced not in _ANNOUNCED:  # once per process: quickstart prepares it for the sweep and for the analysis
+        _ANNOUNCED.add(announced)
         print(f"MLflow tracking: {redact_uri(uri)}" + (" (embedded local server)" if embedded else ""), flush=True)
     return uri
 
 
-_ANNOUNCED: set[str] = set()
+_ANNOUNCED: set[tuple[str, str | None, str]] = set()
