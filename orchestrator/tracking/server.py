@@ -308,7 +308,9 @@ def prepare_tracking_uri(config_uri: str | None, storage_path: str, *, timeout_s
     if embedded:
         uri = EmbeddedServer(uri).start_or_reuse()
     ensure_reachable(uri, timeout_s=timeout_s)
-    announced = (uri, config_uri, str(storage_path))
+    from orchestrator.config.layout import resolve_storage
+
+    announced = (uri, config_uri, resolve_storage(str(storage_path)))  # ./runs and /abs/runs are one storage
     if announced not in _ANNOUNCED:  # once per process: quickstart prepares it for the sweep and for the analysis
         _ANNOUNCED.add(announced)
         print(f"MLflow tracking: {redact_uri(uri)}" + (" (embedded local server)" if embedded else ""), flush=True)
