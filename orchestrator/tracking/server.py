@@ -27,7 +27,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from orchestrator.config.layout import mlflow_root
+from orchestrator.config.layout import mlflow_root, resolve_storage
 from orchestrator.errors import TrackingConfigError, TrackingUnavailableError
 from trainables.processes import pid_alive
 
@@ -308,8 +308,6 @@ def prepare_tracking_uri(config_uri: str | None, storage_path: str, *, timeout_s
     if embedded:
         uri = EmbeddedServer(uri).start_or_reuse()
     ensure_reachable(uri, timeout_s=timeout_s)
-    from orchestrator.config.layout import resolve_storage
-
     announced = (uri, config_uri, resolve_storage(str(storage_path)))  # ./runs and /abs/runs are one storage
     if announced not in _ANNOUNCED:  # once per process: quickstart prepares it for the sweep and for the analysis
         _ANNOUNCED.add(announced)
