@@ -349,3 +349,51 @@ def test_a_micro_batch_reads_its_metrics_from_the_device_once(tmp_path, monkeypa
     run_dpo(spec.model, spec.data, spec.preference, spec.loop, spec.runtime, lambda m, c: reports.append(m))
     assert reports and reads["micro_batches"] == 2, reads
     assert reads["item"] == 0 and reads["tolist"] == reads["micro_batches"], reads  # one read per micro-batch
+
+
+# ---- HSDP: a 2 x 2 mesh (2 "nodes" of 2 ranks) ---------------------------------------------------------
+
+def _hsdp_worker(rank: int, world_size: int, init_file: str, model_dir: str, out: str) -> None:
+    """Each rank: LOCAL_WORLD_SIZE 2 (as Ray Train sets it on 2 nodes of 2 workers), the policy loaded sharded
+    and one forward/backward on its quarter of the batch; rank 0 compares the full gradients with one process."""
+    import os
+
+    import torch.distributed as dist
+
+    from trainables.modeling import load_causal_lm
+    from trainables.sharding import FSDPPreparer, empty_causal_lm
+
+    os.environ["LOCAL_WORLD_SIZE"] = "2"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=120))
+    try:
+        model = FSDPPreparer(torch.device("cpu")).load_sharded(
+            lambda meta: empty_causal_lm(model_dir) if meta else load_causal_lm(model_dir))
+        torch.manual_seed(0)
+        tokens = torch.randint(4, 16, (world_size * 2, 10))  # the global batch; rank r takes rows 2r, 2r+1
+        mine = tokens[2 * rank: 2 * rank + 2]
+        model(input_ids=mine, labels=mine).loss.backward()  # FSDP averages gradients over all 4 ranks
+        placements = {str(p.placements) for p in model.parameters()}
+        grads = {name: p.grad.full_tensor() for name, p in model.named_parameters()}
+        if rank == 0:
+            plain = load_causal_lm(model_dir)
+            plain(input_ids=tokens, labels=tokens).loss.backward()  # equal lengths: the mean of the 4 ranks' means
+            worst = max(float((grads[n] - p.grad).abs().max()) for n, p in plain.named_parameters())
+            Path(out).write_text(json.dumps({"placements": sorted(placements), "worst": worst,
+                                             "mesh": list(next(model.parameters()).device_mesh.shape)}))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.integration
+def test_hsdp_on_a_2_by_2_mesh_gives_the_gradients_of_one_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    model_dir = build_model_dir(tmp_path / "model", "llama")
+    mp.spawn(_hsdp_worker, args=(4, str(tmp_path / "rendezvous"), str(model_dir), str(tmp_path / "hsdp.json")),
+             nprocs=4, join=True)
+    result = json.loads((tmp_path / "hsdp.json").read_text())
+    print(result)
+    assert result["mesh"] == [2, 2] and result["placements"] == ["(Replicate(), Shard(dim=0))"], result
+    assert result["worst"] < 1e-5, result

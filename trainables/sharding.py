@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import sys
 from typing import Any, Iterator
 
@@ -81,7 +82,10 @@ def shard_model(model: torch.nn.Module, *, device: torch.device, compute_dtype: 
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    shape = mesh_shape(dist.get_world_size(), int(os.environ.get("LOCAL_WORLD_SIZE", "0")))
+    # 2-D: HSDP, parameters replicated across nodes and sharded within one, so each layer's all-gather stays on
+    # the node's fast links and only the gradient all-reduce between replicas crosses nodes.
+    mesh = init_device_mesh(device.type, shape, mesh_dim_names=("replicate", "shard")[-len(shape):])
     mixed = compute_dtype == torch.bfloat16 and device.type == "cuda"
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed else MixedPrecisionPolicy()
     layer_classes = decoder_layer_classes(model)
@@ -93,10 +97,22 @@ def shard_model(model: torch.nn.Module, *, device: torch.device, compute_dtype: 
         fully_shard(unit, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     if dist.get_rank() == 0:
-        logger.info("FSDP: %d %s units + root over %d ranks (%s%s)", len(units),
-                    "/".join(c.__name__ for c in layer_classes) or "layer", dist.get_world_size(), device.type,
+        logger.info("FSDP: %d %s units + root over %d ranks, mesh %s (%s%s)", len(units),
+                    "/".join(c.__name__ for c in layer_classes) or "layer", dist.get_world_size(),
+                    " x ".join(map(str, shape)) + (" (HSDP)" if len(shape) == 2 else ""), device.type,
                     ", bf16 mixed precision" if mixed else "")
     return model
+
+
+def mesh_shape(world: int, local_world: int) -> tuple[int, ...]:
+    """(world,) on one node: FSDP over every rank; (nodes, ranks per node) over several: HSDP.
+
+    local_world: the ranks on this node (LOCAL_WORLD_SIZE, which Ray Train and torchrun set); 0 or a value
+    that does not divide the world evenly keeps the 1-D mesh.
+    """
+    if 1 <= local_world < world and world % local_world == 0:
+        return (world // local_world, local_world)
+    return (world,)
 
 
 def clip_gradients(model: torch.nn.Module, max_grad_norm: float | None) -> torch.Tensor:
