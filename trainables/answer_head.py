@@ -8,7 +8,8 @@ only log p(y_t | y_<t) of the answer tokens:
 
     log p(y_t) = z_t[y_t] - logsumexp(z_t),      z_t = W h_{t-1} (+ b)
 
-`ChunkedTargetLogps` computes that for N answer tokens, CHUNK_TOKENS tokens at a time, and keeps only
+`ChunkedTargetLogps` computes that for N answer tokens, a chunk of tokens at a time (at most 1024 and
+128 MiB of float32 logits: trainables/memory_plan.head_chunk_tokens), and keeps only
 h (N x hidden, in the compute dtype), the float32 logsumexp (N) and the targets. Backward recomputes each
 chunk's logits and uses d/dz = g (onehot(y) - softmax(z)), so its peak is one chunk of logits.
 
@@ -27,9 +28,11 @@ import logging
 
 import torch
 
+from trainables.memory_plan import head_chunk_tokens  # dpo plan plans with the same chunk size
+
 logger = logging.getLogger(__name__)
 
-CHUNK_TOKENS = 1024  # tokens per chunk of logits: at a 152k vocabulary, 0.6 GB of float32 per chunk at most (trainables/memory_plan.py plans with it)
+CHUNK_TOKENS = None  # tokens per chunk of logits; None: memory_plan.head_chunk_tokens (<= 1024, <= 128 MiB of float32)
 PROBE_TOLERANCE_FP32 = 1e-4  # max |log-prob difference|, head vs standard route, without autocast
 PROBE_TOLERANCE_AUTOCAST = 5e-2  # the same under bf16/fp16 autocast
 PROBE_POSITIONS = 64  # answer positions of one row the probe compares: its standard route keeps their logits only
@@ -61,9 +64,10 @@ class ChunkedTargetLogps(torch.autograd.Function):
         accumulate = _accumulate_dtype(compute_dtype)
         picked = torch.empty(hidden.shape[0], dtype=accumulate, device=hidden.device)  # (N,)
         normalisers = torch.empty_like(picked)  # (N,)
+        ctx.chunk = CHUNK_TOKENS or head_chunk_tokens(weight.shape[0])
         with torch.autocast(hidden.device.type, enabled=False):
-            for start in range(0, hidden.shape[0], CHUNK_TOKENS):
-                stop = min(start + CHUNK_TOKENS, hidden.shape[0])
+            for start in range(0, hidden.shape[0], ctx.chunk):
+                stop = min(start + ctx.chunk, hidden.shape[0])
                 logits = torch.nn.functional.linear(hidden_c[start:stop], weight_c, bias_c).to(accumulate)  # (chunk, vocab)
                 normalisers[start:stop] = torch.logsumexp(logits, dim=-1)
                 picked[start:stop] = logits.gather(-1, targets[start:stop, None]).squeeze(-1)
@@ -83,8 +87,8 @@ class ChunkedTargetLogps(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=accumulate, device=weight.device) if ctx.needs_input_grad[1] else None
         grad_bias = torch.zeros(bias.shape, dtype=accumulate, device=bias.device) if bias is not None and ctx.needs_input_grad[2] else None
         with torch.autocast(hidden_c.device.type, enabled=False):
-            for start in range(0, hidden_c.shape[0], CHUNK_TOKENS):
-                stop = min(start + CHUNK_TOKENS, hidden_c.shape[0])
+            for start in range(0, hidden_c.shape[0], ctx.chunk):
+                stop = min(start + ctx.chunk, hidden_c.shape[0])
                 chunk = hidden_c[start:stop]  # (chunk, hidden)
                 logits = torch.nn.functional.linear(chunk, weight_c, bias_c).to(accumulate)  # (chunk, vocab), recomputed
                 grad = grad_output[start:stop, None].to(accumulate)  # (chunk, 1)
@@ -145,9 +149,10 @@ def _standard(model: torch.nn.Module, inputs: dict[str, torch.Tensor], predictor
     predicting = logits.reshape(-1, logits.shape[-1])[predictor]  # (N, vocab)
     if log_sum_sq_out is not None:
         with torch.no_grad():
-            for start in range(0, predicting.shape[0], CHUNK_TOKENS):  # float32 in chunks, as the head
-                chunk = predicting[start : start + CHUNK_TOKENS].float()  # (chunk, vocab)
-                log_sum_sq_out[start : start + CHUNK_TOKENS] = (torch.logsumexp(2 * chunk, dim=-1)
+            size = CHUNK_TOKENS or head_chunk_tokens(predicting.shape[-1])
+            for start in range(0, predicting.shape[0], size):  # float32 in chunks, as the head
+                chunk = predicting[start : start + size].float()  # (chunk, vocab)
+                log_sum_sq_out[start : start + size] = (torch.logsumexp(2 * chunk, dim=-1)
                                                                 - 2 * torch.logsumexp(chunk, dim=-1))
     return target_logps(predicting, targets)  # (N,)
 

@@ -44,8 +44,15 @@ from pathlib import Path
 GIB = 1 << 30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 ROWS_PER_PAIR = 2  # chosen and rejected, one row each (the shared-prompt layout needs fewer tokens)
-# Tokens per chunk of the log-prob head: its transient is one chunk of (tokens x vocab) logits.
+# Tokens per chunk of the log-prob head: its transient is one chunk of (tokens x vocab) logits, at most
+# HEAD_CHUNK_TOKENS tokens and HEAD_CHUNK_LOGIT_BYTES of float32 logits (a 152k vocabulary: 220 tokens).
 HEAD_CHUNK_TOKENS = 1024
+HEAD_CHUNK_LOGIT_BYTES = 128 << 20
+
+
+def head_chunk_tokens(vocab_size: int) -> int:
+    """Tokens per chunk of the engine's log-prob head (trainables/answer_head.py) for this vocabulary."""
+    return max(64, min(HEAD_CHUNK_TOKENS, HEAD_CHUNK_LOGIT_BYTES // (4 * max(1, vocab_size))))
 FSDP_GATHERED_LAYERS = 2  # the running decoder layer and the one FSDP prefetches
 
 

@@ -127,8 +127,10 @@ def plan_config(config: ExperimentConfig, gpu_memory_gib: float = DEFAULT_GPU_GI
     """The plan of `config` on GPUs of `gpu_memory_gib` GiB, with the knobs that make it fit if it does not."""
     from trainables.memory_plan import plan_memory
 
+    from trainables.memory_plan import head_chunk_tokens
+
     shape, reference = model_shapes(config)
-    setup = training_setup(config)
+    setup = replace(training_setup(config), head_chunk_tokens=head_chunk_tokens(shape.vocab_size))  # the engine's
     plan = plan_memory(shape, setup, reference=reference)
     flipped = plan_memory(shape, replace(setup, gradient_checkpointing=not setup.gradient_checkpointing),
                           reference=reference)
