@@ -348,12 +348,13 @@ def test_an_error_on_every_attempt_ends_the_trial_after_max_failures_plus_one_at
     assert failed_run.info.status == "FAILED"
     assert "NonFiniteLossError: non-finite" in failed_run.data.tags["error"]
     assert failed_run.info.start_time < run_of(faulty_sweep, faulty_sweep["ids"][KILLED_WORKER_LR]).info.start_time
-    # Each attempt reports step 1, fails at step 2 and flushes its points into the trial's one MLflow run:
-    # one step-1 point per attempt, so no retry at all would leave a single point.
-    history = mlflow_client(faulty_sweep["url"]).get_metric_history(failed_run.info.run_id, "train/loss")
-    attempts = sum(1 for point in history if point.step == 1)
+    # Each attempt reports step 1 to Tune and fails at step 2: one step-1 result per attempt, so no retry at all
+    # would leave a single one. (MLflow holds step 1 once: a retry does not log a step its run's journal holds.)
+    attempts = sum(1 for result in tune_results(faulty_sweep["tune_root"] / failing["trial_id"]) if result["step"] == 1)
     print(f"attempts of the failing trial: {attempts} (failure.max_failures = {MAX_FAILURES})")
     assert attempts == MAX_FAILURES + 1
+    history = mlflow_client(faulty_sweep["url"]).get_metric_history(failed_run.info.run_id, "train/loss")
+    assert [point.step for point in history] == [1]
 
 
 # ---- item 3 ---------------------------------------------------------------------------------------
@@ -372,11 +373,14 @@ def test_a_killed_driver_resumes_every_trial_once_with_one_mlflow_run_each_none_
     killed = faulty_sweep["faults"]["driver_killed"]  # Tune's results and Train's checkpoints when the driver died
     last_checkpoint = max(killed["checkpoints"])
     run = run_of(faulty_sweep, interrupted)
-    history = mlflow_client(faulty_sweep["url"]).get_metric_history(run.info.run_id, "train/loss")
-    resumed = sorted(point.step for point in history if point.timestamp > killed_at * 1000)
+    # Tune's results (every step reported): those after the kill are the resumed run's
+    resumed = [r["step"] for r in tune_results(faulty_sweep["tune_root"] / interrupted) if r["timestamp"] > killed_at]
     print(f"driver killed after step {killed['results'][-1]['step']} (newest checkpoint: step {last_checkpoint}); "
           f"--resume continued at step {resumed[0]}")
     assert resumed == list(range(last_checkpoint + 1, MAX_STEPS + 1)), "not resumed from its last checkpoint"
+    # the trial's curve: every step once, those trained twice (after the checkpoint, before the kill) included
+    history = mlflow_client(faulty_sweep["url"]).get_metric_history(run.info.run_id, "train/loss")
+    assert sorted(point.step for point in history) == list(range(1, MAX_STEPS + 1))
 
     runs = faulty_sweep["runs"]
     trial_runs = [r for r in runs if r.data.tags.get("dpo.role") == "trial"]
