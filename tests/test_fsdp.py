@@ -397,3 +397,41 @@ def test_hsdp_on_a_2_by_2_mesh_gives_the_gradients_of_one_process(tmp_path):
     print(result)
     assert result["mesh"] == [2, 2] and result["placements"] == ["(Replicate(), Shard(dim=0))"], result
     assert result["worst"] < 1e-5, result
+
+
+# ---- a live reference under FSDP: sharded like the policy ----------------------------------------------
+
+def _live_worker(rank: int, world_size: int, init_file: str, raw: dict[str, Any], out: str) -> None:
+    import torch.distributed as dist
+
+    from trainables.sharding import FSDPPreparer, is_sharded
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=120))
+    try:
+        loaded: list[torch.nn.Module] = []
+
+        class Recording(FSDPPreparer):
+            def load_sharded(self, build):
+                loaded.append(super().load_sharded(build))
+                return loaded[-1]
+
+        reports = run_engine(raw, Path(out) / "live", workers=world_size, prepare_model=Recording(torch.device("cpu")))
+        if rank == 0:
+            Path(out, "live.json").write_text(json.dumps({"reports": reports, "sharded": [is_sharded(m) for m in loaded]}))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.integration
+def test_a_live_reference_is_sharded_like_the_policy_and_gives_one_process_losses(world, tmp_path):
+    import torch.multiprocessing as mp
+
+    raw = {**world["raw"], "reference": {"mode": "live"}, "train": {**world["raw"]["train"], "checkpoint_every": 4}}
+    single = run_engine(raw, tmp_path / "single", workers=1)
+    mp.spawn(_live_worker, args=(2, str(tmp_path / "rendezvous"), raw, str(tmp_path)), nprocs=2, join=True)
+    result = json.loads((tmp_path / "live.json").read_text())
+    assert result["sharded"] == [True, True]  # the reference, then the policy: both loaded sharded
+    assert [r["step"] for r in result["reports"]] == [1, 2, 3, 4]
+    assert_same_metrics(result["reports"], single, "2 FSDP ranks, live reference")

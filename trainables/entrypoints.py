@@ -201,7 +201,8 @@ def _load_policy(model_args: ModelArgs, checkpoint: Path | None, device, prepare
     return prepare_model(model) if prepare_model else model.to(device)
 
 
-def _reference_for(model_args, preference_args, data, runtime_args, device, autocast_dtype, policy, reference_key=None):
+def _reference_for(model_args, preference_args, data, runtime_args, device, autocast_dtype, policy, reference_key=None,
+                   prepare_model=None):
     if preference_args.reference_mode == "none" or not preference_args.loss.needs_reference:
         return NoReference(), None
     exact = preference_args.kl_estimator == "exact"
@@ -210,11 +211,14 @@ def _reference_for(model_args, preference_args, data, runtime_args, device, auto
                              padding_buckets=runtime_args.padding_buckets, share_prompt=runtime_args.share_prompt,
                              pad_token_id=data.tokenizer.pad_token_id), None
     if preference_args.reference_mode == "live":
-        model = load_causal_lm(
-            preference_args.reference_path or model_args.path, revision=model_args.revision,
-            trust_remote_code=model_args.trust_remote_code, dtype=model_args.dtype,
-            attn_implementation=model_args.attn_implementation,
-        ).to(device)
+        path = preference_args.reference_path or model_args.path
+        options = dict(revision=model_args.revision, trust_remote_code=model_args.trust_remote_code,
+                       dtype=model_args.dtype, attn_implementation=model_args.attn_implementation)
+        if hasattr(prepare_model, "load_sharded"):  # FSDP: the frozen reference is sharded like the policy
+            model = prepare_model.load_sharded(
+                lambda meta: empty_causal_lm(path, **options) if meta else load_causal_lm(path, **options))
+        else:
+            model = load_causal_lm(path, **options).to(device)
         return LiveReference(model, exact, autocast_dtype, padding_buckets=runtime_args.padding_buckets,
                              share_prompt=runtime_args.share_prompt, pad_token_id=data.tokenizer.pad_token_id), None
     rank, world = rank_and_world()
@@ -286,7 +290,7 @@ def run_dpo(
              if reference_is_policy else None)
     # Otherwise the reference goes first, so a cache miss never holds two models in memory at once.
     reference, cache_key = _reference_for(model_args, preference_args, data, runtime_args, device, autocast_dtype, model,
-                                          reference_key)
+                                          reference_key, prepare_model)
     model = model or _load_policy(model_args, checkpoint, device, prepare_model, runtime_args.gradient_checkpointing)
     objective = DPOObjective(
         train_pairs=data.train, eval_pairs=data.eval, reference=reference,
