@@ -25,7 +25,7 @@ from orchestrator.tracking.metric_journal import journal_path, replay_journals, 
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS = ("train/loss", "train/reward_margin")
-REPETITIONS = 5
+REPETITIONS = 4
 SEED = 23
 
 # One trial's metric stream: a point of each key per step, a step every 4 ms, until it is killed.

@@ -22,11 +22,11 @@ import pytest
 from orchestrator.cli.main import main
 from tests.tiny_world import build_model_dir, pair_rows, write_jsonl
 from trainables.checkpointing import checkpoint_problem, latest_checkpoint, load_training_state
-from trainables.preemption import EXIT_PREEMPTED, Preempted, stop_on_signals, stop_requested
+from trainables.preemption import EXIT_PREEMPTED, Preempted, PreemptionTimeout, stop_on_signals, stop_requested
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_STEPS = 10
-SLOW_SAVE_S = 120.0  # a checkpoint made that slow is cut short by the grace period or a second signal
+SLOW_SAVE_S = 120.0  # a checkpoint made that slow is cut short by a second signal
 STOPPED_WITHIN_S = 60  # the process ends well before the slow save would; 3-12 s measured, most of it exit under load
 
 # `dpo train` in a child process, every step slowed by `step_sleep` s, the checkpoint saved after a stop signal by
@@ -174,23 +174,16 @@ def test_a_second_sigint_stops_at_once_and_the_last_good_checkpoint_stays_usable
     assert load_training_state(staging / "step-000004")["step"] == 4  # what train.resume_from=latest reads
 
 
-@pytest.mark.integration
-def test_a_step_longer_than_the_grace_period_stops_without_a_new_checkpoint(world, tmp_path):
-    output_dir = tmp_path / "grace"
-    child = start_child(world, output_dir, step_sleep=0.2, save_sleep=SLOW_SAVE_S, grace_s=1.0)
-    while not (output_dir / "checkpoints" / "step-000004").is_dir():
-        assert child.poll() is None, child.communicate()[1][-3000:]
-        time.sleep(0.05)
-    sent = time.monotonic()
-    child.send_signal(signal.SIGTERM)  # the stop checkpoint would take 120 s; the grace is 1 s
-    _, stderr = child.communicate(timeout=60)
-    stopped_within = time.monotonic() - sent
-
-    assert child.returncode != 0 and child.returncode != EXIT_PREEMPTED, stderr[-3000:]
-    assert "grace period" in stderr and "PreemptionTimeout" in stderr
-    assert stopped_within < STOPPED_WITHIN_S, stopped_within
-    assert latest_checkpoint(output_dir / "checkpoints") == output_dir / "checkpoints" / "step-000004"
-    print(f"grace 1 s: stopped {stopped_within:.2f} s after SIGTERM; step-000004 intact")
+def test_the_grace_period_bounds_the_wait_for_the_step_boundary():
+    """A step (and its checkpoint) longer than the grace period is cut short by PreemptionTimeout; what it was
+    writing stays a staging folder, as the second-signal case shows on disk."""
+    started = time.monotonic()
+    with pytest.raises(PreemptionTimeout, match="grace period after SIGTERM"):
+        with stop_on_signals(0.3):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # a step that does not end in time
+    assert 0.25 < time.monotonic() - started < 4
+    assert stop_requested() is None and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
 
 
 def test_sigint_then_sigterm_request_a_stop_then_stop_at_once_and_the_handlers_come_back():
