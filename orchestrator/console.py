@@ -358,6 +358,9 @@ class SweepConsole:
         self._drawn, self._last_draw = len(lines), self.clock()
 
 
+_ACTIVE: dict[str, SweepConsole] = {}  # the console of this process's running sweep (for a restored Tuner)
+
+
 class ConsoleCallback(Callback):
     """Tune events -> SweepConsole (the Tuner's status table is off: RunConfig(verbose=0))."""
 
@@ -365,7 +368,10 @@ class ConsoleCallback(Callback):
         self.console = console
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"console": None}  # Tune pickles its callbacks with the Tuner; a restored Tuner shows nothing here
+        return {}  # Tune pickles its callbacks with the Tuner (the stream and lock stay here)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.console = _ACTIVE.get("console")  # a Tuner restored by `--resume` shows this session's console
 
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
         if self.console:
@@ -400,6 +406,7 @@ def sweep_session(experiment: Any, verbose: bool = False, stream: TextIO | None 
     console.log, and the Tune callback to pass to run_sweep(console=...)."""
     layout, sweep, loop = experiment.layout, experiment.sweep, experiment.run.loop
     console = SweepConsole(stream, total_steps=loop.max_steps, metric=sweep.metric)
+    _ACTIVE["console"] = console
     with quiet_session(layout.console_log, verbose):
         console.note(f"sweep {experiment.name}: {sweep.strategy} search on {sweep.metric}, {loop.max_steps} steps "
                      f"per trial; Ray's logs: {layout.console_log}" + ("" if verbose else " (--verbose shows them)"))
@@ -407,6 +414,7 @@ def sweep_session(experiment: Any, verbose: bool = False, stream: TextIO | None 
             yield ConsoleCallback(console)
         finally:
             console.close()
+            _ACTIVE.pop("console", None)
 
 
 # ---- the end --------------------------------------------------------------------------------------

@@ -135,7 +135,15 @@ def test_the_tune_callback_maps_trial_events_and_pickles_without_its_stream():
     assert statuses == ["done", "stopped", "error"]
     assert stream.getvalue().count("searcher: start") == 1  # one round: its decision once
     restored = pickle.loads(pickle.dumps(callback))  # Tune pickles its callbacks with the Tuner
-    restored.on_trial_start(0, [], done)  # no console: nothing to do, no error
+    restored.on_trial_start(0, [], done)  # no sweep session in this process: nothing to do, no error
+    assert restored.console is None
+    from orchestrator import console as console_module
+
+    console_module._ACTIVE["console"] = callback.console  # as sweep_session sets it, before `--resume` restores Tune
+    try:
+        assert pickle.loads(pickle.dumps(callback)).console is callback.console
+    finally:
+        console_module._ACTIVE.pop("console", None)
 
 
 def test_the_summary_has_the_decision_log_the_best_trial_failed_trials_and_the_runs_view():

@@ -51,7 +51,8 @@ def build_trainable(experiment: Experiment, tracking: TrialTracking | None = Non
 def build_tuner(experiment: Experiment, resume: bool, tracking: TrialTracking | None = None,
                 shared: SharedRefs = SharedRefs(), console=None):
     """The sweep's Tuner (restored from its folder on resume); shared: what every trial reads; console: a Tune
-    callback that replaces Tune's status table (orchestrator/console.py; a restored Tuner keeps its own)."""
+    callback that replaces Tune's status table (orchestrator/console.py; a restored Tuner brings its pickled copy,
+    which joins the running session's console)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
