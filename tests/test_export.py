@@ -71,6 +71,35 @@ def test_export_never_overwrites_a_folder_that_is_not_an_earlier_export(tmp_path
         prepare_output(tmp_path / "precious")
 
 
+def test_export_dtype_casts_the_fp32_master_weights_and_auto_copies_them_exactly(tmp_path):
+    """Checkpoints keep fp32 master weights; `dpo export --dtype bfloat16` writes them cast to bf16 (and says so in
+    config.json), `auto` copies the checkpoint's files byte for byte, and an unknown dtype is refused before writing."""
+    from safetensors.torch import load_file
+
+    from orchestrator.workflows.export import write_weights
+
+    checkpoint = tmp_path / "step-000004"
+    build_model_dir(checkpoint / "model")
+    master = load_file(checkpoint / "model" / "model.safetensors")
+    assert all(tensor.dtype == torch.float32 for tensor in master.values())
+
+    write_weights(checkpoint, tmp_path / "bf16", base_model=None, include_adapter=False, dtype="bfloat16")
+    cast = load_file(tmp_path / "bf16" / "model.safetensors")
+    assert set(cast) <= set(master) and cast
+    for name, tensor in cast.items():
+        assert tensor.dtype == torch.bfloat16, name
+        assert torch.equal(tensor, master[name].to(torch.bfloat16)), name
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert (tmp_path / "bf16" / "tokenizer.json").is_file()  # the tokenizer travels with the weights
+
+    write_weights(checkpoint, tmp_path / "auto", base_model=None, include_adapter=False, dtype="auto")
+    assert (tmp_path / "auto" / "model.safetensors").read_bytes() == (checkpoint / "model" / "model.safetensors").read_bytes()
+
+    with pytest.raises(ExportError, match="--dtype 'int8'"):
+        write_weights(checkpoint, tmp_path / "bad", base_model=None, include_adapter=False, dtype="int8")
+    assert not (tmp_path / "bad").exists()
+
+
 # ---- real checkpoints, real MLflow ------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -105,9 +105,34 @@ def _base_model_of(checkpoint: Path, fallback: str | None) -> str:
     raise ExportError(f"cannot tell which base model the LoRA adapter in {checkpoint} belongs to")
 
 
-def write_weights(checkpoint: Path, staging: Path, *, base_model: str | None, include_adapter: bool) -> bool:
-    """The HF model files of a checkpoint into staging (LoRA merged into its base); returns whether it was LoRA."""
+EXPORT_DTYPES = ("auto", "float32", "bfloat16", "float16")  # `dpo export --dtype`; auto: the checkpoint's own
+
+
+def check_export_dtype(dtype: str) -> str:
+    if dtype not in EXPORT_DTYPES:
+        raise ExportError(f"--dtype {str(dtype)[:40]!r}: expected one of {', '.join(EXPORT_DTYPES)}")
+    return dtype
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _cast(model, dtype: str):
+    return model if dtype == "auto" else model.to(torch_dtype(dtype))
+
+
+def write_weights(checkpoint: Path, staging: Path, *, base_model: str | None, include_adapter: bool,
+                  dtype: str = "auto") -> bool:
+    """The HF model files of a checkpoint into staging (LoRA merged into its base); returns whether it was LoRA.
+
+    Training checkpoints hold the fp32 master weights; `dtype` other than auto casts the floating-point weights
+    on the way out (bfloat16 halves the files), and records it in the model's config.json."""
     from transformers import AutoModelForCausalLM, GenerationConfig
+
+    check_export_dtype(dtype)
 
     model_dir = checkpoint / "model"
     lora = is_lora_checkpoint(checkpoint)
@@ -122,7 +147,7 @@ def write_weights(checkpoint: Path, staging: Path, *, base_model: str | None, in
         logger.info("merging the LoRA adapter of %s into its base model %s", checkpoint, base_path)
         base = AutoModelForCausalLM.from_pretrained(base_path, dtype="auto", use_safetensors=True)
         merged = PeftModel.from_pretrained(base, str(model_dir)).merge_and_unload()
-        merged.save_pretrained(staging, safe_serialization=True)
+        _cast(merged, dtype).save_pretrained(staging, safe_serialization=True)
         for item in model_dir.iterdir():  # the tokenizer files saved beside the adapter
             if item.is_file() and item.name not in ADAPTER_FILES and item.name != "README.md":
                 shutil.copy2(item, staging / item.name)
@@ -131,9 +156,16 @@ def write_weights(checkpoint: Path, staging: Path, *, base_model: str | None, in
             for name in ADAPTER_FILES:
                 if (model_dir / name).is_file():
                     shutil.copy2(model_dir / name, staging / "adapter" / name)
-    else:  # save_pretrained output already: copied byte for byte, so the weights are exactly the trial's
+    elif dtype == "auto":  # save_pretrained output already: copied byte for byte, so the weights are exactly the trial's
         for item in model_dir.iterdir():
             if item.is_file():
+                shutil.copy2(item, staging / item.name)
+    else:  # cast: the model saved anew in `dtype`, the tokenizer and other files copied
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(dtype), use_safetensors=True)
+        model.save_pretrained(staging, safe_serialization=True)
+        for item in model_dir.iterdir():
+            if item.is_file() and not (staging / item.name).exists() and not item.name.endswith(".safetensors") \
+                    and item.name != "model.safetensors.index.json":
                 shutil.copy2(item, staging / item.name)
     if not (staging / "generation_config.json").is_file():
         from transformers import AutoConfig
@@ -217,15 +249,17 @@ def prepare_output(out: Path) -> None:
 
 
 def write_export(checkpoint: CheckpointChoice, out: Path, lineage: dict[str, Any], *, include_adapter: bool,
-                 prompt: str) -> tuple[bool, str]:
+                 prompt: str, dtype: str = "auto") -> tuple[bool, str]:
     """Staging folder -> weights, card, lineage -> verification -> renamed to `out`; returns (lora, generated)."""
     out = out.expanduser().resolve()
     prepare_output(out)
     staging = out.parent / f".{out.name}.staging-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        lora = write_weights(checkpoint.path, staging, base_model=lineage.get("base_model"), include_adapter=include_adapter)
+        lora = write_weights(checkpoint.path, staging, base_model=lineage.get("base_model"), include_adapter=include_adapter,
+                             dtype=dtype)
         lineage["lora"] = lora
+        lineage["dtype"] = dtype
         (staging / "README.md").write_text(model_card(lineage))
         (staging / LINEAGE_FILE).write_text(json.dumps(lineage, indent=1, default=str))
         generated = verify_export(staging, prompt)
@@ -346,13 +380,14 @@ def _trial_dir(row: dict[str, Any], sweep_name: str, storage_path: str | None) -
 
 def export_trial(sweep, out: str | Path, *, trial_id: str | None = None, rule=None, include_adapter: bool = False,
                  register: str | None = None, prompt: str = DEFAULT_PROMPT, storage_path: str | None = None,
-                 alias: str = DEFAULT_ALIAS) -> ExportResult:
+                 alias: str = DEFAULT_ALIAS, dtype: str = "auto") -> ExportResult:
     """Export trial `trial_id` of a loaded sweep (analysis.runs.SweepRuns), or the one the selection rule picks."""
     from mlflow.tracking import MlflowClient
 
     from analysis.runs import lower_is_better
     from analysis.selection import SelectionRule, select_trial
 
+    check_export_dtype(dtype)  # before anything is read
     selection = select_trial(sweep.trials, rule or SelectionRule())
     if trial_id is None:
         if selection.chosen is None:
@@ -386,7 +421,7 @@ def export_trial(sweep, out: str | Path, *, trial_id: str | None = None, rule=No
         "git_commit": sweep.parent_tags.get(GIT_COMMIT_TAG), "selection_reason": why, "verification_prompt": prompt,
     }
     lineage["export_dir"] = str(out)
-    lora, generated = write_export(checkpoint, out, lineage, include_adapter=include_adapter, prompt=prompt)
+    lora, generated = write_export(checkpoint, out, lineage, include_adapter=include_adapter, prompt=prompt, dtype=dtype)
     client.set_tag(run_id, EXPORT_DIR_TAG, str(out))
     client.set_tag(run_id, EXPORT_STEP_TAG, str(checkpoint.step))
     registered = register_export(sweep.uri, run_id, out, register, alias=alias,
