@@ -142,6 +142,180 @@ def save_checkpoint(
     return final
 
 
+SHARDED_DIR = "sharded"  # a sharded checkpoint's torch.distributed.checkpoint files (one per rank + .metadata)
+SHARDED_FORMAT = "sharded"
+
+
+def _state_options(strict: bool = True):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # ignore_frozen_params: under LoRA only the trainable (adapter) tensors and their optimizer state are saved
+    return StateDictOptions(ignore_frozen_params=True, strict=strict)
+
+
+def _shared_from_rank0(value: Any) -> Any:
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _save_config_and_tokenizer(model: torch.nn.Module, tokenizer, directory: Path) -> None:
+    """What export needs beside the weights: the model's config (or LoRA adapter config) and the tokenizer."""
+    directory.mkdir(parents=True, exist_ok=True)
+    unwrapped = getattr(model, "module", model)
+    peft_config = getattr(unwrapped, "peft_config", None)
+    if peft_config:  # a PeftModel: adapter_config.json, as save_pretrained writes it beside the adapter weights
+        peft_config["default"].save_pretrained(str(directory))
+    else:
+        unwrapped.config.save_pretrained(directory)
+        generation = getattr(unwrapped, "generation_config", None)
+        if generation is not None:
+            generation.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+
+
+def save_sharded_checkpoint(
+    checkpoints_dir: Path,
+    step: int,
+    *,
+    model: torch.nn.Module,
+    tokenizer,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    pairs_consumed: int,
+    extra: dict[str, Any] | None = None,
+    keep_last: int | None = None,
+) -> Path:
+    """Write checkpoint `step` of a sharded (FSDP) model with torch.distributed.checkpoint; every rank calls it.
+
+    Layout of step-NNNNNN/ (same atomic protocol as save_checkpoint: staged in rank 0's .staging- folder, renamed
+    into place after manifest.json is written):
+        sharded/             dcp.save of {"model", "optimizer"} from get_state_dict: each rank writes its own
+                             shards (__<rank>_0.distcp), rank 0 the .metadata; under LoRA only trainable tensors
+        model/               config.json + generation config (or adapter_config.json under LoRA) + tokenizer
+        training_state.pt    as save_checkpoint's, with "optimizer": None (the optimizer is in sharded/)
+        manifest.json        "format": "sharded", the saving world size, and the sha256 of every file: each rank
+                             hashes only the files it wrote; rank 0 gathers them
+    No rank gathers full tensors and no rank re-reads another's files. Returns the checkpoint on every rank.
+    """
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    final = checkpoints_dir / f"step-{step:06d}"
+    run_id = _run_id((extra or {}).get(LINEAGE_KEY))
+    prepared: tuple[str | None, str | None] = (None, None)
+    if rank == 0:  # the checks and the staging folder of save_checkpoint, once; their outcome goes to every rank
+        try:
+            if checkpoints_dir.is_symlink():
+                raise CheckpointError(f"{checkpoints_dir} is a symbolic link; checkpoints are written only into a real "
+                                      "folder of the run (remove the link or choose another output_dir)")
+            checkpoints_dir.mkdir(parents=True, exist_ok=True)
+            remove_abandoned_staging(checkpoints_dir)
+            _check_replaceable(final, run_id)
+            staging = checkpoints_dir / f"{STAGING_PREFIX}step-{step:06d}-{os.getpid()}"
+            if staging.is_symlink():
+                staging.unlink()
+            shutil.rmtree(staging, ignore_errors=True)
+            (staging / SHARDED_DIR).mkdir(parents=True)
+            prepared = (str(staging), None)
+        except (CheckpointError, OSError) as error:
+            prepared = (None, str(error))
+    staging_name, problem = _shared_from_rank0(prepared)
+    if problem:
+        raise CheckpointError(problem)
+    staging = Path(staging_name)
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=_state_options())
+    outcome: tuple[str | None, str | None] = (None, None)
+    try:
+        with _no_space_left(checkpoints_dir, staging, step):
+            dcp.save({"model": model_state, "optimizer": optimizer_state},
+                     storage_writer=FileSystemWriter(str(staging / SHARDED_DIR), thread_count=1))
+            mine = sorted(staging.glob(f"{SHARDED_DIR}/__{rank}_*.distcp"))
+            if rank == 0:
+                mine.append(staging / SHARDED_DIR / ".metadata")
+                _save_config_and_tokenizer(model, tokenizer, staging / "model")
+                torch.save({"step": step, "pairs_consumed": pairs_consumed, "optimizer": None,
+                            "scheduler": scheduler.state_dict(), "rng": rng_state(), "extra": extra or {}},
+                           staging / STATE_FILE)
+                mine += sorted(p for p in (staging / "model").rglob("*") if p.is_file()) + [staging / STATE_FILE]
+            hashes = {str(p.relative_to(staging)): _sha256(p) for p in mine}
+    except CheckpointError as error:
+        hashes = {"": str(error)}
+    gathered: list[dict[str, str]] | None = [{} for _ in range(world)] if rank == 0 else None
+    dist.gather_object(hashes, gathered, dst=0)
+    if rank == 0:
+        try:
+            failed = [part[""] for part in gathered if "" in part]
+            if failed:
+                raise CheckpointError(failed[0])
+            files = {name: digest for part in gathered for name, digest in part.items()}
+            manifest = {"step": step, "format": SHARDED_FORMAT, "world_size": world, "files": dict(sorted(files.items())),
+                        "ranks": {str(r): sorted(part) for r, part in enumerate(gathered)}}
+            if (extra or {}).get(LINEAGE_KEY):
+                manifest[LINEAGE_KEY] = extra[LINEAGE_KEY]
+            (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(staging, final)
+            if keep_last and run_id:
+                for old in own_checkpoints(checkpoints_dir, run_id)[:-keep_last]:
+                    shutil.rmtree(old, ignore_errors=True)
+            outcome = (str(final), None)
+        except (CheckpointError, OSError) as error:
+            shutil.rmtree(staging, ignore_errors=True)
+            outcome = (None, str(error))
+    saved, problem = _shared_from_rank0(outcome)
+    if problem:
+        raise CheckpointError(problem)
+    return Path(saved)
+
+
+def is_sharded_checkpoint(checkpoint: Path) -> bool:
+    """A checkpoint written by save_sharded_checkpoint (torch.distributed.checkpoint files in sharded/)."""
+    try:
+        return json.loads((Path(checkpoint) / MANIFEST).read_text()).get("format") == SHARDED_FORMAT
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return False
+
+
+def load_sharded_state(checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Load a sharded checkpoint's model (and optimizer) state into this world's model, whatever its world size.
+
+    dcp.load reads, on each rank, the parts of the saved shards that overlap this rank's own shards (FSDP over
+    any number of ranks) or whole tensors (one process, no process group), and set_state_dict puts them into
+    the model and optimizer. Under LoRA the frozen base weights are not in the checkpoint: they stay as loaded.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict
+
+    reader = FileSystemReader(str(Path(checkpoint) / SHARDED_DIR))
+    # not strict: under LoRA the frozen base weights are absent on purpose; any trainable tensor missing is refused
+    options = _state_options(strict=False)
+    if optimizer is None:
+        state = {"model": get_model_state_dict(model, options=options)}
+        dcp.load(state, storage_reader=reader)
+        result = set_model_state_dict(model, state["model"], options=options)
+    else:
+        model_state, optimizer_state = get_state_dict(model, optimizer, options=options)
+        state = {"model": model_state, "optimizer": optimizer_state}
+        dcp.load(state, storage_reader=reader)
+        result = set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                                options=options)
+    trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    missing = sorted(set(result.missing_keys) & trainable)
+    if missing or result.unexpected_keys:
+        raise CheckpointError(f"{checkpoint} does not fit this model: {len(missing)} trainable tensors missing "
+                              f"{missing[:3]}, unexpected {list(result.unexpected_keys)[:3]} (saved for another model "
+                              "or LoRA setting)")
+
+
 class DiskFullError(CheckpointError):
     """A checkpoint could not be written for lack of space; the previous checkpoints are untouched."""
 
@@ -266,8 +440,11 @@ def load_training_state(checkpoint: Path) -> dict[str, Any]:
         raise CheckpointError(f"cannot resume from {checkpoint}: {problem}. Resume from an earlier checkpoint "
                               "(train.resume_from: latest picks the newest complete one) or start afresh.")
     try:
-        return torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
+        state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise CheckpointError(
             f"refusing to load {checkpoint / STATE_FILE}: it holds objects other than tensors and plain values, "
             f"which only full pickle could rebuild (and full pickle can run code): {error}") from None
+    if is_sharded_checkpoint(checkpoint):  # model and optimizer state are in sharded/: load_sharded_state reads them
+        state["sharded_checkpoint"] = str(checkpoint)
+    return state
