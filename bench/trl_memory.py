@@ -13,6 +13,8 @@ pairs are loaded and before anything trains:
 - engine-precomputed: `dpo train`'s engine (trainables' DPOObjective + run_training_loop, via
   bench/throughput.py) with the reference log-probs precomputed in the same process first, as `dpo train`
   does with reference.mode precomputed; 2 optimizer steps (the last one with its checkpoint);
+- dpo-train: the `dpo train` command itself (orchestrator.cli.main in a fresh process) on the same pairs written
+  as JSONL files, reference.mode precomputed, 2 optimizer steps, a checkpoint at the end, no evaluation set;
 - trl-live: trl.DPOTrainer with its defaults (a live reference model, gradient checkpointing on), 1 step;
 - trl-precomputed: the same with precompute_ref_log_probs=True.
 Every method: fp32 on the CPU, batch --batch-size pairs in one micro-batch, max_length --seq-len, lr 1e-5,
@@ -36,7 +38,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-METHODS = ("engine-precomputed", "trl-live", "trl-precomputed")
+METHODS = ("dpo-train", "engine-precomputed", "trl-live", "trl-precomputed")
 GIB = 1 << 30
 
 
@@ -60,8 +62,34 @@ def qwen2_config(args: argparse.Namespace):
                        pad_token_id=0, eos_token_id=1, bos_token_id=None, use_cache=False)
 
 
+def dpo_train(args: argparse.Namespace) -> None:
+    """`dpo train` in this process on the synthetic pairs as JSONL files; prints one JSON line."""
+    from gpu import synthetic_pairs
+    from orchestrator.cli.main import main as dpo
+
+    scratch = Path(tempfile.mkdtemp(prefix="dpo-train-memory-"))
+    rows = [{"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected}
+            for pair in synthetic_pairs(args.batch_size * 2, args.seq_len, args.vocab_size)]
+    (scratch / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    config = {"name": "memory", "output_dir": str(scratch / "out"), "model": {"path": args.model_dir},
+              "data": {"train": str(scratch / "pairs.jsonl"), "max_length": args.seq_len},
+              "dpo": {"beta": 0.1, "loss": "sigmoid"}, "reference": {"mode": "precomputed", "cache_dir": str(scratch / "cache")},
+              "train": {"learning_rate": 1e-5, "batch_size": args.batch_size, "max_steps": 2, "warmup_steps": 0,
+                        "log_every": 1, "checkpoint_every": 2, "eval_every": 1000}}
+    (scratch / "config.yaml").write_text(json.dumps(config))  # JSON is YAML
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    started = time.perf_counter()
+    code = dpo(["train", str(scratch / "config.yaml")])
+    seconds = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"method": "dpo-train", "exit": code, "peak_rss_bytes": peak, "loaded_rss_bytes": 0,
+                      "seconds": seconds}))
+
+
 def child(args: argparse.Namespace) -> None:
     """One method in this process; prints one JSON line."""
+    if args.child == "dpo-train":
+        return dpo_train(args)
     import torch
 
     import throughput
@@ -129,14 +157,15 @@ def main() -> None:
                 continue
             results[method] = json.loads(lines[-1])
             row = results[method]
-            print(f"{method:<20} peak RSS {row['peak_rss_bytes'] / GIB:6.2f} GiB   (after loading: "
-                  f"{row['loaded_rss_bytes'] / GIB:.2f} GiB; {row['seconds']:.1f} s)", flush=True)
-    engine = results.get("engine-precomputed")
-    for peer in ("trl-live", "trl-precomputed"):
-        if engine and peer in results:
-            ratio = engine["peak_rss_bytes"] / results[peer]["peak_rss_bytes"]
-            print(f"engine-precomputed / {peer}: {ratio:.2f} of the peak RSS "
-                  f"({'at most' if ratio <= 0.5 else 'more than'} half)")
+            loaded = (f"after loading: {row['loaded_rss_bytes'] / GIB:.2f} GiB" if row["loaded_rss_bytes"]
+                      else "the whole command, imports and data checks included")
+            print(f"{method:<20} peak RSS {row['peak_rss_bytes'] / GIB:6.2f} GiB   ({loaded}; {row['seconds']:.1f} s)",
+                  flush=True)
+    for ours in ("dpo-train", "engine-precomputed"):
+        for peer in ("trl-live", "trl-precomputed"):
+            if ours in results and peer in results:
+                ratio = results[ours]["peak_rss_bytes"] / results[peer]["peak_rss_bytes"]
+                print(f"{ours} / {peer}: {ratio:.2f} of the peak RSS ({'at most' if ratio <= 0.5 else 'more than'} half)")
     print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs, python {platform.python_version()}")
 
 
