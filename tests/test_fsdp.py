@@ -3,10 +3,10 @@
 Two FSDP ranks with the global batch of one process must give that process's losses (CPU float32, 1e-5),
 with gradient accumulation, active gradient clipping and held-out evaluation split unevenly over the
 ranks (7 pairs, batches of 3: rank 0 runs two eval forwards, rank 1 one, so the lockstep padding is
-needed or the run hangs). FSDP checkpoints are single-process checkpoints: the saved weights load with
-from_pretrained and equal the weights gathered from the shards, the optimizer state matches one
-process's, and resuming under FSDP, from an FSDP or a single-process checkpoint, continues the
-uninterrupted losses. One test runs the engine in 2 processes (torch.multiprocessing, gloo), loading the
+needed or the run hangs). FSDP checkpoints are sharded (torch.distributed.checkpoint, one file per rank,
+trainables/checkpointing.py): loaded into one process they hold the weights gathered from the shards and
+one process's weights and optimizer state, and resuming under FSDP, from an FSDP or a single-process
+checkpoint, and in one process from the FSDP checkpoint, continues the uninterrupted losses. One test runs the engine in 2 processes (torch.multiprocessing, gloo), loading the
 policy sharded (rank 0 reads the weights, trainables/sharding.py: FSDPPreparer), one runs a trial's
 TorchTrainer on a local Ray with 2 workers (orchestrator/ray/trial.py's FSDP path). Communication (issue
 19): with 2 micro-batches per step, gradients are reduced once per step (FSDP reduce-scatters and DDP
@@ -99,12 +99,31 @@ def assert_same_metrics(got: list[dict[str, Any]], expected: list[dict[str, Any]
                 f"{what}, step {record['step']} {key}: {record[key]!r} vs one process {reference[key]!r}")
 
 
-def assert_checkpoints_match(fsdp: Path, single: Path) -> None:
-    """Same layout and (up to float32 reduction order) the same weights and optimizer state."""
+def consolidated(checkpoint: Path, like: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A sharded checkpoint's (weights, optimizer state) loaded into one process's model (built from `like`'s
+    config) and AdamW, with no process group (trainables/checkpointing.py: load_sharded_state)."""
     from transformers import AutoModelForCausalLM
 
-    assert sorted(p.name for p in (fsdp / "model").iterdir()) == sorted(p.name for p in (single / "model").iterdir())
-    fsdp_weights = AutoModelForCausalLM.from_pretrained(fsdp / "model").state_dict()
+    from trainables.checkpointing import load_sharded_state
+    from trainables.loop import build_optimizer
+
+    model = AutoModelForCausalLM.from_pretrained(like / "model")
+    optimizer = build_optimizer(model, 1.0, 0.0)
+    load_sharded_state(checkpoint, model, optimizer)
+    return model.state_dict(), optimizer.state_dict()
+
+
+def assert_checkpoints_match(fsdp: Path, single: Path) -> None:
+    """FSDP's is sharded (no HF weights, a torch.distributed.checkpoint per rank); loaded into one process it
+    holds (up to float32 reduction order) the same weights and optimizer state as one process's checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    from trainables.checkpointing import is_sharded_checkpoint
+
+    assert is_sharded_checkpoint(fsdp) and not is_sharded_checkpoint(single)
+    assert sorted((fsdp / "sharded").iterdir()) == [fsdp / "sharded" / n for n in (".metadata", "__0_0.distcp", "__1_0.distcp")]
+    assert not list((fsdp / "model").glob("*.safetensors")) and (fsdp / "model" / "config.json").is_file()
+    fsdp_weights, fsdp_optimizer = consolidated(fsdp, single)
     single_weights = AutoModelForCausalLM.from_pretrained(single / "model").state_dict()
     assert fsdp_weights.keys() == single_weights.keys()
     for key, value in single_weights.items():
@@ -113,8 +132,9 @@ def assert_checkpoints_match(fsdp: Path, single: Path) -> None:
     fsdp_state = torch.load(fsdp / "training_state.pt", weights_only=True)
     single_state = torch.load(single / "training_state.pt", weights_only=True)
     assert fsdp_state["step"] == single_state["step"] and fsdp_state["scheduler"] == single_state["scheduler"]
-    fsdp_optimizer, single_optimizer = fsdp_state["optimizer"], single_state["optimizer"]
-    strip = lambda groups: [{k: v for k, v in g.items() if k not in ("fused", "foreach")} for g in groups]
+    single_optimizer = single_state["optimizer"]
+    # initial_lr: set by the loop's LambdaLR on the optimizer; `consolidated` builds no scheduler (resume restores it)
+    strip = lambda groups: [{k: v for k, v in g.items() if k not in ("fused", "foreach", "initial_lr")} for g in groups]
     assert strip(fsdp_optimizer["param_groups"]) == strip(single_optimizer["param_groups"])
     assert fsdp_optimizer["state"].keys() == single_optimizer["state"].keys()
     for index, per_parameter in single_optimizer["state"].items():
@@ -147,12 +167,8 @@ def _fsdp_worker(rank: int, world_size: int, init_file: str, raw: dict[str, Any]
         out = Path(root)
         results = {"straight": run_engine(raw, out / "straight", workers=world_size, prepare_model=prepare)}
         gathered = full_model_state(sharded[-1])  # every rank takes part; rank 0 gets the full weights
-        if rank == 0:
-            from transformers import AutoModelForCausalLM
-
-            saved = AutoModelForCausalLM.from_pretrained(out / "straight" / "checkpoints" / "step-000004" / "model")
-            mismatched = [k for k, v in saved.state_dict().items() if not torch.equal(v, gathered[k])]
-            assert not mismatched and saved.state_dict().keys() == gathered.keys(), mismatched
+        if rank == 0:  # compared by the test with the sharded step-4 checkpoint loaded in one process
+            torch.save(gathered, out / "gathered.pt")
         step2 = str(out / "straight" / "checkpoints" / "step-000002")
         results["resumed"] = run_engine(raw, out / "resumed", workers=world_size, resume_from=step2, prepare_model=prepare)
         results["from_single"] = run_engine(raw, out / "from-single", workers=world_size, resume_from=single_step2,
@@ -177,7 +193,13 @@ def test_fsdp_ranks_match_one_process_checkpoint_full_state_and_resume(world, tm
     for step in (2, 4):
         assert_checkpoints_match(tmp_path / "straight" / "checkpoints" / f"step-{step:06d}",
                                  world["single_checkpoints"] / f"step-{step:06d}")
-    for name in ("resumed", "from_single"):  # from an FSDP checkpoint, and from a single process's
+    gathered = torch.load(tmp_path / "gathered.pt", weights_only=True)  # the trained shards, gathered
+    saved, _ = consolidated(tmp_path / "straight" / "checkpoints" / "step-000004", world["single_checkpoints"] / "step-000004")
+    assert saved.keys() == gathered.keys() and all(torch.equal(v, gathered[k]) for k, v in saved.items())
+    # the 2-rank sharded checkpoint resumed by one process continues the 2-rank losses
+    results["one_from_sharded"] = run_engine(world["raw"], tmp_path / "one-from-sharded", workers=1,
+                                             resume_from=str(tmp_path / "straight" / "checkpoints" / "step-000002"))
+    for name in ("resumed", "from_single", "one_from_sharded"):  # from an FSDP checkpoint, a single process's
         assert [r["step"] for r in results[name]] == [3, 4], name
         assert_same_metrics(results[name], straight, f"FSDP resumed ({name})")
 
@@ -218,11 +240,10 @@ def test_a_trial_with_two_fsdp_workers_on_ray_gives_the_losses_of_one_process(wo
     assert [row["step"] for row in records] == [1, 2, 3, 4]
     assert_same_metrics(records, world["single"], "Ray trial, 2 FSDP workers")
     with result.checkpoint.as_directory() as final:
+        # The workers really sharded (Ray's own prepare_model would have given DDP): the checkpoint is the sharded
+        # one FSDP writes, one shard file per worker (checked there), saved by a world of 2.
         assert_checkpoints_match(Path(final), world["single_checkpoints"] / "step-000004")
-        groups = torch.load(Path(final) / "training_state.pt", weights_only=True)["optimizer"]["param_groups"]
-    # The workers really sharded (Ray's own prepare_model would have given DDP): their parameters were
-    # DTensors, for which build_optimizer leaves AdamW's fused kernel off.
-    assert not any(group["fused"] for group in groups), groups
+        assert json.loads((Path(final) / "manifest.json").read_text())["world_size"] == 2
 
 
 # ---- communication: one gradient reduction per step with gradient accumulation ------------------------

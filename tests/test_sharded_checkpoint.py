@@ -200,6 +200,22 @@ def test_a_sharded_checkpoint_saved_on_2_ranks_resumes_on_1_and_on_4_ranks(tmp_p
         worst = _worst(torch.load(tmp_path / kind / "expected.pt", weights_only=True), _full_state(model, optimizer, False), trainable)
         assert worst <= 1e-6, (kind, worst)
 
+        # dpo export's write_weights consolidates it into a Hugging Face directory (LoRA merged, adapter beside it)
+        from transformers import AutoModelForCausalLM
+
+        from orchestrator.workflows.export import write_weights
+
+        exported = tmp_path / f"export-{kind}"
+        assert write_weights(tmp_path / kind / "checkpoints" / "step-000001", exported, base_model=str(model_dir),
+                             include_adapter=True) == (kind == "lora")
+        reloaded = AutoModelForCausalLM.from_pretrained(exported).eval()
+        tokens = torch.randint(4, 16, (2, 10), generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            difference = float((reloaded(input_ids=tokens).logits - model.eval()(input_ids=tokens).logits).abs().max())
+        assert difference < 1e-5, (kind, difference)
+        assert (exported / "tokenizer_config.json").is_file() and (exported / "model.safetensors").is_file()
+        assert (exported / "adapter" / "adapter_model.safetensors").is_file() == (kind == "lora")
+
     # 4 ranks
     loaded = _spawn(4, tmp_path, model_dir, "load")
     assert loaded["full"] <= 1e-6 and loaded["lora"] <= 1e-6, loaded

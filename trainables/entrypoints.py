@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from trainables.errors import UserError
-from trainables.checkpointing import CheckpointError, latest_checkpoint, load_training_state
+from trainables.checkpointing import CheckpointError, is_sharded_checkpoint, latest_checkpoint, load_training_state
 from trainables.lineage import LINEAGE_KEY, resume_lineage, run_lineage
 from trainables.dpo_objective import CachedReference, DPOObjective, LiveReference, NoReference, ReferenceDistributions
 from trainables.loop import Report, rank_and_world, run_training_loop
@@ -178,7 +178,10 @@ def _load_policy(model_args: ModelArgs, checkpoint: Path | None, device, prepare
     full model in host memory.
     """
     lora = model_args.lora_rank is not None
-    full_checkpoint = checkpoint is not None and not lora
+    # a sharded checkpoint (torch.distributed.checkpoint) holds no HF weights: the model is built from the base model
+    # and the loop loads its saved state (trainables/checkpointing.py: load_sharded_state)
+    sharded = checkpoint is not None and is_sharded_checkpoint(checkpoint)
+    full_checkpoint = checkpoint is not None and not lora and not sharded
 
     def build(meta: bool = False) -> torch.nn.Module:
         source = dict(revision=None if full_checkpoint else model_args.revision,
@@ -192,7 +195,7 @@ def _load_policy(model_args: ModelArgs, checkpoint: Path | None, device, prepare
         if lora:  # on the meta device new adapters of the same names: their values come from rank 0's
             model = attach_lora(model, rank=model_args.lora_rank, alpha=model_args.lora_alpha,
                                 dropout=model_args.lora_dropout, target_modules=model_args.lora_target_modules,
-                                adapter_dir=str(checkpoint / "model") if checkpoint and not meta else None)
+                                adapter_dir=str(checkpoint / "model") if checkpoint and not meta and not sharded else None)
         return model
 
     if hasattr(prepare_model, "load_sharded"):

@@ -25,9 +25,9 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from trainables.settings import LoopSettings
-from trainables.checkpointing import restore_rng_state, save_checkpoint
+from trainables.checkpointing import load_sharded_state, restore_rng_state, save_checkpoint, save_sharded_checkpoint
 from trainables.preemption import Preempted, stop_requested
-from trainables.sharding import clip_gradients, gather_full_state, gradient_sync, load_optimizer_state
+from trainables.sharding import clip_gradients, gather_full_state, gradient_sync, is_sharded, load_optimizer_state
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +134,10 @@ def run_training_loop(
     )
     start_step = 0
     if resume_state is not None:
-        load_optimizer_state(model, optimizer, resume_state["optimizer"])  # full state; sharded under FSDP
+        if resume_state.get("sharded_checkpoint"):  # torch.distributed.checkpoint: model and optimizer, any world size
+            load_sharded_state(resume_state["sharded_checkpoint"], model, optimizer)
+        else:
+            load_optimizer_state(model, optimizer, resume_state["optimizer"])  # full state; sharded under FSDP
         scheduler.load_state_dict(resume_state["scheduler"])
         restore_rng_state(resume_state["rng"])
         start_step = int(resume_state["step"])
@@ -211,19 +214,21 @@ def run_training_loop(
             # per-rank window sums, all-reduced and split evenly: each rank restores 1/world of the total
             window_state = {"sums": {key: value / world for key, value in all_reduce_sums(window, device).items()},
                             "seconds": window_seconds}
-            # FSDP: every rank takes part in gathering full tensors to rank 0; (None, None) otherwise.
-            model_state, optimizer_state = gather_full_state(model, optimizer)
-            if rank == 0:
-                checkpoint_dir = str(
-                    save_checkpoint(
+            extra = {**(checkpoint_extra or {}), METRIC_WINDOW_KEY: window_state,
+                     **({OBJECTIVE_STATE_KEY: objective.state_dict()} if hasattr(objective, "state_dict") else {})}
+            if world > 1 and is_sharded(model):  # FSDP: each rank writes its own shards (no full gather)
+                saved = save_sharded_checkpoint(
+                    checkpoints_dir, done, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
+                    pairs_consumed=done * settings.batch_size, extra=extra, keep_last=settings.keep_checkpoints)
+                checkpoint_dir = str(saved) if rank == 0 else None
+            else:
+                # FSDP on one rank: its full state on rank 0; (None, None) for a plain or DDP model
+                model_state, optimizer_state = gather_full_state(model, optimizer)
+                if rank == 0:
+                    checkpoint_dir = str(save_checkpoint(
                         checkpoints_dir, done, model=model, tokenizer=tokenizer, optimizer=optimizer,
-                        model_state=model_state, optimizer_state=optimizer_state,
-                        scheduler=scheduler, pairs_consumed=done * settings.batch_size,
-                        extra={**(checkpoint_extra or {}), METRIC_WINDOW_KEY: window_state,
-                               **({OBJECTIVE_STATE_KEY: objective.state_dict()} if hasattr(objective, "state_dict") else {})},
-                        keep_last=settings.keep_checkpoints,
-                    )
-                )
+                        model_state=model_state, optimizer_state=optimizer_state, scheduler=scheduler,
+                        pairs_consumed=done * settings.batch_size, extra=extra, keep_last=settings.keep_checkpoints))
             if world > 1:
                 dist.barrier()
         if metrics or checkpoint_step:  # the same decision on every rank: Ray needs all ranks to report

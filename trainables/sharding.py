@@ -13,10 +13,11 @@ before its forward and backward and freed after), and the root unit holds the re
 norm, LM head). With a bf16 runtime on CUDA, parameters are all-gathered and computed in bf16 and
 gradients reduced in fp32.
 
-Checkpoints stay those of a single process (trainables/checkpointing.py): every rank takes part in
-gathering full tensors, rank 0 receives them on CPU, and the optimizer state keeps the index-keyed
-layout of `optimizer.state_dict()`, so FSDP and DDP checkpoints are interchangeable; resuming loads the
-full state into the sharded model (weights before sharding, as for DDP) and optimizer (here).
+Checkpoints over several ranks are sharded (trainables/checkpointing.py: save_sharded_checkpoint, with
+torch.distributed.checkpoint: each rank writes its own shards, no full gather) and load into any world
+size (load_sharded_state). The gathers here (full_model_state, full_optimizer_state) serve FSDP on one
+rank and tests; load_optimizer_state loads a single process's full, index-keyed optimizer state into a
+sharded optimizer, so an FSDP run resumes from a single-process checkpoint too.
 Everything also accepts unsharded (plain or DDP) models and then does what the loop did before.
 Tested on CPU with gloo by `python -m pytest tests/test_fsdp.py -q`.
 """

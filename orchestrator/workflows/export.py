@@ -40,7 +40,7 @@ from orchestrator.errors import ExportError
 from orchestrator.tracking.records import package_versions, redact
 from orchestrator.tracking.schema import (CHECKPOINT_DIR_TAG, DATA_TAG_PREFIX, EXPORT_DIR_TAG, EXPORT_STEP_TAG,
                                           EXPORTED_MODEL_ARTIFACT_FOLDER, GIT_COMMIT_TAG, REFERENCE_CACHE_KEY_TAG)
-from trainables.checkpointing import STATE_FILE, is_complete, load_training_state
+from trainables.checkpointing import STATE_FILE, is_complete, is_sharded_checkpoint, load_sharded_state, load_training_state
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +124,25 @@ def _cast(model, dtype: str):
     return model if dtype == "auto" else model.to(torch_dtype(dtype))
 
 
+def _consolidated(checkpoint: Path, base_model: str | None, lora: bool):
+    """A sharded checkpoint's model in one process: built from its config (or, under LoRA, its base model with the
+    adapter config), its saved tensors read from every rank's shards (dcp.load with no process group)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_dir = checkpoint / "model"
+    if lora:
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError as error:
+            raise ExportError(f"{checkpoint} holds a LoRA adapter; merging it needs peft: pip install -e '.[lora]'") from error
+        base = AutoModelForCausalLM.from_pretrained(_base_model_of(checkpoint, base_model), dtype="auto", use_safetensors=True)
+        model = get_peft_model(base, LoraConfig.from_pretrained(str(model_dir)))
+    else:
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    load_sharded_state(checkpoint, model)
+    return model
+
+
 def write_weights(checkpoint: Path, staging: Path, *, base_model: str | None, include_adapter: bool,
                   dtype: str = "auto") -> bool:
     """The HF model files of a checkpoint into staging (LoRA merged into its base); returns whether it was LoRA.
@@ -137,7 +156,16 @@ def write_weights(checkpoint: Path, staging: Path, *, base_model: str | None, in
     model_dir = checkpoint / "model"
     lora = is_lora_checkpoint(checkpoint)
     staging.mkdir(parents=True)
-    if lora:
+    if is_sharded_checkpoint(checkpoint):  # FSDP's torch.distributed.checkpoint shards, consolidated in this process
+        model = _consolidated(checkpoint, base_model, lora)
+        if lora and include_adapter:  # the unmerged adapter, as peft saves it
+            model.save_pretrained(str(staging / "adapter"), safe_serialization=True)
+            (staging / "adapter" / "README.md").unlink(missing_ok=True)
+        _cast(model.merge_and_unload() if lora else model, dtype).save_pretrained(staging, safe_serialization=True)
+        for item in model_dir.iterdir():  # tokenizer files (config.json is written by save_pretrained above)
+            if item.is_file() and not (staging / item.name).exists() and item.name not in ADAPTER_FILES:
+                shutil.copy2(item, staging / item.name)
+    elif lora:
         try:
             from peft import PeftModel
         except ImportError as error:
