@@ -215,6 +215,14 @@ def test_a_sharded_checkpoint_saved_on_2_ranks_resumes_on_1_and_on_4_ranks(tmp_p
         assert difference < 1e-5, (kind, difference)
         assert (exported / "tokenizer_config.json").is_file() and (exported / "model.safetensors").is_file()
         assert (exported / "adapter" / "adapter_model.safetensors").is_file() == (kind == "lora")
+        # a study's next stage takes the model folder of a job's checkpoint: consolidated the same way
+        from orchestrator.ray.jobs import checkpoint_model_dir
+
+        stage_model = checkpoint_model_dir(tmp_path / kind / "checkpoints" / "step-000001")
+        assert stage_model.endswith("consolidated") and checkpoint_problem(Path(stage_model).parent) is None
+        with torch.no_grad():
+            stage_logits = AutoModelForCausalLM.from_pretrained(stage_model)(input_ids=tokens).logits
+        assert float((stage_logits - model(input_ids=tokens).logits).abs().max()) < 1e-5
 
     # 4 ranks
     loaded = _spawn(4, tmp_path, model_dir, "load")

@@ -36,12 +36,36 @@ def fit_training_job(spec: RunSpec, *, name: str, storage: str, tracking_uri: st
 
 
 def checkpoint_model_dir(checkpoint: Path) -> str:
-    """The Hugging Face model folder inside an engine checkpoint (checkpoint/model)."""
+    """The Hugging Face model folder inside an engine checkpoint (checkpoint/model); for a sharded (FSDP)
+    checkpoint, its weights consolidated once into checkpoint/consolidated (as `dpo export` writes them)."""
+    from trainables.checkpointing import is_sharded_checkpoint
+
+    if is_sharded_checkpoint(checkpoint):
+        return consolidated_model_dir(checkpoint)
     model_dir = checkpoint / "model"
     if not (model_dir / "config.json").is_file():
         raise NotFoundError(f"checkpoint {checkpoint} holds no model/config.json; it is not a complete engine "
                             "checkpoint (was the folder changed or partly deleted?)")
     return str(model_dir)
+
+
+def consolidated_model_dir(checkpoint: Path) -> str:
+    """checkpoint/consolidated: the sharded checkpoint's model in one Hugging Face folder (LoRA merged), written
+    once through a staging folder and renamed into place, so a folder that exists is complete."""
+    import os
+    import shutil
+
+    from orchestrator.workflows.export import write_weights
+
+    final = checkpoint / "consolidated"
+    if not (final / "config.json").is_file():
+        staging = checkpoint / f".consolidated-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        write_weights(checkpoint, staging, base_model=None, include_adapter=False)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staging, final)
+        logger.info("consolidated the sharded checkpoint %s into %s", checkpoint, final)
+    return str(final)
 
 
 def final_trial_model_dir(layout: StorageLayout, trial_id: str) -> str:
