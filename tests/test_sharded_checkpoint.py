@@ -147,6 +147,26 @@ def _world_worker(rank: int, world: int, init_file: str, model_dir: str, root: s
                 if rank == 0:
                     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
                     results[kind] = _worst(torch.load(out / kind / "expected.pt", weights_only=True), state, trainable)
+                if not lora:  # one byte of rank 1's shard altered (same size): the ranks' shared hash check refuses it
+                    from trainables.checkpointing import CheckpointError, checkpoint_problem
+
+                    target = out / kind / "checkpoints" / "step-000001"
+                    dist.barrier()
+                    if rank == 0:
+                        shard = target / "sharded" / "__1_0.distcp"
+                        data = bytearray(shard.read_bytes())
+                        data[len(data) // 2] ^= 0xFF
+                        shard.write_bytes(bytes(data))
+                    dist.barrier()
+                    sizes_only = checkpoint_problem(target) is None  # in a world: shard sizes, no rank hashes them all
+                    try:
+                        load_sharded_state(target, model, optimizer)
+                        refused = "loaded"
+                    except CheckpointError as error:
+                        refused = "__1_0.distcp" in str(error) and sizes_only
+                    every = [None] * world
+                    dist.all_gather_object(every, refused)
+                    results["altered_shard_refused_by_every_rank"] = every
         if rank == 0:
             (out / f"{mode}-{world}.json").write_text(json.dumps(results))
     finally:
@@ -227,6 +247,8 @@ def test_a_sharded_checkpoint_saved_on_2_ranks_resumes_on_1_and_on_4_ranks(tmp_p
     # 4 ranks
     loaded = _spawn(4, tmp_path, model_dir, "load")
     assert loaded["full"] <= 1e-6 and loaded["lora"] <= 1e-6, loaded
+    assert loaded["altered_shard_refused_by_every_rank"] == [True] * 4, loaded
+    assert "__1_0.distcp" in checkpoint_problem(checkpoint)  # one process hashes every file
 
     # a damaged shard of rank 1 is caught by the manifest
     shard = checkpoint / "sharded" / "__1_0.distcp"

@@ -197,8 +197,9 @@ def save_sharded_checkpoint(
                              shards (__<rank>_0.distcp), rank 0 the .metadata; under LoRA only trainable tensors
         model/               config.json + generation config (or adapter_config.json under LoRA) + tokenizer
         training_state.pt    as save_checkpoint's, with "optimizer": None (the optimizer is in sharded/)
-        manifest.json        "format": "sharded", the saving world size, and the sha256 of every file: each rank
-                             hashes only the files it wrote; rank 0 gathers them
+        manifest.json        "format": "sharded", the saving world size, the sha256 and size of every file: each
+                             rank hashes only the files it wrote; rank 0 gathers them. On resume the ranks split
+                             the shards' hashing between them (load_sharded_state)
     No rank gathers full tensors and no rank re-reads another's files. Returns the checkpoint on every rank.
     """
     import torch.distributed as dist
@@ -244,7 +245,7 @@ def save_sharded_checkpoint(
                             "scheduler": scheduler.state_dict(), "rng": rng_state(), "extra": extra or {}},
                            staging / STATE_FILE)
                 mine += sorted(p for p in (staging / "model").rglob("*") if p.is_file()) + [staging / STATE_FILE]
-            hashes = {str(p.relative_to(staging)): _sha256(p) for p in mine}
+            hashes = {str(p.relative_to(staging)): [_sha256(p), p.stat().st_size] for p in mine}
     except CheckpointError as error:
         hashes = {"": str(error)}
     gathered: list[dict[str, str]] | None = [{} for _ in range(world)] if rank == 0 else None
@@ -254,8 +255,10 @@ def save_sharded_checkpoint(
             failed = [part[""] for part in gathered if "" in part]
             if failed:
                 raise CheckpointError(failed[0])
-            files = {name: digest for part in gathered for name, digest in part.items()}
-            manifest = {"step": step, "format": SHARDED_FORMAT, "world_size": world, "files": dict(sorted(files.items())),
+            files = {name: value for part in gathered for name, value in part.items()}
+            manifest = {"step": step, "format": SHARDED_FORMAT, "world_size": world,
+                        "files": {name: files[name][0] for name in sorted(files)},
+                        "sizes": {name: files[name][1] for name in sorted(files)},
                         "ranks": {str(r): sorted(part) for r, part in enumerate(gathered)}}
             if (extra or {}).get(LINEAGE_KEY):
                 manifest[LINEAGE_KEY] = extra[LINEAGE_KEY]
@@ -295,6 +298,7 @@ def load_sharded_state(checkpoint: Path, model: torch.nn.Module, optimizer: torc
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict
 
+    _verify_shards_together(Path(checkpoint))
     reader = FileSystemReader(str(Path(checkpoint) / SHARDED_DIR))
     # not strict: under LoRA the frozen base weights are absent on purpose; any trainable tensor missing is refused
     options = _state_options(strict=False)
@@ -387,8 +391,39 @@ def remove_abandoned_staging(checkpoints_dir: Path) -> list[Path]:
     return removed
 
 
+def _in_a_world() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _verify_shards_together(checkpoint: Path) -> None:
+    """The sha256 of a sharded checkpoint's shard files, checked by the ranks of this world together: rank r
+    hashes files r, r+W, ..., and every rank learns of any mismatch (a collective; nothing to do in one process,
+    where checkpoint_problem hashed them all)."""
+    if not _in_a_world():
+        return
+    import torch.distributed as dist
+
+    manifest = json.loads((checkpoint / MANIFEST).read_text())
+    shards = sorted(name for name in manifest["files"] if name.startswith(f"{SHARDED_DIR}/"))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = next((f"{name} does not match its sha256 in {MANIFEST} (truncated or altered)" for name in shards[rank::world]
+                 if _sha256(checkpoint / name) != manifest["files"][name]), None)
+    problems: list[str | None] = [None] * world
+    dist.all_gather_object(problems, mine)
+    found = next((problem for problem in problems if problem), None)
+    if found:
+        raise CheckpointError(f"cannot resume from {checkpoint}: {found}. Resume from an earlier checkpoint or start afresh.")
+
+
 def checkpoint_problem(checkpoint: Path, verify_hashes: bool = True) -> str | None:
-    """Why `checkpoint` cannot be used (no manifest, unreadable manifest, missing file, hash mismatch), or None."""
+    """Why `checkpoint` cannot be used (no manifest, unreadable manifest, missing file, hash mismatch), or None.
+
+    A sharded checkpoint looked at from a rank of a distributed world: the shard files are checked by size here
+    (no rank reads every shard); their hashes are checked by all ranks together when they load it
+    (load_sharded_state). In one process every file is hashed, as for any checkpoint.
+    """
     manifest_path = checkpoint / MANIFEST
     if not manifest_path.is_file():
         return f"no {MANIFEST} (the save never finished, or the folder was not written by this trainer)"
@@ -396,10 +431,15 @@ def checkpoint_problem(checkpoint: Path, verify_hashes: bool = True) -> str | No
         manifest = json.loads(manifest_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         return f"{MANIFEST} is not valid JSON"
+    sizes = manifest.get("sizes", {}) if manifest.get("format") == SHARDED_FORMAT and _in_a_world() else {}
     for relative, expected in manifest.get("files", {}).items():
         file = checkpoint / relative
         if not file.is_file():
             return f"{relative} is missing"
+        if relative.startswith(f"{SHARDED_DIR}/") and relative in sizes:
+            if file.stat().st_size != sizes[relative]:
+                return f"{relative} has {file.stat().st_size} bytes, {sizes[relative]} in {MANIFEST} (truncated or altered)"
+            continue
         if verify_hashes and _sha256(file) != expected:
             return f"{relative} does not match its sha256 in {MANIFEST} (truncated or altered)"
     return None
