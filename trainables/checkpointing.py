@@ -14,6 +14,11 @@ run's lineage (trainables/lineage.py: run id, model, tokenizer and data fingerpr
 save never replaces another run's checkpoint of the same step. A save that runs out of disk space removes
 its staging folder and raises DiskFullError naming the folder and the space needed. Tested by
 `python -m pytest tests/test_engine.py tests/test_reliability.py -q`.
+
+Under FSDP with several ranks the checkpoint is sharded instead (save_sharded_checkpoint: `sharded/` holds
+torch.distributed.checkpoint files, one per rank, and `model/` no weights), with the same staging, manifest
+and pruning; load_sharded_state loads it into any world size, and `dpo export` consolidates it. Tested by
+`python -m pytest tests/test_sharded_checkpoint.py tests/test_fsdp.py -q`.
 """
 
 from __future__ import annotations
