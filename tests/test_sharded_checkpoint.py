@@ -7,8 +7,8 @@ raised IndexError with fewer GPUs). Simulated on CPU by standing in for torch.cu
 
 Sharded checkpoints (trainables/checkpointing.py: save_sharded_checkpoint, load_sharded_state): a tiny Llama
 on 2 gloo ranks takes one AdamW step and saves, full and with LoRA; each rank wrote and hashed its own shard
-file; loaded in one process (no process group) and on 4 ranks, weights and Adam state equal the saved ones
-within 1e-6; the LoRA checkpoint holds adapter tensors only; `dpo export`'s write_weights and a study's
+file; loaded in one process (no process group) and on 4 ranks as HSDP (2 x 2), weights and Adam state equal
+the saved ones within 1e-6, and the HSDP world's own checkpoint loads in one process; the LoRA checkpoint holds adapter tensors only; `dpo export`'s write_weights and a study's
 checkpoint_model_dir consolidate it into a Hugging Face folder whose logits equal the loaded model's; an
 altered byte in rank 1's shard is refused by all 4 ranks (their shared hash check), a truncated one by the
 manifest.
@@ -120,7 +120,11 @@ def _worst(expected: tuple[dict, dict], got: tuple[dict, dict], trainable: set[s
 
 def _world_worker(rank: int, world: int, init_file: str, model_dir: str, root: str, mode: str) -> None:
     """mode save: one AdamW step, then save_sharded_checkpoint (full model, and LoRA); rank 0 keeps the full state.
-    mode load: fresh models and optimizers, load_sharded_state, rank 0 compares the full state with the saved one."""
+    mode load: fresh models and optimizers, load_sharded_state, rank 0 compares the full state with the saved one;
+    with 4 ranks as HSDP (2 x 2, LOCAL_WORLD_SIZE 2 as Ray Train sets it on 2 nodes), which then saves the full
+    model again (an HSDP checkpoint, loaded by the test in one process)."""
+    import os
+
     import torch.distributed as dist
     from transformers import AutoTokenizer
 
@@ -129,6 +133,8 @@ def _world_worker(rank: int, world: int, init_file: str, model_dir: str, root: s
     from trainables.sharding import FSDPPreparer
 
     torch.set_num_threads(1)
+    if mode == "load" and world == 4:
+        os.environ["LOCAL_WORLD_SIZE"] = "2"
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=120))
     try:
@@ -155,6 +161,12 @@ def _world_worker(rank: int, world: int, init_file: str, model_dir: str, root: s
                 if rank == 0:
                     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
                     results[kind] = _worst(torch.load(out / kind / "expected.pt", weights_only=True), state, trainable)
+                if not lora and world == 4:  # saved from the HSDP mesh: parameters replicated over 2 x sharded over 2
+                    results["mesh"] = list(next(model.parameters()).device_mesh.shape)
+                    save_sharded_checkpoint(out / "hsdp" / "checkpoints", 1, model=model,
+                                            tokenizer=AutoTokenizer.from_pretrained(model_dir), optimizer=optimizer,
+                                            scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
+                                            pairs_consumed=4)
                 if not lora:  # one byte of rank 1's shard altered (same size): the ranks' shared hash check refuses it
                     from trainables.checkpointing import CheckpointError, checkpoint_problem
 
@@ -190,7 +202,7 @@ def _spawn(world: int, tmp_path: Path, model_dir: Path, mode: str) -> dict:
 
 
 @pytest.mark.integration
-def test_a_sharded_checkpoint_saved_on_2_ranks_resumes_on_1_and_on_4_ranks(tmp_path):
+def test_a_sharded_checkpoint_saved_on_2_ranks_resumes_on_1_and_on_4_ranks_and_hsdp(tmp_path):
     from torch.distributed.checkpoint import FileSystemReader
 
     from trainables.checkpointing import (MANIFEST, checkpoint_problem, is_sharded_checkpoint, latest_checkpoint,
@@ -255,6 +267,13 @@ def test_a_sharded_checkpoint_saved_on_2_ranks_resumes_on_1_and_on_4_ranks(tmp_p
     loaded = _spawn(4, tmp_path, model_dir, "load")
     assert loaded["full"] <= 1e-6 and loaded["lora"] <= 1e-6, loaded
     assert loaded["altered_shard_refused_by_every_rank"] == [True] * 4, loaded
+    assert loaded["mesh"] == [2, 2], loaded  # loaded into HSDP; its own checkpoint loads in one process:
+    model = _build(str(model_dir), False)(False)
+    optimizer = build_optimizer(model, 1e-2, 0.01)
+    load_sharded_state(tmp_path / "hsdp" / "checkpoints" / "step-000001", model, optimizer)
+    worst = _worst(torch.load(tmp_path / "full" / "expected.pt", weights_only=True), _full_state(model, optimizer, False),
+                   {n for n, p in model.named_parameters()})
+    assert worst <= 1e-6, worst
     assert "__1_0.distcp" in checkpoint_problem(checkpoint)  # one process hashes every file
 
     # a damaged shard of rank 1 is caught by the manifest
