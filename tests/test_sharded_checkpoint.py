@@ -8,8 +8,8 @@ raised IndexError with fewer GPUs). Simulated on CPU by standing in for torch.cu
 Sharded checkpoints (trainables/checkpointing.py: save_sharded_checkpoint, load_sharded_state): a tiny Llama
 on 2 gloo ranks takes one AdamW step and saves, full and with LoRA; each rank wrote and hashed its own shard
 file; loaded in one process (no process group) and on 4 ranks as HSDP (2 x 2), weights and Adam state equal
-the saved ones within 1e-6, and the HSDP world's own checkpoint loads in one process; the LoRA checkpoint holds adapter tensors only; `dpo export`'s write_weights and a study's
-checkpoint_model_dir consolidate it into a Hugging Face folder whose logits equal the loaded model's; an
+the saved ones within 1e-6, and the HSDP world's own checkpoint loads in one process; the LoRA checkpoint
+holds adapter tensors only; `dpo export`'s write_weights and a study's checkpoint_model_dir consolidate it into a Hugging Face folder whose logits equal the loaded model's; an
 altered byte in rank 1's shard is refused by all 4 ranks (their shared hash check), a truncated one by the
 manifest.
 Run: `python -m pytest tests/test_sharded_checkpoint.py -q` (about 1 minute on 2 busy CPU cores).
