@@ -164,6 +164,33 @@ def test_second_call_reuses_the_embedded_server_and_prints_its_url(server, monke
 
 
 @pytest.mark.mlflow
+def test_a_server_that_takes_the_port_first_is_never_used_as_ours(server, tmp_path, monkeypatch):
+    """Two sweeps starting their embedded servers at once may both find port 5000 free; the one whose server
+    loses the bind must not take the other's healthy answer for its own (it would log its runs into the other
+    sweep's store): it moves to another port, and its runs land in its own store."""
+    from orchestrator.tracking import server as server_module
+
+    taken = int(server["url"].rsplit(":", 1)[1])  # the module's server listens there
+    real_free_port, calls = server_module._free_port, []
+
+    def probe_saw_it_free(host: str, preferred: int, **kwargs) -> int:
+        calls.append(preferred)
+        return taken if len(calls) == 1 else real_free_port(host, preferred, **kwargs)
+
+    monkeypatch.setattr(server_module, "_free_port", probe_saw_it_free)
+    mine = EmbeddedServer(tmp_path / "mlflow")
+    try:
+        url = mine.start_or_reuse()
+        assert url != server["url"] and len(calls) == 2, (url, calls)
+        assert server_module._port_owned_by_group(int(url.rsplit(":", 1)[1]), mine.state()["pgid"]) is True
+        experiment = tracking.client_for(url).create_experiment("only-in-mine")
+        assert tracking.client_for(url).get_experiment(experiment).name == "only-in-mine"
+        assert server["client"].get_experiment_by_name("only-in-mine") is None
+    finally:
+        mine.stop()
+
+
+@pytest.mark.mlflow
 def test_parent_and_child_runs_hold_config_tags_and_artifacts_and_are_reused(server):
     url, client = server["url"], server["client"]
     experiment_id, parent = tracking.start_parent_run(

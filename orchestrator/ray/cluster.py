@@ -268,11 +268,13 @@ def check_joined_cluster(*, storage_path: str, reference_cache_dir: str | None, 
 
 
 def cluster_is_multi_node(autoscaling: Autoscaling | None) -> bool:
-    """Several alive nodes now, or worker nodes the autoscaler may add."""
+    """Alive nodes on several machines now, or worker nodes the autoscaler may add. Nodes are told apart by
+    their IP address: several Ray nodes of one machine (ray.cluster_utils, or `ray start` twice) share its
+    disk, so a node-local storage path is shared by them."""
     import ray
 
-    alive = sum(1 for node in ray.nodes() if node.get("Alive"))
-    return alive > 1 or bool(autoscaling and autoscaling.node_types)
+    machines = {node.get("NodeManagerAddress") for node in ray.nodes() if node.get("Alive")}
+    return len(machines) > 1 or bool(autoscaling and autoscaling.node_types)
 
 
 def worker_environment(local_cluster: bool = False) -> dict[str, str]:

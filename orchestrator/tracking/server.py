@@ -77,6 +77,36 @@ def _free_port(host: str, preferred: int, *, required: bool = False, wait_s: flo
                                    if required else f"no free TCP port on {host} for the embedded MLflow server")
 
 
+def _port_owned_by_group(port: int, pgid: int) -> bool | None:
+    """Whether a process of group `pgid` holds the listening TCP socket of `port` (Linux /proc); None when
+    this cannot be told (no /proc, or no listener found)."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                inodes.add(fields[9])
+    if not inodes:
+        return None
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.getpgid(int(entry.name)) != pgid:
+                continue
+            for descriptor in (entry / "fd").iterdir():
+                link = os.readlink(descriptor)
+                if link.startswith("socket:[") and link[len("socket:["):-1] in inodes:
+                    return True
+        except OSError:
+            continue
+    return False
+
+
 def health_ok(url: str, timeout_s: float = 2.0) -> bool:
     """True when GET <url>/health answers 200."""
     try:
@@ -133,7 +163,8 @@ class EmbeddedServer:
             self._stop_recorded()  # a stale or unhealthy one
             return self._start(port, timeout_s)
 
-    def _start(self, port: int | None, timeout_s: float) -> str:
+    def _start(self, port: int | None, timeout_s: float, attempts: int = 3) -> str:
+        required = bool(port)
         port = _free_port(self.host, port, required=True) if port else _free_port(self.host, DEFAULT_PORT)
         url = f"http://{self.host}:{port}"
         (self.root / "artifacts").mkdir(exist_ok=True)
@@ -153,6 +184,15 @@ class EmbeddedServer:
                     f"the embedded MLflow server exited with status {process.returncode} while starting "
                     f"(command: {' '.join(command)}); last log lines:\n{self.log_tail()}")
             if health_ok(url, timeout_s=1.0):
+                if _port_owned_by_group(port, process.pid) is False:
+                    # Another server took the port between our probe and our server's bind (two sweeps
+                    # starting at once): its answer is not ours, and ours will fail to bind. Never use it.
+                    self.stop()
+                    if required or attempts <= 1:
+                        raise TrackingUnavailableError(f"port {port} on {self.host} was taken by another server while "
+                                                       f"the embedded MLflow server of {self.root} started")
+                    logger.warning("port %d was taken by another server while ours started; trying another port", port)
+                    return self._start(None, timeout_s, attempts - 1)
                 logger.info("MLflow server started at %s in %.1f s (pid %d, root %s)", url,
                             time.monotonic() - started, process.pid, self.root)
                 return url
