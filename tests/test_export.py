@@ -14,6 +14,7 @@ Run: `python -m pytest tests/test_export.py -q` (about 40 s on 2 CPU cores).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -22,7 +23,7 @@ import torch
 
 from orchestrator.config.layout import find_checkpoints
 from orchestrator.errors import ExportError
-from orchestrator.workflows.export import LINEAGE_FILE, choose_checkpoint, prepare_output
+from orchestrator.workflows.export import LINEAGE_FILE, choose_checkpoint, fluent_uris, prepare_output
 from tests.test_analysis import log_sweep, mlflow_server  # noqa: F401 - the shared real server fixture
 from tests.tiny_world import build_model_dir, engine_args, pair_rows, write_jsonl
 
@@ -150,12 +151,16 @@ def test_export_round_trips_the_chosen_trials_best_checkpoint_and_registers_it(w
     log_sweep(url, "tiny-full", [{"trial_id": "t-full", "beta": 0.2, "curves": curves, "model_path": world["model"],
                                   "checkpoint_dir": str(trial_dir)}])
     out = tmp_path / "exported"
+    environment = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
 
     code = main(["export", "tiny-full", "--tracking-uri", url, "--out", str(out), "--register", "tiny-dpo",
                  "--prompt", "question the cat"])
     captured = capsys.readouterr()
     printed = captured.out
     assert code == 0, printed + captured.err
+    # registering used MLflow's fluent API; the process's MLflow environment is as it was (a leaked
+    # MLFLOW_TRACKING_URI sent a later sweep of the same process into this server)
+    assert {name: os.environ.get(name) for name in environment} == environment
     assert "exported trial t-full" in printed and "registered in the MLflow Model Registry as tiny-dpo/1" in printed
     assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "README.md",
             LINEAGE_FILE} <= {path.name for path in out.iterdir()}
@@ -202,14 +207,11 @@ def check_mlflow_model(url: str, name: str, version, lineage: dict, out: Path) -
     assert logged.source_run_id == lineage["run_id"]
     linked = {metric.key: metric.value for metric in logged.metrics or []}
     assert linked["eval/preference_accuracy"] == pytest.approx(lineage["metrics_at_checkpoint"]["eval/preference_accuracy"])
-    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(url)
-    mlflow.set_registry_uri(url)
-    try:
+    environment = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    with fluent_uris(url):
         pipeline = mlflow.transformers.load_model(f"models:/{name}@champion")
-    finally:
-        mlflow.set_tracking_uri(previous[0])
-        mlflow.set_registry_uri(previous[1])
+    # put back as it was: a leaked MLFLOW_TRACKING_URI would send every later sweep of this process there
+    assert {name: os.environ.get(name) for name in environment} == environment
     ids = torch.randint(4, 20, (1, 10))
     assert torch.equal(logits_of(pipeline.model, ids), logits_of(AutoModelForCausalLM.from_pretrained(out), ids))
     generated = pipeline("question the cat", max_new_tokens=4, do_sample=False)[0]["generated_text"]

@@ -301,6 +301,7 @@ def write_export(checkpoint: CheckpointChoice, out: Path, lineage: dict[str, Any
 
 DEFAULT_ALIAS = "champion"
 QUIET_URL_ENV = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
+FLUENT_ENVIRONMENT = (QUIET_URL_ENV, "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")  # what fluent_uris puts back
 MODEL_REQUIREMENTS = ("transformers", "torch", "tokenizers", "safetensors")  # what loading the MLflow model needs
 
 
@@ -328,7 +329,9 @@ def fluent_uris(uri: str) -> Iterator[None]:
 
     tracking_state, registry_state = _tracking_service.utils, _model_registry.utils
     saved = getattr(tracking_state, "_tracking_uri", None), getattr(registry_state, "_registry_uri", None)
-    quiet = os.environ.get(QUIET_URL_ENV)
+    # mlflow.set_tracking_uri also writes MLFLOW_TRACKING_URI (and the registry's variable) into os.environ:
+    # left there, every later sweep of this process would log into this server instead of its own.
+    saved_environment = {name: os.environ.get(name) for name in FLUENT_ENVIRONMENT}
     os.environ[QUIET_URL_ENV] = "true"  # no "View run ... at" lines when the reopened run ends
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
@@ -336,10 +339,11 @@ def fluent_uris(uri: str) -> Iterator[None]:
         yield
     finally:
         tracking_state._tracking_uri, registry_state._registry_uri = saved
-        if quiet is None:
-            os.environ.pop(QUIET_URL_ENV, None)
-        else:
-            os.environ[QUIET_URL_ENV] = quiet
+        for name, value in saved_environment.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def register_export(uri: str, run_id: str, directory: Path, model_name: str, *, alias: str = DEFAULT_ALIAS,
