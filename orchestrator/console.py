@@ -262,8 +262,11 @@ class SweepConsole:
     """The live view of a sweep's trials (module docstring); thread-safe, fed by ConsoleCallback."""
 
     def __init__(self, stream: TextIO | None = None, *, total_steps: int, metric: str, tty: bool | None = None,
-                 heartbeat_s: float = HEARTBEAT_S, clock: Callable[[], float] = time.monotonic) -> None:
+                 heartbeat_s: float = HEARTBEAT_S, clock: Callable[[], float] = time.monotonic,
+                 trial_values: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
         self.stream = stream or sys.stdout
+        # what a trial runs with beyond its searched config (RunSpec.trial_values: a loss's prior beta)
+        self.trial_values = trial_values or (lambda config: {})
         self.tty = self.stream.isatty() if tty is None else tty
         self.total_steps, self.metric, self.label = total_steps, metric, metric_label(metric)
         self.heartbeat_s, self.clock = heartbeat_s, clock
@@ -274,6 +277,9 @@ class SweepConsole:
         self._last_round: Any = None
         self._lock = threading.RLock()
 
+    def _config(self, config: dict[str, Any]) -> dict[str, Any]:
+        return {**config, **self.trial_values(config)}
+
     # ---- events -------------------------------------------------------------------------------
     def trial_started(self, trial_id: str, config: dict[str, Any]) -> None:
         with self._lock:
@@ -281,13 +287,13 @@ class SweepConsole:
             if config.get("decision") and round_number != self._last_round:
                 self._last_round = round_number
                 self.note(f"searcher: {config['decision']}")
-            trial = self.trials.setdefault(trial_id, TrialState(trial_id, dict(config)))
+            trial = self.trials.setdefault(trial_id, TrialState(trial_id, self._config(config)))
             trial.status = "running"
             self._refresh(force=True)
 
     def trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         with self._lock:
-            trial = self.trials.setdefault(trial_id, TrialState(trial_id, dict(result.get("config") or {})))
+            trial = self.trials.setdefault(trial_id, TrialState(trial_id, self._config(result.get("config") or {})))
             trial.status = "running"
             step = _number(result.get("step"))
             if step is not None:
@@ -405,7 +411,8 @@ def sweep_session(experiment: Any, verbose: bool = False, stream: TextIO | None 
     """The console of one sweep (an orchestrator.config.spec.Experiment): quiet logs into the sweep's
     console.log, and the Tune callback to pass to run_sweep(console=...)."""
     layout, sweep, loop = experiment.layout, experiment.sweep, experiment.run.loop
-    console = SweepConsole(stream, total_steps=loop.max_steps, metric=sweep.metric)
+    console = SweepConsole(stream, total_steps=loop.max_steps, metric=sweep.metric,
+                           trial_values=experiment.run.trial_values)
     _ACTIVE["console"] = console
     with quiet_session(layout.console_log, verbose):
         console.note(f"sweep {experiment.name}: {sweep.strategy} search on {sweep.metric}, {loop.max_steps} steps "

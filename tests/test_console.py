@@ -268,3 +268,22 @@ def test_quickstart_output_through_a_pipe_is_short_and_shows_every_trial_and_dec
     assert "(warm_trial" in (tmp_path / "runs" / "quickstart" / "console.log").read_text()
     assert re.search(r"MLflow runs: +http://127\.0\.0\.1:\d+/#/experiments/\d+/runs\?workflowType=machine_learning$",
                      output, re.M), output
+
+
+def test_a_loss_dimension_trial_shows_the_prior_beta_it_runs_at(tmp_path):
+    """A trial of `sweep.loss` without a beta dimension runs at its loss's prior beta (ipo: 0.01), which its
+    Tune config does not hold: its line says that beta, not `beta -`."""
+    from orchestrator.config.schema import ExperimentConfig
+    from orchestrator.config.spec import resolve_experiment
+
+    experiment = resolve_experiment(ExperimentConfig.model_validate(
+        {"name": "s", "model": {"path": str(tmp_path)}, "data": {"train": "t.jsonl"},
+         "sweep": {"strategy": "grid", "loss": ["sigmoid", "ipo"]}}))
+    stream = io.StringIO()
+    console = SweepConsole(stream, total_steps=40, metric="eval/preference_accuracy", tty=False, heartbeat_s=1e9,
+                           clock=Clock(), trial_values=experiment.run.trial_values)
+    console.trial_started("a", {"loss": "ipo", "learning_rate": 1e-3})
+    console.trial_result("a", {"step": 40, "eval/preference_accuracy": 0.8})
+    console.trial_finished("a", "done")
+    line = [line for line in stream.getvalue().splitlines() if line.startswith("trial a")][-1]
+    assert re.search(r"beta 0\.01\s", line) and "lr 0.001" in line

@@ -84,6 +84,13 @@ class RunSpec:
         params = {**self.param_dict(), **{SEARCHED_PARAMS[key]: value for key, value in values.items()}, **extra}
         return replace(self, preference=preference, loop=loop, params=tuple(params.items()))
 
+    def trial_values(self, trial_config: Mapping[str, Any]) -> dict[str, Any]:
+        """The beta, kl_weight and learning_rate a trial runs with, whether searched or not (a trial of a loss
+        dimension without a beta dimension runs at its loss's prior beta, which its config does not hold)."""
+        spec = self.for_trial(trial_config)
+        return {"beta": spec.preference.beta, "kl_weight": spec.preference.kl_weight,
+                "learning_rate": spec.loop.learning_rate}
+
     def on_worker(self, *, output_dir: str, device: str, resume_from: str | None) -> "RunSpec":
         """This spec as one Ray Train worker runs it: its own scratch folder and device, no progress bars."""
         return replace(self, loop=replace(self.loop, output_dir=output_dir, show_progress=False),

@@ -85,7 +85,8 @@ def summarize(results, experiment: Experiment, cache_key: str | None) -> dict[st
     for result in results:
         metrics = result.metrics or {}
         trials.append({
-            "trial_id": metrics.get("trial_id"), "config": {k: v for k, v in (result.config or {}).items()},
+            "trial_id": metrics.get("trial_id"),
+            "config": {**(result.config or {}), **experiment.run.trial_values(result.config or {})},
             "metric": metrics.get(sweep.metric), "step": metrics.get("step"),
             "error": str(result.error) if result.error else None, "path": result.path,
             "step_seconds": metrics.get("perf/step_seconds_total"), "eval_seconds": metrics.get("perf/eval_seconds_total"),
