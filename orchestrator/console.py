@@ -411,6 +411,9 @@ def sweep_session(experiment: Any, verbose: bool = False, stream: TextIO | None 
     """The console of one sweep (an orchestrator.config.spec.Experiment): quiet logs into the sweep's
     console.log, and the Tune callback to pass to run_sweep(console=...)."""
     layout, sweep, loop = experiment.layout, experiment.sweep, experiment.run.loop
+    from orchestrator.workflows.run_lock import refuse_if_running
+
+    refuse_if_running(None if layout.remote else layout.root, "sweep")  # before console.log is opened
     console = SweepConsole(stream, total_steps=loop.max_steps, metric=sweep.metric,
                            trial_values=experiment.run.trial_values)
     _ACTIVE["console"] = console

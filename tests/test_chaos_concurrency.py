@@ -64,6 +64,7 @@ def test_a_second_sweep_of_a_running_name_is_refused_at_once_naming_the_running_
                               env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
         assert holder.stdout.readline().strip() == "holding"
+        (root / "console.log").write_text("the running sweep's log\n")
         started = time.monotonic()
         code = main(["sweep", str(sweep_config)])
         took = time.monotonic() - started
@@ -76,6 +77,7 @@ def test_a_second_sweep_of_a_running_name_is_refused_at_once_naming_the_running_
     assert f"sweep {root} is in use by another run (process {holder.pid} on host {socket.gethostname()}" in error
     assert f"delete {root / DRIVER_LOCK}" in error
     assert (root / DRIVER_LOCK).is_file()  # the running driver's lock is left alone
+    assert (root / "console.log").read_text() == "the running sweep's log\n"  # the refused one wrote nothing there
 
 
 def test_the_lock_of_a_driver_killed_with_sigkill_is_taken_over(tmp_path, caplog):

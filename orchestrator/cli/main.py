@@ -166,7 +166,11 @@ def study(args: argparse.Namespace) -> int:
     from orchestrator.workflows.study import print_results, run_study, study_layout
 
     config = load_config(args.config, args.overrides)
-    log_file = study_layout(config).console_log
+    from orchestrator.workflows.run_lock import refuse_if_running
+
+    layout = study_layout(config)
+    refuse_if_running(None if layout.remote else layout.root, "study")  # before its console.log is opened
+    log_file = layout.console_log
     print(f"study {config.name}: Ray's logs go to {log_file}" + ("" if args.verbose else " (--verbose shows them)"))
     with quiet_session(log_file, verbose=args.verbose, show=("orchestrator.workflows.study",)):
         results = run_study(config, address=args.address, resume=args.resume)

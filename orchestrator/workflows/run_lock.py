@@ -147,6 +147,13 @@ def take_driver_lock(folder: str | Path | None, what: str) -> RunLock | None:
     return RunLock.acquire(Path(folder) / DRIVER_LOCK, what=what)
 
 
+def refuse_if_running(folder: str | Path | None, what: str) -> None:
+    """Raise RunLockedError now if a driver of this name runs, before the caller opens the run's console.log
+    (a refused second driver must not write into the running one's log); the driver takes the lock itself."""
+    if folder is not None and Path(folder).is_dir():
+        RunLock.acquire(Path(folder) / DRIVER_LOCK, what=what).release()
+
+
 def release_driver_lock(lock: RunLock | None) -> None:
     if lock is not None:
         lock.release()
