@@ -27,8 +27,8 @@ from trainables.model_checks import check_model_can_train, load_prepared_tokeniz
 from trainables.modeling import (attach_lora, check_trainable_dtype, enable_gradient_checkpointing, load_causal_lm,
                                  model_class_name, model_fingerprint, resolve_autocast_dtype, resolve_device,
                                  usable_attn_implementation)
-from trainables.reference_cache import (ReferenceKeyInputs, ReferenceLogps, load_or_compute_reference_logps,
-                                       reference_fingerprint)
+from trainables.reference_cache import (ReferenceKeyInputs, ReferenceLogps, compute_reference_logps,
+                                       load_or_compute_part, load_or_compute_reference_logps, reference_fingerprint)
 from trainables.sharding import empty_causal_lm
 from trainables.settings import DataArgs, LoopSettings, ModelArgs, PreferenceArgs, RuntimeArgs
 from trainables.sft_objective import SFTObjective
@@ -114,11 +114,14 @@ def precompute_reference(
     data: PreferenceData,
     runtime_args: RuntimeArgs,
     key: str | None = None,
+    compute_values: Callable[[str], ReferenceLogps] | None = None,
 ) -> tuple[ReferenceLogps, ReferenceLogps, str, bool]:
     """Reference log-probs of train and eval pairs from the cache, computing them once if absent.
 
     Returns (train values, eval values, cache key, reused). Train and eval share one cache file.
     key: the cache key the sweep driver computed for these pairs (None: compute it here, hashing the weights).
+    compute_values(key): every pair's values computed elsewhere on a cache miss (the sweep's data-parallel
+    pass, reference_part) instead of by the model loaded here.
     """
     device = resolve_device(runtime_args.device)
     autocast_dtype = resolve_autocast_dtype(runtime_args.precision, device)
@@ -137,8 +140,29 @@ def precompute_reference(
         device=device,
         autocast_dtype=autocast_dtype,
         show_progress=runtime_args.show_progress,
+        compute_values=None if compute_values is None else lambda: compute_values(key),
     )
     return _take(values, 0, len(data.train)), _take(values, len(data.train), len(data.eval)), key, reused
+
+
+def reference_part(model_args: ModelArgs, preference_args: PreferenceArgs, data: PreferenceData,
+                   runtime_args: RuntimeArgs, key: str, index: int, count: int) -> tuple[ReferenceLogps, bool]:
+    """Slice `index` of `count` of the reference pass over train + eval pairs (one worker of the sweep's
+    data-parallel pass): the reference model loaded here, its values written as a part file beside the cache
+    (reused if a finished one is there). Returns (values, reused)."""
+    device = resolve_device(runtime_args.device)
+    autocast_dtype = resolve_autocast_dtype(runtime_args.precision, device)
+    reference_path = preference_args.reference_path or model_args.path
+
+    def compute(pairs) -> ReferenceLogps:
+        model = load_causal_lm(reference_path, revision=model_args.revision, trust_remote_code=model_args.trust_remote_code,
+                               dtype=model_args.dtype, attn_implementation=model_args.attn_implementation).to(device)
+        return compute_reference_logps(model, pairs, pad_token_id=data.tokenizer.pad_token_id,
+                                       batch_size=preference_args.reference_batch_size, device=device,
+                                       autocast_dtype=autocast_dtype, show_progress=runtime_args.show_progress)
+
+    return load_or_compute_part(Path(preference_args.reference_cache_dir).expanduser(), key,
+                                list(data.train) + list(data.eval), index, count, compute)
 
 
 def _take(values: ReferenceLogps, start: int, count: int) -> ReferenceLogps:
@@ -235,7 +259,7 @@ def _reference_for(model_args, preference_args, data, runtime_args, device, auto
 
 
 def _reference_distributions(model_args, preference_args, data, runtime_args, device, autocast_dtype, reference,
-                             policy) -> ReferenceDistributions | None:
+                             policy, prepare_model=None) -> ReferenceDistributions | None:
     """Where the exact eval/kl gets the reference's full distributions: the live reference (a second view
     that keeps logits, no second model), the LoRA policy with its adapters off, or, with precomputed
     log-probs, the reference model loaded at the first evaluation. None without a reference or eval pairs."""
@@ -251,13 +275,17 @@ def _reference_distributions(model_args, preference_args, data, runtime_args, de
         return ReferenceDistributions(lambda: LiveReference(policy, True, autocast_dtype, adapters_of_policy=True,
                                                             **options))
 
+    path = preference_args.reference_path or model_args.path
+    load_options = dict(revision=model_args.revision, trust_remote_code=model_args.trust_remote_code,
+                        dtype=model_args.dtype, attn_implementation=model_args.attn_implementation)
+
     def load() -> LiveReference:
         logger.info("eval/kl: loading the reference model for the exact KL at evaluation")
-        model = load_causal_lm(
-            preference_args.reference_path or model_args.path, revision=model_args.revision,
-            trust_remote_code=model_args.trust_remote_code, dtype=model_args.dtype,
-            attn_implementation=model_args.attn_implementation,
-        ).to(device)
+        if hasattr(prepare_model, "load_sharded"):  # FSDP: sharded like the policy (every rank evaluates in step)
+            model = prepare_model.load_sharded(
+                lambda meta: empty_causal_lm(path, **load_options) if meta else load_causal_lm(path, **load_options))
+        else:
+            model = load_causal_lm(path, **load_options).to(device)
         return LiveReference(model, True, autocast_dtype, **options)
 
     return ReferenceDistributions(load)
@@ -304,7 +332,7 @@ def run_dpo(
         device=device, autocast_dtype=autocast_dtype, eval_batch_size=runtime_args.eval_batch_size,
         padding_buckets=runtime_args.padding_buckets, share_prompt=runtime_args.share_prompt,
         reference_distributions=_reference_distributions(model_args, preference_args, data, runtime_args, device,
-                                                         autocast_dtype, reference, model),
+                                                         autocast_dtype, reference, model, prepare_model),
     )
     extra = {"stage": "dpo", "base_model": model_args.path, "beta": preference_args.beta,
              "kl_weight": preference_args.kl_weight, "reference_cache_key": cache_key or "", LINEAGE_KEY: lineage}

@@ -203,9 +203,19 @@ def read_cache(path: Path, fingerprint: str, pairs: Sequence[TokenizedPair]) -> 
         raise UnusableCache(f"its header names fingerprint {str(metadata.get('fingerprint'))[:40]!r}, not {fingerprint!r}")
     if metadata.get(CONTENT_HASH_KEY) != content_sha256(tensors):  # a file of an older version has none: recomputed
         raise UnusableCache("its values do not match the sha256 in its header (altered after it was written)")
+    return read_values(ReferenceLogps(**_named(tensors)), pairs)
+
+
+def _named(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     names = set(ReferenceLogps.__dataclass_fields__)
     if set(tensors) != names:
         raise UnusableCache(f"it holds tensors {sorted(tensors)[:8]}, expected {sorted(names)}")
+    return tensors
+
+
+def read_values(values: ReferenceLogps, pairs: Sequence[TokenizedPair]) -> ReferenceLogps:
+    """`values` if they have the shapes, types and answer token counts of `pairs` and are finite; else UnusableCache."""
+    tensors = values.tensors()
     count = len(pairs)
     for side, lengths in (("chosen", [len(p.chosen_ids) for p in pairs]), ("rejected", [len(p.rejected_ids) for p in pairs])):
         sequence, tokens, offsets = (tensors[f"{side}_logps"], tensors[f"{side}_token_logps"], tensors[f"{side}_offsets"])
@@ -217,7 +227,7 @@ def read_cache(path: Path, fingerprint: str, pairs: Sequence[TokenizedPair]) -> 
             raise UnusableCache(f"its {side} answer token counts are not those of these pairs")
         if not (torch.isfinite(sequence).all() and torch.isfinite(tokens).all()):
             raise UnusableCache(f"its {side} log-probs are not all finite")
-    return ReferenceLogps(**tensors)
+    return values
 
 
 def load_or_compute_reference_logps(
@@ -231,8 +241,12 @@ def load_or_compute_reference_logps(
     device: torch.device,
     autocast_dtype: torch.dtype | None,
     show_progress: bool = True,
+    compute_values: Callable[[], ReferenceLogps] | None = None,
 ) -> tuple[ReferenceLogps, bool]:
-    """Reuse the cache file for `fingerprint` or compute and write it. Returns (values, reused)."""
+    """Reuse the cache file for `fingerprint` or compute and write it. Returns (values, reused).
+
+    compute_values: computes every pair's values some other way (the sweep's data-parallel reference pass,
+    orchestrator/ray/reference_task.py) instead of loading the model here; called under the same lock."""
     path = cache_path(cache_dir, fingerprint)
     if Path(cache_dir).exists() and not Path(cache_dir).is_dir():
         raise UserError(f"reference.cache_dir: {cache_dir} is a file, not a folder; set reference.cache_dir to a folder")
@@ -250,14 +264,72 @@ def load_or_compute_reference_logps(
         if values is not None:
             return values, True
         logger.info("computing reference log-probs for %d pairs into %s", len(pairs), path)
-        model = load_reference_model().to(device)
-        values = compute_reference_logps(
-            model, pairs, pad_token_id=pad_token_id, batch_size=batch_size, device=device,
-            autocast_dtype=autocast_dtype, show_progress=show_progress,
-        )
-        del model
+        if compute_values is not None:
+            values = compute_values()
+            read_values(values, pairs)  # the parts together are exactly these pairs' values
+        else:
+            model = load_reference_model().to(device)
+            values = compute_reference_logps(
+                model, pairs, pad_token_id=pad_token_id, batch_size=batch_size, device=device,
+                autocast_dtype=autocast_dtype, show_progress=show_progress,
+            )
+            del model
         save_reference_logps(values, path, {"fingerprint": fingerprint, "pairs": json.dumps(len(pairs))})
     return values, False
+
+
+# ---- the data-parallel pass: each worker writes the part of one contiguous slice of the pairs ------------
+
+def slice_bounds(total: int, count: int) -> list[tuple[int, int]]:
+    """[start, stop) of `count` contiguous slices of `total` pairs, sizes differing by at most one."""
+    edges = [total * index // count for index in range(count + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def part_path(cache_dir: Path, fingerprint: str, index: int, count: int) -> Path:
+    return Path(cache_dir) / f"reference-{fingerprint}.part-{index + 1}-of-{count}.safetensors"
+
+
+def load_or_compute_part(cache_dir: Path, fingerprint: str, pairs: Sequence[TokenizedPair], index: int, count: int,
+                         compute: Callable[[Sequence[TokenizedPair]], ReferenceLogps]) -> tuple[ReferenceLogps, bool]:
+    """The values of slice `index` of `count` of `pairs` (all of them), from its part file if a finished one is
+    there (a pass stopped half-way resumes with the parts it wrote) or computed by `compute(slice)` and written.
+    Returns (values, reused)."""
+    start, stop = slice_bounds(len(pairs), count)[index]
+    mine, path = pairs[start:stop], part_path(cache_dir, fingerprint, index, count)
+    key = f"{fingerprint}:{index + 1}/{count}"
+    values = _reuse(path, key, mine, warn=True)
+    if values is not None:
+        return values, True
+    values = compute(mine)
+    save_reference_logps(values, path, {"fingerprint": key, "pairs": json.dumps(len(mine))})
+    return values, False
+
+
+def concat_reference_logps(parts: Sequence[ReferenceLogps]) -> ReferenceLogps:
+    """The values of consecutive slices as one cache (offsets shifted by the tokens before each part)."""
+    def offsets(side: str) -> torch.Tensor:
+        pieces, base = [torch.zeros(1, dtype=torch.long)], 0
+        for part in parts:
+            shifted = getattr(part, f"{side}_offsets")[1:] + base
+            pieces.append(shifted)
+            base += int(getattr(part, f"{side}_offsets")[-1])
+        return torch.cat(pieces)
+
+    return ReferenceLogps(
+        chosen_logps=torch.cat([part.chosen_logps for part in parts]),
+        rejected_logps=torch.cat([part.rejected_logps for part in parts]),
+        chosen_token_logps=torch.cat([part.chosen_token_logps for part in parts]),
+        rejected_token_logps=torch.cat([part.rejected_token_logps for part in parts]),
+        chosen_offsets=offsets("chosen"),
+        rejected_offsets=offsets("rejected"),
+    )
+
+
+def remove_parts(cache_dir: Path, fingerprint: str) -> None:
+    """Delete the part files of `fingerprint` once the whole cache file is written."""
+    for path in Path(cache_dir).glob(f"reference-{fingerprint}.part-*-of-*.safetensors"):
+        path.unlink(missing_ok=True)
 
 
 def _reuse(path: Path, fingerprint: str, pairs: Sequence[TokenizedPair], *, warn: bool) -> ReferenceLogps | None:

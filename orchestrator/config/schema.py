@@ -152,6 +152,7 @@ class ReferenceSection(Section):
     path: str | None = Field(None, description="Reference model (default: model.path, the model DPO starts from)")
     cache_dir: str | None = Field(None, description="Where precomputed log-probs are cached (default: <storage_path>/<name>/reference_cache in sweeps and studies, ~/.cache/dpo-orchestrator/reference for dpo train)")
     batch_size: int = Field(32, gt=0, le=MAX_BATCH, description="Pairs per reference forward while precomputing" + at_most(MAX_BATCH))
+    wait_timeout_s: float = Field(21600, gt=0, description="In a sweep: how long a trial (and, with GPUs, the driver before the first trial) waits for the precomputed reference pass before failing; the wait is logged every minute")
 
 
 SearchValues = float | list[float] | dict[str, Any] | None

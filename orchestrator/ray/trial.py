@@ -47,6 +47,7 @@ class SharedRefs:
 
     data: Any = None  # ray.ObjectRef of the validated, tokenised PreferenceData (None: read data_args)
     reference_ready: Any = None  # ray.ObjectRef of the reference task, awaited before training (None: no task)
+    reference_wait_s: float = 21600.0  # how long a trial waits for it (reference.wait_timeout_s)
 
 
 @dataclass(frozen=True)
@@ -83,8 +84,10 @@ _SHARED_DATA: dict[str, Any] = {}  # this process's copy of the sweep's pairs: a
 def read_shared(job: WorkerJob, startup: StartupClock) -> Any:
     """Wait for the sweep's reference task (Tune starts trials before it ends); the shared pairs (or None)."""
     if job.shared.reference_ready is not None:
+        from orchestrator.ray.reference_task import wait_for_reference
+
         with startup.waiting_for_reference():
-            ray.get(job.shared.reference_ready)
+            wait_for_reference(job.shared.reference_ready, job.shared.reference_wait_s, "this trial")
     if job.shared.data is None or job.spec.stage != "dpo":
         return None
     key = job.shared.data.hex()

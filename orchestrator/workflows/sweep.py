@@ -218,12 +218,17 @@ def run_sweep(experiment: Experiment, *, address: str | None = None, resume: boo
                 replay_journals(tracking_uri, layout.metric_journals)
         if reference is not None:
             reference.watch()
+            if spec.resources.use_gpu:  # trials' placement groups could otherwise take every GPU the pass needs
+                from orchestrator.ray.reference_task import wait_for_reference
+
+                wait_for_reference(reference.ref, experiment.sweep.reference_wait_s, f"sweep {experiment.name}")
         # 4) the trials
         tracking = TrialTracking(sweep_records.uri, sweep_records.experiment_id, sweep_records.parent_run_id,
                                  sweep_records.sweep, journal_dir=None if layout.metric_journals is None
                                  else str(layout.metric_journals),
                                  system_metrics=experiment.tracking.system_metrics) if sweep_records else None
-        shared = SharedRefs(data=data_ref, reference_ready=reference.ref if reference else None)
+        shared = SharedRefs(data=data_ref, reference_ready=reference.ref if reference else None,
+                            reference_wait_s=experiment.sweep.reference_wait_s)
         results = build_tuner(experiment, resume, tracking, shared, console=console).fit()
         # 5) the summary
         cache_key = reference.result() if reference is not None else None  # raises the task's error, if any
