@@ -12,13 +12,15 @@ Every row is validated before anything is returned; all problems are reported at
 or, with drop_invalid=True, bad rows are dropped and counted. A RowCheck (`after=`) runs on the valid rows
 at once, and the rows it faults count the same way: training uses it for the checks after tokenisation
 and truncation (trainables/tokenization.py `pair_token_check`). Answers are returned without eos: the
-tokenizer step appends it.
+tokenizer step appends it. num_proc (data.num_proc) splits the rows into contiguous chunks converted and
+checked in forked processes; the values, the problems and their order are those of one process.
 Tested by `python -m pytest tests/test_data.py tests/test_adversarial_data.py -q`.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 from collections import Counter
 from dataclasses import dataclass, field as dataclass_field
@@ -194,31 +196,81 @@ class RowCheck:
         return "".join(f"; {fix}" for phrase, fix in self.fixes.items() if any(phrase in reason for reason in reasons))
 
 
+# Rows checked per process below this count: starting processes costs more than it saves (bench/data_scale.py).
+PARALLEL_MIN_ROWS = 20_000
+AUTO_MAX_PROCS = 8
+_WORK: list[Callable] = []  # the range function forked workers run: inherited at the fork, never pickled
+
+
+def resolve_num_proc(num_proc: int | None, rows: int) -> int:
+    """Processes to validate and tokenise `rows` rows with: num_proc as given; None (auto) = the usable CPUs
+    (at most AUTO_MAX_PROCS), but 1 under PARALLEL_MIN_ROWS rows."""
+    if num_proc is not None:
+        return max(1, min(num_proc, rows // 2 or 1))
+    if rows < PARALLEL_MIN_ROWS:
+        return 1
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cpus, AUTO_MAX_PROCS))
+
+
+def _run_chunk(chunk: tuple[int, int]):
+    return _WORK[0](*chunk)
+
+
+def _over_ranges(work: Callable[[int, int], Any], total: int, num_proc: int) -> list:
+    """work(start, stop) over contiguous ranges covering [0, total), results in order: here, or in `num_proc`
+    forked processes (fork: the rows, converter and tokenizer are inherited; only results are pickled back)."""
+    if num_proc <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+        return [work(0, total)]
+    size = max(1, -(-total // (num_proc * 4)))  # a few chunks per process: a slow chunk does not hold up the end
+    _WORK[:] = [work]
+    try:
+        with multiprocessing.get_context("fork").Pool(num_proc) as pool:
+            return list(pool.imap(_run_chunk, [(start, min(start + size, total)) for start in range(0, total, size)]))
+    finally:
+        _WORK.clear()
+
+
 def _collect(raw: RawRows, mapping: dict[str, str], convert: Callable, renderer, *, drop_invalid: bool,
-             max_invalid_fraction: float, after: RowCheck | None = None) -> list:
-    """Convert every row, run `after` on the good ones, then raise or drop according to drop_invalid."""
+             max_invalid_fraction: float, after: RowCheck | None = None, num_proc: int | None = None) -> list:
+    """Convert every row, run `after` on the good ones, then raise or drop according to drop_invalid.
+
+    num_proc: processes for the conversion and `after` (resolve_num_proc); the result, the problems and their
+    order are the same for any number."""
     if not 0.0 <= max_invalid_fraction <= 1.0:
         raise InvalidDataError(raw.source, [], f"max_invalid_fraction must be within [0, 1], got {max_invalid_fraction}",
                                "set data.max_invalid_fraction between 0 and 1")
-    results, kept_rows, problems = [], [], list(raw.problems)
-    for index, values in enumerate(raw.rows):
-        if values is None:
-            continue  # unreadable line, already in raw.problems
-        row = RowReader(values, index, raw.line_of(index), mapping, raw.is_csv)
-        result = convert(row, renderer)
-        problems += row.problems
-        if result is not None and not row.problems:
-            results.append(result)
-            kept_rows.append(index)
-    extra_fix = ""
-    if after is not None and results:
+
+    def convert_range(start: int, stop: int) -> tuple[list, list[RowProblem], set[str]]:
+        """Rows [start, stop): (values of the good rows, problems, fault reasons). Each row is converted and
+        checked on its own, so ranges concatenated in order give exactly what one pass gives."""
+        results, kept_rows, problems = [], [], []
+        for index in range(start, stop):
+            if raw.rows[index] is None:
+                continue  # unreadable line, already in raw.problems
+            row = RowReader(raw.rows[index], index, raw.line_of(index), mapping, raw.is_csv)
+            result = convert(row, renderer)
+            problems += row.problems
+            if result is not None and not row.problems:
+                results.append(result)
+                kept_rows.append(index)
+        if after is None or not results:
+            return results, problems, set()
         checked, results, reasons = after.run(results), [], set()
         for index, (value, faults) in zip(kept_rows, checked):
             problems += [RowProblem(index, mapping.get(name, name), reason, raw.line_of(index)) for name, reason in faults]
             reasons.update(reason for _, reason in faults)
             if not faults:
                 results.append(value)
-        extra_fix = after.advice(reasons)
+        return results, problems, reasons
+
+    results, problems, reasons = [], list(raw.problems), set()
+    for part_results, part_problems, part_reasons in _over_ranges(convert_range, len(raw.rows),
+                                                                  resolve_num_proc(num_proc, len(raw.rows))):
+        results += part_results
+        problems += part_problems
+        reasons |= part_reasons
+    extra_fix = after.advice(reasons) if after is not None else ""
     if not problems:
         return results
     problems.sort(key=lambda problem: problem.row)  # stable: a row's own problems keep their order
@@ -244,7 +296,7 @@ def _collect(raw: RawRows, mapping: dict[str, str], convert: Callable, renderer,
 def load_preference_pairs(
     source: str, *, split: str = "train", layout: str = "auto", columns: dict[str, str] | None = None,
     chat_template_tokenizer=None, drop_invalid: bool = False, max_invalid_fraction: float = 0.05,
-    data_files_hint: str | None = None, after: RowCheck | None = None,
+    data_files_hint: str | None = None, after: RowCheck | None = None, num_proc: int | None = None,
 ) -> list:
     """Read, validate and render preference pairs from a local file or hub dataset (see module docstring).
 
@@ -252,6 +304,7 @@ def load_preference_pairs(
     "rejected": "bad"}. Raises InvalidDataError listing every bad row, unless drop_invalid=True, which drops
     them (logged with counts) and raises only when more than max_invalid_fraction of the rows are bad.
     after: a RowCheck run on the valid pairs (e.g. tokenisation); the loader then returns its values.
+    num_proc: processes that convert and check the rows (None: auto, see resolve_num_proc); same result for any.
     """
     if layout not in LAYOUTS:
         raise InvalidDataError(source, [], f"layout must be one of {LAYOUTS}, got {excerpt(layout, 40)}",
@@ -272,7 +325,7 @@ def load_preference_pairs(
         renderer = ChatRenderer(chat_template_tokenizer, source, _first_list_row(raw, mapping))
     convert = {"explicit": _explicit_pair, "conversational": _conversational_pair, "implicit_prompt": _implicit_pair}
     return _collect(raw, mapping, convert[chosen_layout], renderer, drop_invalid=drop_invalid,
-                    max_invalid_fraction=max_invalid_fraction, after=after)
+                    max_invalid_fraction=max_invalid_fraction, after=after, num_proc=num_proc)
 
 
 def _first_list_row(raw: RawRows, mapping: dict[str, str]) -> str:
@@ -318,7 +371,7 @@ def _prompt_completion_example(row: RowReader,
 def load_prompt_answers(
     source: str, *, split: str = "train", columns: dict[str, str] | None = None, chat_template_tokenizer=None,
     drop_invalid: bool = False, max_invalid_fraction: float = 0.05, data_files_hint: str | None = None,
-    after: RowCheck | None = None,
+    after: RowCheck | None = None, num_proc: int | None = None,
 ) -> list:
     """Read and validate SFT examples: prompt + completion (or "answer"/"response") as strings or message
     lists, or a conversational "messages" list whose last assistant turn is the answer and whose earlier
@@ -350,4 +403,4 @@ def load_prompt_answers(
         return renderers[0]
 
     return _collect(raw, mapping, convert, renderer_factory, drop_invalid=drop_invalid,
-                    max_invalid_fraction=max_invalid_fraction, after=after)
+                    max_invalid_fraction=max_invalid_fraction, after=after, num_proc=num_proc)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -32,15 +32,29 @@ from trainables.reference_cache import (ReferenceKeyInputs, ReferenceLogps, comp
 from trainables.sharding import empty_causal_lm
 from trainables.settings import DataArgs, LoopSettings, ModelArgs, PreferenceArgs, RuntimeArgs
 from trainables.sft_objective import SFTObjective
+from trainables.token_store import (StoredPairs, check_token_store, content_key, input_key, open_token_store, store_dir,
+                                    write_token_store)
 from trainables.tokenization import TokenizedPair, load_tokenized_examples, load_tokenized_pairs
 
 logger = logging.getLogger(__name__)
 
 @dataclass
 class PreferenceData:
+    """Tokenised train and eval pairs: lists, or memory-mapped StoredPairs of a token store."""
+
     tokenizer: Any
-    train: list[TokenizedPair]
-    eval: list[TokenizedPair]
+    train: Sequence[TokenizedPair]
+    eval: Sequence[TokenizedPair]
+    store: Path | None = None  # the token store that holds (or is to hold) these pairs; None: kept in memory only
+
+    def stored(self) -> "PreferenceData":
+        """These pairs read from their token store, memory-mapped, writing it first when they are still lists
+        (the sweep driver, once the data is valid: trainables/token_store.py). Without a store: unchanged."""
+        if self.store is None or isinstance(self.train, StoredPairs):
+            return self
+        write_token_store(self.store, {"train": self.train, "eval": self.eval}, self.store.name.removeprefix("tokens-"))
+        splits = open_token_store(self.store)
+        return PreferenceData(self.tokenizer, splits["train"], splits["eval"], self.store)
 
 
 def _split_holdout(rows: list, holdout: int) -> tuple[list, list]:
@@ -78,13 +92,29 @@ def tokenizer_for(model_args: ModelArgs):
 
 
 def load_preference_data(model_args: ModelArgs, data_args: DataArgs, preference_args: PreferenceArgs | None = None,
-                         runtime_args: RuntimeArgs | None = None) -> PreferenceData:
+                         runtime_args: RuntimeArgs | None = None, token_stores: str | None = None) -> PreferenceData:
     """Check the model (trainables/model_checks.py: also the reference and device when given), then load,
-    validate and tokenise the train and eval pairs (raises ModelError / InvalidDataError)."""
+    validate and tokenise the train and eval pairs in data.num_proc processes (raises ModelError /
+    InvalidDataError).
+
+    token_stores: the folder of the sweep's token stores (StorageLayout.token_stores). A complete store of
+    these inputs there is read instead (memory-mapped: no validation or tokenisation again); otherwise the
+    pairs come back as lists with `store` set, and `stored()` writes them. Nothing is written here.
+    """
     tokenizer = check_model_can_train(model_args, data_args, preference_args, runtime_args)
+    tokenizer_path = model_args.tokenizer_path or model_args.path
+    key = input_key(data_args, tokenizer, tokenizer_path) if token_stores else None
+    if key is not None and check_token_store(store_dir(token_stores, key), verify_content=True) is not None:
+        logger.info("data: reusing the token store %s", store_dir(token_stores, key))
+        splits = open_token_store(store_dir(token_stores, key))
+        return PreferenceData(tokenizer, splits["train"], splits["eval"], store_dir(token_stores, key))
     limits = dict(max_length=data_args.max_length, max_prompt_length=data_args.max_prompt_length)
-    train, held_out = _train_and_held_out(load_tokenized_pairs, data_args, tokenizer, layout=data_args.layout, **limits)
-    return PreferenceData(tokenizer=tokenizer, train=train, eval=held_out)  # rows checked after tokenisation too
+    train, held_out = _train_and_held_out(load_tokenized_pairs, data_args, tokenizer, layout=data_args.layout,
+                                          num_proc=data_args.num_proc, **limits)  # rows checked after tokenisation too
+    if token_stores and key is None:
+        key = content_key(data_args, tokenizer, tokenizer_path, train, held_out)
+    return PreferenceData(tokenizer=tokenizer, train=train, eval=held_out,
+                          store=store_dir(token_stores, key) if token_stores else None)
 
 
 def reference_key_inputs(model_args: ModelArgs, preference_args: PreferenceArgs, runtime_args: RuntimeArgs) -> ReferenceKeyInputs:

@@ -46,6 +46,7 @@ class DataArgs:
     drop_invalid: bool
     max_invalid_fraction: float
     eval_holdout: int  # when eval is None: hold out this many training rows (deterministic)
+    num_proc: int | None  # processes that validate and tokenise (None: auto, trainables/data.resolve_num_proc)
 
     @property
     def column_map(self) -> dict[str, str] | None:

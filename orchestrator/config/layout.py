@@ -4,6 +4,7 @@
     <storage_path>/<name>/                      the Tuner's experiment folder (searcher state, Tune's files)
     <storage_path>/<name>/sweep_summary.json    best trial, every trial's final metrics, decision log
     <storage_path>/<name>/reference_cache/      precomputed reference log-probs (default of reference.cache_dir)
+    <storage_path>/<name>/data/tokens-<key>/    the tokenised pairs, memory-mapped by every trial (token_stores)
     <storage_path>/<name>/analysis/             `dpo analyze`'s report
     <storage_path>/<name>/<trial_id>/           each trial's Tune folder; a warm trial's checkpoints (checkpoint_*/)
     <storage_path>/<name>-trials/<trial_id>/    a Ray Train trial's run and its checkpoints (multi-worker trials)
@@ -109,6 +110,12 @@ class StorageLayout:
         if self.remote:
             raise ConfigError("reference.cache_dir: with an object-store storage_path, set it to a shared filesystem path")
         return f"{self.root}/reference_cache"
+
+    @property
+    def token_stores(self) -> str | None:
+        """data/: the sweep's token stores, tokens-<key>/ each (trainables/token_store.py). None in object storage,
+        which cannot be memory-mapped: the driver then hands the pairs to the trials through Ray's object store."""
+        return None if self.remote else f"{self.root}/data"
 
     @property
     def mlflow_root(self) -> Path:

@@ -68,6 +68,7 @@ class DataSection(Section):
     drop_invalid: bool = Field(False, description="Drop bad rows (counted and logged) instead of failing")
     max_invalid_fraction: float = Field(0.05, ge=0, le=1, description="With drop_invalid: fail if more than this fraction is bad")
     eval_holdout: int = Field(0, ge=0, le=MAX_ROWS, description="Without data.eval: hold out this many training rows for evaluation" + at_most(MAX_ROWS))
+    num_proc: int | None = Field(None, ge=1, le=MAX_CPUS, description="Processes that validate and tokenise the data; null: auto = the usable CPUs (at most 8), but 1 under 20,000 rows; the result is the same for any number" + at_most(MAX_CPUS))
     sft_train: str | None = Field(None, description="SFT examples (prompt/completion or messages) for `dpo sft`")
     sft_eval: str | None = Field(None, description="Held-out SFT examples")
 

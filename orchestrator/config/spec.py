@@ -172,7 +172,8 @@ def _data(config: ExperimentConfig, stage: str) -> DataArgs:
                     train_split=data.train_split, eval_split=data.eval_split, layout=data.layout,
                     columns=tuple(sorted(data.columns.items())), max_length=data.max_length,
                     max_prompt_length=data.max_prompt_length, drop_invalid=data.drop_invalid,
-                    max_invalid_fraction=data.max_invalid_fraction, eval_holdout=data.eval_holdout)
+                    max_invalid_fraction=data.max_invalid_fraction, eval_holdout=data.eval_holdout,
+                    num_proc=data.num_proc)
 
 
 def _preference(config: ExperimentConfig, reference_cache: str) -> PreferenceArgs:

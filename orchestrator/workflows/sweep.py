@@ -174,7 +174,7 @@ def run_sweep(experiment: Experiment, *, address: str | None = None, resume: boo
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # eval metrics arrive every eval_every steps
     spec, layout = experiment.run, experiment.layout
     # 1) Bad data fails first: before a server or Ray starts and before anything is written.
-    data = load_preference_data(spec.model, spec.data)
+    data = load_preference_data(spec.model, spec.data, token_stores=layout.token_stores)  # writes nothing
     logger.info("data ok: %d training pairs, %d held-out pairs", len(data.train), len(data.eval))
     from orchestrator.workflows.plan import refuse_unfit_sweep
 
@@ -206,7 +206,8 @@ def run_sweep(experiment: Experiment, *, address: str | None = None, resume: boo
             write_config_yaml(layout.config_file, experiment.resolved_config())  # what --resume compares with
         if started_here and address:  # trials may land on other nodes: what they share must be shared
             check_storage_is_shared(experiment)
-        data_ref = ray.put(data)  # trials and the reference task read the validated, tokenised data from here
+        data = data.stored()  # written once under layout.token_stores; trials and the reference task memory-map it
+        data_ref = ray.put(data)  # the tokenizer and the store's paths (all pairs when storage is an object store)
         # 3) the reference pass, overlapping Tune's start
         REFERENCE_FAILED.clear()  # an earlier sweep's failed reference task (this process) must not stop this one
         precomputed = spec.preference.reference_mode == "precomputed"
