@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 NON_RESULT_KEYS = frozenset({
     "tracking.enabled", "tracking.uri", "tracking.experiment", "output_dir", "storage_path", "reference.cache_dir",
     "train.resume_from", "train.overwrite_output_dir", "train.preemption_grace_s", "failure.max_failures",
+    "data.num_proc",  # how many processes tokenise: the pairs are the same for any number
 })
 SHOWN_CHANGES = 20  # keys listed in the message; the rest counted
 VALUE_CHARS = 80
