@@ -147,7 +147,10 @@ def run_training_loop(
     checkpoints_dir = Path(settings.output_dir) / "checkpoints"
     # The metric window in progress is part of a checkpoint, so a resumed run reports the same window means.
     saved_window = (resume_state or {}).get("extra", {}).get(METRIC_WINDOW_KEY) or {}
-    window: dict[str, float] = dict(saved_window.get("sums", {}))
+    # "totals": the window summed over the saving world's ranks, split evenly over this world's ranks, so a run
+    # resumed on fewer or more ranks reports the same means; "sums" (older checkpoints): already split, same world
+    window: dict[str, float] = ({key: value / world for key, value in saved_window["totals"].items()}
+                                if "totals" in saved_window else dict(saved_window.get("sums", {})))
     window_seconds = float(saved_window.get("seconds", 0.0))
     step_seconds_total = 0.0  # time inside optimizer steps, for overhead accounting (bench/sweep.py)
     eval_seconds_total = 0.0
@@ -211,8 +214,8 @@ def run_training_loop(
         stop_signal = stop_requested()
         checkpoint_step = done % settings.checkpoint_every == 0 or done == settings.max_steps or stop_signal is not None
         if checkpoint_step:
-            # per-rank window sums, all-reduced and split evenly: each rank restores 1/world of the total
-            window_state = {"sums": {key: value / world for key, value in all_reduce_sums(window, device).items()},
+            # the window's sums over all ranks: a resumed run splits them over its own ranks, whatever their number
+            window_state = {"totals": all_reduce_sums(window, device),
                             "seconds": window_seconds}
             extra = {**(checkpoint_extra or {}), METRIC_WINDOW_KEY: window_state,
                      **({OBJECTIVE_STATE_KEY: objective.state_dict()} if hasattr(objective, "state_dict") else {})}

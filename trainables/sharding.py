@@ -248,7 +248,11 @@ def load_sharded(build: Any, *, device: torch.device, compute_dtype: torch.dtype
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     device = torch.device(device)
-    model = shard_model(build(True), device=device, compute_dtype=compute_dtype)  # 1)
+    # peft draws LoRA's initial values from the CPU generator even on the meta device: without fork_rng rank 0's
+    # real build would draw other adapters than one process with the same train.seed (different losses)
+    with torch.random.fork_rng(devices=[]):
+        meta_model = build(True)
+    model = shard_model(meta_model, device=device, compute_dtype=compute_dtype)  # 1)
     full = build(False) if dist.get_rank() == 0 else None  # 2)
     set_model_state_dict(model, dict(full.state_dict()) if full is not None else {},
                          options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
