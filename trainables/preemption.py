@@ -12,8 +12,14 @@ installed by `dpo train` / `dpo sft` in the main thread, orchestrator/workflows/
 3) a second SIGTERM or SIGINT stops at once (KeyboardInterrupt), for the same reason without harm.
 Python runs signal handlers between bytecodes, so a signal that arrives inside one long C call (a big
 matrix product) is seen when that call returns. Handlers can only be installed in the main thread; in any
-other thread (a Ray trial's training thread) `stop_on_signals` changes nothing. No torch here.
-Tested by `python -m pytest tests/test_preemption.py -q`.
+other thread (a Ray trial's training thread) `stop_on_signals` changes nothing.
+A Ray trial worker (a warm trial actor, a one-worker Ray Train worker) trains in a thread of its own, so
+there the handlers are put in place once per process from its main thread (`install_in_worker`, called
+when orchestrator/ray/trial.py is imported there) and only act while a trial runs (`trial_scope`): the
+trial then saves and reports the step in progress and raises `Preempted`, and Ray's failure handling
+retries it from that checkpoint. Outside a trial, on a second signal, or when the grace period runs out,
+the process's previous handler (Ray's: exit) runs. No torch here.
+Tested by `python -m pytest tests/test_preemption.py tests/test_chaos_trial_preemption.py -q`.
 """
 
 from __future__ import annotations
@@ -63,9 +69,11 @@ class _StopRequest:
         self.signal_name: str | None = None
         self.received_at: float | None = None
         self.grace_s: float | None = None
+        self.in_trial = False  # a Ray worker: a trial's loop is running and will read the request
 
     def clear(self) -> None:
         self.signal_name = self.received_at = self.grace_s = None
+        self.in_trial = False
 
 
 _REQUEST = _StopRequest()
@@ -113,3 +121,64 @@ def stop_on_signals(grace_s: float) -> Iterator[bool]:
         for number, handler in previous.items():
             signal.signal(number, handler)
         _REQUEST.clear()
+
+
+# ---- Ray trial workers: handlers installed once per process, active while a trial runs -----------------
+
+_WORKER_PREVIOUS: dict[int, object] = {}  # the handlers found at install_in_worker (Ray's SIGTERM: exit)
+
+
+def _call_previous(signum: int, frame) -> None:
+    """What the process did before install_in_worker: Ray's handler exits the worker; a default one stops it."""
+    previous = _WORKER_PREVIOUS.get(signum, signal.SIG_DFL)
+    if callable(previous):
+        previous(signum, frame)
+    elif previous == signal.SIG_DFL:
+        signal.signal(signum, signal.SIG_DFL)
+        signal.raise_signal(signum)  # the default action, as if nothing had been installed
+
+
+def _on_worker_signal(signum, frame) -> None:
+    if not _REQUEST.in_trial or _REQUEST.signal_name is not None:
+        _call_previous(signum, frame)  # no trial to checkpoint, or a second signal: stop at once
+        return
+    _on_stop_signal(signum, frame)  # records the request and arms the grace period (SIGALRM)
+
+
+def _on_worker_alarm(signum, frame) -> None:
+    logger.warning("the step in progress and its checkpoint did not finish within the %g s grace period after %s; "
+                   "stopping without a new checkpoint (the trial restarts from its previous one)",
+                   _REQUEST.grace_s, _REQUEST.signal_name)
+    _call_previous(signal.SIGTERM, frame)
+
+
+def install_in_worker() -> bool:
+    """Install the trial worker's SIGTERM / SIGINT handlers in this process (idempotent); whether they are
+    installed. Only the main thread can: called there by the import of orchestrator/ray/trial.py in a Ray
+    worker, after Ray put in place its own SIGTERM handler (which is kept, and called when no trial runs)."""
+    if threading.current_thread() is not threading.main_thread():
+        return bool(_WORKER_PREVIOUS)
+    if signal.getsignal(signal.SIGTERM) is _on_worker_signal:
+        return True
+    for number in STOP_SIGNALS:
+        _WORKER_PREVIOUS[number] = signal.getsignal(number)
+        signal.signal(number, _on_worker_signal)
+    signal.signal(signal.SIGALRM, _on_worker_alarm)
+    return True
+
+
+@contextlib.contextmanager
+def trial_scope(grace_s: float) -> Iterator[bool]:
+    """While a trial's loop runs in this worker (any thread): a stop signal asks it to checkpoint the step in
+    progress within grace_s; yields whether the worker's handlers are installed (install_in_worker)."""
+    installed = signal.getsignal(signal.SIGTERM) is _on_worker_signal
+    _REQUEST.clear()
+    _REQUEST.grace_s, _REQUEST.in_trial = float(grace_s), installed
+    try:
+        yield installed
+    finally:
+        _REQUEST.in_trial = False
+        if _REQUEST.signal_name is None:
+            _REQUEST.clear()
+        else:  # the trial stopped on the signal: no alarm now; its retry runs in another worker
+            signal.setitimer(signal.ITIMER_REAL, 0)
