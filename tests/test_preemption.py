@@ -214,3 +214,59 @@ def test_the_stop_message_says_how_to_go_on():
     assert error.exit_code == EXIT_PREEMPTED == 75
     assert str(error) == ("training stopped by SIGTERM after step 7 of 10: checkpoint /runs/x/checkpoints/step-000007 "
                           "saved; continue with --set train.resume_from=latest")
+
+
+# A Ray trial worker in miniature: the process's own SIGTERM handler (Ray's exits the worker), the trial's loop in a
+# thread of its own; prints what happened, one JSON line per event.
+WORKER = r"""
+import json, os, signal, sys, threading, time
+from trainables.preemption import install_in_worker, stop_requested, trial_scope
+
+def previous(signum, frame):  # stands for Ray's handler
+    print(json.dumps({"previous_handler": signal.Signals(signum).name}), flush=True)
+
+signal.signal(signal.SIGTERM, previous)
+assert install_in_worker() and install_in_worker()  # idempotent
+os.kill(os.getpid(), signal.SIGTERM)  # no trial running: the previous handler
+time.sleep(0.2)
+
+def trial():
+    with trial_scope(float(sys.argv[1])) as active:
+        print(json.dumps({"active": active}), flush=True)
+        for step in range(1, 200):
+            time.sleep(0.02)
+            if stop_requested():
+                print(json.dumps({"stopped_at_step": step, "signal": stop_requested()}), flush=True)
+                return
+    print(json.dumps({"ran_to_the_end": True}), flush=True)
+
+thread = threading.Thread(target=trial)
+thread.start()
+time.sleep(0.5)
+os.kill(os.getpid(), signal.SIGTERM)
+thread.join()
+os.kill(os.getpid(), signal.SIGTERM)  # after the trial stopped: at once (the previous handler)
+time.sleep(0.2)
+print(json.dumps({"alarm_left": signal.getitimer(signal.ITIMER_REAL)[0]}), flush=True)
+"""
+
+
+def test_a_trial_worker_turns_sigterm_into_a_stop_of_its_trial_thread_and_otherwise_keeps_its_own_handler():
+    child = subprocess.run([sys.executable, "-c", WORKER, "30"], capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert child.returncode == 0, child.stderr
+    events = [json.loads(line) for line in child.stdout.splitlines()]
+    assert events[0] == {"previous_handler": "SIGTERM"}  # no trial: the worker's own handler, as without us
+    assert events[1] == {"active": True}
+    assert events[2]["signal"] == "SIGTERM" and 10 <= events[2]["stopped_at_step"] < 199  # the loop saw it mid-way
+    assert events[3] == {"previous_handler": "SIGTERM"}  # a signal once the trial stopped: at once
+    assert events[4] == {"alarm_left": 0.0}  # the grace period's alarm ended with the trial
+
+
+def test_a_trial_thread_whose_step_outlasts_the_grace_period_hands_the_signal_to_the_workers_own_handler():
+    slow = WORKER.replace("time.sleep(0.02)", "time.sleep(2.0)")  # a step longer than the 0.3 s grace period
+    child = subprocess.run([sys.executable, "-c", slow, "0.3"], capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "PYTHONPATH": str(REPO)})
+    events = [json.loads(line) for line in child.stdout.splitlines()]
+    assert events[:2] == [{"previous_handler": "SIGTERM"}, {"active": True}]
+    assert events[2] == {"previous_handler": "SIGTERM"}, events  # the grace period ran out: Ray's handler (exit)

@@ -49,10 +49,13 @@ class Preempted(UserError):
     exit_code = EXIT_PREEMPTED
 
     def __init__(self, signal_name: str, step: int, max_steps: int, checkpoint: str | None):
-        self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
+        self.signal_name, self.step, self.max_steps, self.checkpoint = signal_name, step, max_steps, checkpoint
         saved = f"checkpoint {checkpoint} saved" if checkpoint else "no checkpoint saved on this rank"
         super().__init__(f"training stopped by {signal_name} after step {step} of {max_steps}: {saved}; continue "
                          "with --set train.resume_from=latest")
+
+    def __reduce__(self):  # pickled as its arguments: Ray sends a trial's error to the driver by pickle
+        return (Preempted, (self.signal_name, self.step, self.max_steps, self.checkpoint))
 
 
 class PreemptionTimeout(BaseException):
@@ -142,7 +145,8 @@ def _on_worker_signal(signum, frame) -> None:
     if not _REQUEST.in_trial or _REQUEST.signal_name is not None:
         _call_previous(signum, frame)  # no trial to checkpoint, or a second signal: stop at once
         return
-    _on_stop_signal(signum, frame)  # records the request and arms the grace period (SIGALRM)
+    _on_stop_signal(signum, frame)  # records the request and arms the grace period (SIGALRM)...
+    signal.signal(signal.SIGALRM, _on_worker_alarm)  # ...whose end, here, hands over to the worker's own handler
 
 
 def _on_worker_alarm(signum, frame) -> None:
@@ -163,7 +167,6 @@ def install_in_worker() -> bool:
     for number in STOP_SIGNALS:
         _WORKER_PREVIOUS[number] = signal.getsignal(number)
         signal.signal(number, _on_worker_signal)
-    signal.signal(signal.SIGALRM, _on_worker_alarm)
     return True
 
 

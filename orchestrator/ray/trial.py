@@ -37,6 +37,12 @@ from orchestrator.config.layout import StorageLayout
 from orchestrator.config.spec import Resources, RunSpec
 from orchestrator.ray.probes import StartupClock
 from orchestrator.tracking.schema import SEARCHED_PARAMS
+from trainables.preemption import install_in_worker, trial_scope
+
+# In a Ray worker this import runs in the main thread (a trainable is unpickled there), the only thread that
+# may install signal handlers: SIGTERM / SIGINT then checkpoint a trial's step in progress (trainables/preemption.py).
+if ray._private.worker.global_worker.mode == ray.WORKER_MODE:
+    install_in_worker()
 
 Send = Callable[[dict[str, Any], "Checkpoint | None"], None]  # ray.train.report or ray.tune.report
 
@@ -191,6 +197,11 @@ def reached_last_step(spec: RunSpec, checkpoint_dir: str) -> bool:
     return any(step >= spec.loop.max_steps for step, _ in find_checkpoints(Path(checkpoint_dir)))
 
 
+def preemption_grace_s(spec: RunSpec) -> float:
+    """train.preemption_grace_s of the run (its resolved config's params; 60 s, the schema default, if absent)."""
+    return float(spec.param_dict().get("train.preemption_grace_s", 60.0))
+
+
 # ---- warm: the engine in Tune's (reused) trial actor ---------------------------------------------
 
 def warm_device(resources: Resources) -> str:
@@ -215,9 +226,10 @@ def warm_trial(trial_config: dict[str, Any], *, spec: RunSpec, layout: StorageLa
                             run_id=run_id, journal_dir=tracking.journal_dir if tracking else None,
                             system_metrics=bool(tracking and tracking.system_metrics),
                             trial_started_at=started)
-            run_engine(job, rank=0, device=warm_device(spec.resources),
-                       send=lambda metrics, checkpoint: tune.report(metrics, checkpoint=checkpoint),
-                       restored=tune.get_checkpoint(), startup=StartupClock.of(job, entered_at=started))
+            with trial_scope(preemption_grace_s(trial_spec)):  # SIGTERM: checkpoint, report, Preempted; Tune retries
+                run_engine(job, rank=0, device=warm_device(spec.resources),
+                           send=lambda metrics, checkpoint: tune.report(metrics, checkpoint=checkpoint),
+                           restored=tune.get_checkpoint(), startup=StartupClock.of(job, entered_at=started))
     finally:
         gc.collect()  # the next trial in this actor starts without this one's model and optimizer
         if torch.cuda.is_available():
@@ -244,9 +256,13 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         # shards the model as it loads: rank 0 reads the weights, every rank receives only its shards
         prepare_model = FSDPPreparer(device, resolve_autocast_dtype(job.spec.runtime.precision, device))
 
-    run_engine(job, rank=context.get_world_rank(), device=str(device),
-               send=lambda metrics, checkpoint: ray.train.report(metrics, checkpoint=checkpoint),
-               restored=ray.train.get_checkpoint(), startup=startup, prepare_model=prepare_model)
+    # One worker: SIGTERM checkpoints the step in progress. Several: every rank would have to agree on the
+    # step to stop at (the loop does not yet), so Ray's handler ends the worker and the group restarts.
+    grace_s = preemption_grace_s(job.spec) if context.get_world_size() == 1 else None
+    with trial_scope(grace_s) if grace_s else contextlib.nullcontext():
+        run_engine(job, rank=context.get_world_rank(), device=str(device),
+                   send=lambda metrics, checkpoint: ray.train.report(metrics, checkpoint=checkpoint),
+                   restored=ray.train.get_checkpoint(), startup=startup, prepare_model=prepare_model)
 
 
 def scaling_for(resources: Resources) -> ScalingConfig:
