@@ -1,6 +1,6 @@
 """The engine at 4 ranks (issue 19): FSDP and HSDP losses, sharded checkpoints resumed at 2 ranks and 1, export.
 
-One 4-rank spawn (gloo, torch.multiprocessing, as tests/test_fsdp.py does) trains two runs of 5 steps: FSDP
+The tiny Llama's LM head is tied to its embedding, as in the embedded default. One 4-rank spawn (gloo, torch.multiprocessing, as tests/test_fsdp.py does) trains two runs of 5 steps: FSDP
 over the 4 ranks (full weights), and HSDP as a 2 x 2 mesh (LOCAL_WORLD_SIZE 2, as Ray Train sets it on 2
 nodes of 2 workers) with LoRA. Each writes sharded checkpoints at steps 3 and 5. Step 3
 is in the middle of a metric window (log_every 2: steps 3 and 4 are one logged mean), so resuming there
@@ -101,11 +101,24 @@ def _spawn(world: int, root: Path, task: str) -> dict[str, Any]:
     return json.loads((root / f"{task}-{world}.json").read_text())
 
 
+def tie_embeddings(model_dir: Path) -> None:
+    """The tiny Llama with its LM head tied to the embedding, as the embedded default's is: FSDP loading used to
+    untie them (the first sharded checkpoint then failed with KeyError in get_state_dict)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    model.save_pretrained(model_dir)
+    reloaded = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert reloaded.lm_head.weight is reloaded.get_input_embeddings().weight
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Any]:
     """The 4-rank runs, their resumes at 2 ranks and at 1, and one process's uninterrupted runs."""
     root = tmp_path_factory.mktemp("sharded-resume")
-    build_model_dir(root / "model", "llama")
+    tie_embeddings(build_model_dir(root / "model", "llama"))
     write_jsonl(root / "train.jsonl", pair_rows("explicit", 32, seed=1))
     write_jsonl(root / "eval.jsonl", pair_rows("explicit", 7, seed=2))
     trained = _spawn(4, root, "train")

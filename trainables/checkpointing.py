@@ -158,6 +158,13 @@ def _state_options(strict: bool = True):
     return StateDictOptions(ignore_frozen_params=True, strict=strict)
 
 
+def _trainable_only(model: torch.nn.Module, model_state: dict[str, Any]) -> dict[str, Any]:
+    """model_state without frozen tensors under any of their names. ignore_frozen_params drops a frozen parameter
+    under its first name only, so under LoRA a tied LM head (an alias of the frozen embedding) was still saved."""
+    frozen = {name for name, parameter in model.named_parameters(remove_duplicate=False) if not parameter.requires_grad}
+    return {key: value for key, value in model_state.items() if key not in frozen}
+
+
 def _shared_from_rank0(value: Any) -> Any:
     import torch.distributed as dist
 
@@ -237,6 +244,7 @@ def save_sharded_checkpoint(
         raise CheckpointError(problem)
     staging = Path(staging_name)
     model_state, optimizer_state = get_state_dict(model, optimizer, options=_state_options())
+    model_state = _trainable_only(model, model_state)
     outcome: tuple[str | None, str | None] = (None, None)
     try:
         with _no_space_left(checkpoints_dir, staging, step):
@@ -308,12 +316,12 @@ def load_sharded_state(checkpoint: Path, model: torch.nn.Module, optimizer: torc
     # not strict: under LoRA the frozen base weights are absent on purpose; any trainable tensor missing is refused
     options = _state_options(strict=False)
     if optimizer is None:
-        state = {"model": get_model_state_dict(model, options=options)}
+        state = {"model": _trainable_only(model, get_model_state_dict(model, options=options))}
         dcp.load(state, storage_reader=reader)
         result = set_model_state_dict(model, state["model"], options=options)
     else:
         model_state, optimizer_state = get_state_dict(model, optimizer, options=options)
-        state = {"model": model_state, "optimizer": optimizer_state}
+        state = {"model": _trainable_only(model, model_state), "optimizer": optimizer_state}
         dcp.load(state, storage_reader=reader)
         result = set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                                 options=options)

@@ -252,10 +252,17 @@ def load_sharded(build: Any, *, device: torch.device, compute_dtype: torch.dtype
     # real build would draw other adapters than one process with the same train.seed (different losses)
     with torch.random.fork_rng(devices=[]):
         meta_model = build(True)
+    aliases = tied_aliases(meta_model)
     model = shard_model(meta_model, device=device, compute_dtype=compute_dtype)  # 1)
     full = build(False) if dist.get_rank() == 0 else None  # 2)
     set_model_state_dict(model, dict(full.state_dict()) if full is not None else {},
                          options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    # The broadcast assigns one new parameter per state-dict key, which unties tied weights (lm_head and
+    # embed_tokens under tie_word_embeddings): the optimizer then held a parameter FSDP no longer owns and
+    # get_state_dict failed (KeyError) at the first checkpoint. Point every alias back at its primary.
+    for alias, primary in aliases:
+        owner, _, attribute = alias.rpartition(".")
+        model.get_submodule(owner).register_parameter(attribute, model.get_parameter(primary))
     persistent = set(model.state_dict())
     source = dict(full.named_buffers()) if full is not None else {}
     for name, buffer in model.named_buffers():  # 3) same names on every rank: one model class
@@ -271,6 +278,18 @@ def load_sharded(build: Any, *, device: torch.device, compute_dtype: torch.dtype
         raise RuntimeError(f"load_sharded: {len(meta)} tensors got no data from rank 0's weights (first: {meta[0]})")
     del full, source
     return model
+
+
+def tied_aliases(model: torch.nn.Module) -> list[tuple[str, str]]:
+    """(alias, primary) names of parameters reachable under several names, e.g. a tied LM head and embedding."""
+    first: dict[int, str] = {}
+    aliases = []
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        if id(parameter) in first:
+            aliases.append((name, first[id(parameter)]))
+        else:
+            first[id(parameter)] = name
+    return aliases
 
 
 class FSDPPreparer:
