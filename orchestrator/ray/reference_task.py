@@ -10,6 +10,7 @@ file the trials read. So the pass takes about 1/N of the time of one worker, on 
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import threading
@@ -88,6 +89,55 @@ def wait_for_reference(ref, timeout_s: float, who: str, log_every_s: float = 60.
                 "reference.wait_timeout_s if the pass is slow (its progress is in the sweep's console.log), "
                 "or check that the cluster can place it (it needs the resources of one trial worker)")
         logger.info("%s: waiting for the reference pass (%.0f s so far, at most %.0f s)", who, waited, timeout_s)
+
+
+class DriverReference:
+    """The pass computed by the driver itself, in a thread, while Ray, MLflow and Tune start: used on a local
+    Ray without GPUs, where the driver has torch and the pairs loaded already and no Ray worker process has
+    to import them for a separate task (on 2 cores that start-up alone took seconds per sweep).
+
+    The cache key is hashed first (`key()`, handed to the trials); the pass then holds the cache file's lock,
+    so a trial that starts before it ends waits on the lock and reads the file (trainables/reference_cache.py).
+    A failure stops the sweep like a failed reference task (REFERENCE_FAILED) and is raised by `result`.
+    """
+
+    def __init__(self, spec: RunSpec, data):
+        self.cache_dir, self.ref = spec.preference.reference_cache_dir, None
+        self._key: concurrent.futures.Future = concurrent.futures.Future()
+        self._done, self._error = threading.Event(), None
+        REFERENCE_FAILED.clear()
+        threading.Thread(target=self._run, args=(spec, data), name="reference-pass", daemon=True).start()
+
+    def _run(self, spec: RunSpec, data) -> None:
+        from trainables.entrypoints import precompute_reference, reference_cache_key
+
+        try:
+            key = reference_cache_key(spec.model, spec.preference, data, spec.runtime)
+            self._key.set_result(key)
+            *_, reused = precompute_reference(spec.model, spec.preference, data, spec.runtime, key=key)
+            logger.info("reference log-probs %s (cache key %s) in %s", "reused" if reused else "computed", key,
+                        self.cache_dir)
+        except BaseException as error:  # noqa: BLE001 - raised in the driver by key() or result()
+            self._error = error
+            if not self._key.done():
+                self._key.set_exception(error)
+            REFERENCE_FAILED.set()
+        finally:
+            self._done.set()
+
+    def key(self) -> str:
+        """The cache key (waits for the hash; raises the pass's error if it failed first)."""
+        return self._key.result()
+
+    def watch(self) -> None:
+        """Nothing to do: the thread flags its own failure."""
+
+    def result(self) -> str:
+        """The cache key once the pass has ended (raises its error)."""
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._key.result()
 
 
 def reference_stopper():

@@ -54,6 +54,7 @@ class SharedRefs:
     data: Any = None  # ray.ObjectRef of the validated, tokenised PreferenceData (None: read data_args)
     reference_ready: Any = None  # ray.ObjectRef of the reference task, awaited before training (None: no task)
     reference_wait_s: float = 21600.0  # how long a trial waits for it (reference.wait_timeout_s)
+    reference_key: str | None = None  # the cache key when the driver computes the pass itself (DriverReference)
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,8 @@ def run_engine(job: WorkerJob, *, rank: int, device: str, send: Send, restored: 
     spec, resources = job.spec, job.spec.resources
     data = read_shared(job, startup)
     # the cache key the reference task computed once for the sweep (already resolved): no rank re-hashes the weights
-    reference_key = ray.get(job.shared.reference_ready)[0] if job.shared.reference_ready is not None else None
+    reference_key = (ray.get(job.shared.reference_ready)[0] if job.shared.reference_ready is not None
+                     else job.shared.reference_key)
     if not resources.use_gpu:
         torch.set_num_threads(max(1, int(resources.cpus_per_worker)))  # the CPUs Ray reserved for this process
     local_dir = Path(tempfile.mkdtemp(prefix=f"dpo-{spec.name}-rank{rank}-"))

@@ -162,7 +162,7 @@ def run_sweep(experiment: Experiment, *, address: str | None = None, resume: boo
     import ray
 
     from orchestrator.ray.cluster import check_cluster_fits, check_storage_is_shared, local_resources, start_ray
-    from orchestrator.ray.reference_task import REFERENCE_FAILED, ReferenceTask
+    from orchestrator.ray.reference_task import REFERENCE_FAILED, DriverReference, ReferenceTask
     from orchestrator.ray.trial import SharedRefs, TrialTracking
     from orchestrator.ray.tuner import build_tuner
     from orchestrator.tracking.metric_journal import replay_journals
@@ -211,7 +211,8 @@ def run_sweep(experiment: Experiment, *, address: str | None = None, resume: boo
         # 3) the reference pass, overlapping Tune's start
         REFERENCE_FAILED.clear()  # an earlier sweep's failed reference task (this process) must not stop this one
         precomputed = spec.preference.reference_mode == "precomputed"
-        reference = ReferenceTask(spec, data_ref) if precomputed else None
+        in_driver = started_here and not address and not spec.resources.use_gpu  # DriverReference's docstring
+        reference = None if not precomputed else DriverReference(spec, data) if in_driver else ReferenceTask(spec, data_ref)
         tracking_uri = tracking_uri_when_ready()
         if tracking_uri:
             sweep_records = open_sweep_run(experiment, tracking_uri, resume)
@@ -229,7 +230,8 @@ def run_sweep(experiment: Experiment, *, address: str | None = None, resume: boo
                                  else str(layout.metric_journals),
                                  system_metrics=experiment.tracking.system_metrics) if sweep_records else None
         shared = SharedRefs(data=data_ref, reference_ready=reference.ref if reference else None,
-                            reference_wait_s=experiment.sweep.reference_wait_s)
+                            reference_wait_s=experiment.sweep.reference_wait_s,
+                            reference_key=reference.key() if isinstance(reference, DriverReference) else None)
         results = build_tuner(experiment, resume, tracking, shared, console=console).fit()
         # 5) the summary
         cache_key = reference.result() if reference is not None else None  # raises the task's error, if any
