@@ -8,6 +8,8 @@ tests/test_sweep.py runs its trials on a store, and a StoredPairs pickles as its
 from __future__ import annotations
 
 import json
+import logging
+import os
 import pickle
 import random
 from dataclasses import replace
@@ -17,9 +19,10 @@ import pytest
 
 from tests.helpers_tokenizer import build_bpe_tokenizer
 from tests.tiny_world import build_model_dir, engine_args, pair_rows, write_jsonl
-from trainables.data import InvalidDataError, resolve_num_proc
-from trainables.entrypoints import load_preference_data
+from trainables.data import InvalidDataError, RowCheck, load_preference_pairs
+from trainables.entrypoints import load_preference_data, tokenizer_for
 from trainables.reference_cache import ReferenceKeyInputs, reference_fingerprint
+from trainables.row_processes import DataWorkerError, resolve_num_proc
 from trainables.token_store import StoredPairs, check_token_store, input_key, open_token_store, write_token_store
 from trainables.tokenization import load_tokenized_pairs
 
@@ -38,11 +41,19 @@ def tokenizer():
     return build_bpe_tokenizer()
 
 
-def test_parallel_tokenisation_gives_the_serial_pairs_in_order(tmp_path, tokenizer):
+def test_parallel_tokenisation_gives_the_serial_pairs_in_order(tmp_path, tokenizer, caplog):
     path = write_jsonl(tmp_path / "pairs.jsonl", random_rows(4000))
-    serial = load_tokenized_pairs(str(path), tokenizer=tokenizer, max_length=24, num_proc=1)
-    parallel = load_tokenized_pairs(str(path), tokenizer=tokenizer, max_length=24, num_proc=2)
-    assert len(serial) == 4000 and parallel == serial  # same token ids, same order (truncation included)
+    logs = []
+    for num_proc in (1, 2):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="trainables.tokenization"):
+            pairs = load_tokenized_pairs(str(path), tokenizer=tokenizer, max_length=24, num_proc=num_proc)
+        logs.append([record.getMessage() for record in caplog.records if "truncated" in record.getMessage()])
+        if num_proc == 1:
+            serial = pairs
+    assert len(serial) == 4000 and pairs == serial  # same token ids, same order (truncation included)
+    assert len(logs[0]) == 1 and logs[1] == logs[0]  # one line counting all 4000 pairs, not one per process
+    assert "prompts cut in" in logs[0][0] and "of 4000 pairs" in logs[0][0]
     assert resolve_num_proc(None, 19_999) == 1  # auto: small sets stay in one process
     assert resolve_num_proc(3, 10) == 3 and resolve_num_proc(4, 2) == 1
 
@@ -73,6 +84,16 @@ def test_parallel_mode_names_the_bad_rows_as_the_serial_path_does(tmp_path, toke
     dropped = load_tokenized_pairs(str(path), tokenizer=tokenizer, max_length=24, num_proc=2, drop_invalid=True)
     assert dropped == load_tokenized_pairs(str(path), tokenizer=tokenizer, max_length=24, num_proc=1,
                                            drop_invalid=True) and len(dropped) == 2996
+
+
+def test_a_data_process_that_dies_is_an_error_naming_num_proc_not_a_hang(tmp_path):
+    path = write_jsonl(tmp_path / "pairs.jsonl", random_rows(40, seed=5))
+
+    def killed(rows, tally):  # what the kernel's out-of-memory killer does to a worker
+        os._exit(137)
+
+    with pytest.raises(DataWorkerError, match=r"pairs.jsonl: .*data.num_proc=2\) died.*set data.num_proc lower"):
+        load_preference_pairs(str(path), after=RowCheck(killed), num_proc=2)
 
 
 def test_a_store_gives_back_the_pairs_it_was_written_with(tmp_path, tokenizer):
@@ -111,11 +132,16 @@ def test_a_truncated_or_partial_store_is_never_reused(tmp_path, tokenizer):
     assert not list(tmp_path.glob(".tokens-k.partial-*"))  # no temporary folder left behind
 
 
-def test_the_store_key_follows_the_data_file_the_tokenizer_and_max_length(tmp_path):
-    model = build_model_dir(tmp_path / "model")
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_model_dir(tmp_path_factory.mktemp("token-store") / "model")
+
+
+def test_the_store_key_follows_the_data_file_the_tokenizer_and_max_length(tmp_path, tiny_model):
+    model = tiny_model
     train = write_jsonl(tmp_path / "train.jsonl", pair_rows("explicit", 40, seed=1))
     spec = engine_args(str(model), str(train), data__max_length=48, data__eval_holdout=4)
-    tokenizer = load_preference_data(spec.model, spec.data).tokenizer
+    tokenizer = tokenizer_for(spec.model)
     key = input_key(spec.data, tokenizer, str(model))
     assert key == input_key(spec.data, tokenizer, str(model))
     assert input_key(replace(spec.data, num_proc=2), tokenizer, str(model)) == key  # same pairs for any num_proc
@@ -127,8 +153,8 @@ def test_the_store_key_follows_the_data_file_the_tokenizer_and_max_length(tmp_pa
     assert input_key(replace(spec.data, train="some/hub-dataset"), tokenizer, str(model)) is None
 
 
-def test_a_sweep_writes_the_store_once_and_reads_it_back_on_resume(tmp_path, monkeypatch):
-    model = build_model_dir(tmp_path / "model")
+def test_a_sweep_writes_the_store_once_and_reads_it_back_on_resume(tmp_path, monkeypatch, tiny_model):
+    model = tiny_model
     train = write_jsonl(tmp_path / "train.jsonl", pair_rows("explicit", 40, seed=1))
     spec = engine_args(str(model), str(train), data__max_length=48, data__eval_holdout=4)
     stores = tmp_path / "sweep" / "data"

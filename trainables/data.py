@@ -13,14 +13,14 @@ or, with drop_invalid=True, bad rows are dropped and counted. A RowCheck (`after
 at once, and the rows it faults count the same way: training uses it for the checks after tokenisation
 and truncation (trainables/tokenization.py `pair_token_check`). Answers are returned without eos: the
 tokenizer step appends it. num_proc (data.num_proc) splits the rows into contiguous chunks converted and
-checked in forked processes; the values, the problems and their order are those of one process.
+checked in forked processes (trainables/row_processes.py); the values, the problems and their order are
+those of one process.
 Tested by `python -m pytest tests/test_data.py tests/test_adversarial_data.py -q`.
 """
 
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
 from collections import Counter
 from dataclasses import dataclass, field as dataclass_field
@@ -39,9 +39,10 @@ from trainables.data_sources import (
     read_rows,
     show_columns,
 )
+from trainables.row_processes import DataWorkerError, over_ranges, resolve_num_proc, without_gc
 
 __all__ = [
-    "DataSourceError", "InvalidDataError", "PreferencePair", "PromptAnswer", "RowCheck", "RowProblem", "dataset_fingerprint",
+    "DataSourceError", "DataWorkerError", "InvalidDataError", "PreferencePair", "PromptAnswer", "RowCheck", "RowProblem", "dataset_fingerprint",
     "extract_implicit_prompt", "load_preference_pairs", "load_prompt_answers",
 ]
 
@@ -183,52 +184,19 @@ def _check_mapped_columns(raw: RawRows, columns: dict[str, str] | None) -> None:
 class RowCheck:
     """A check of all valid rows at once, after they are read (tokenisation: trainables/tokenization.py).
 
-    run(rows) gives per row (value, faults): the value replaces the row in what the loader returns; faults,
-    (field, reason) pairs with canonical field names, make the row invalid like any other bad row (listed
-    with its line, or dropped and counted under drop_invalid). fixes: how to fix such rows, for the message:
-    {phrase: advice}, each advice given when some fault's reason holds its phrase.
+    run(rows, tally) gives per row (value, faults): the value replaces the row in what the loader returns;
+    faults, (field, reason) pairs with canonical field names, make the row invalid like any other bad row
+    (listed with its line, or dropped and counted under drop_invalid). fixes: how to fix such rows, for the
+    message: {phrase: advice}, each advice given when some fault's reason holds its phrase. run may count
+    things in `tally` (a Counter); the counts of every row range are summed and given to report() once.
     """
 
-    run: Callable[[list], list[tuple[Any, list[tuple[str, str]]]]]
+    run: Callable[[list, Counter], list[tuple[Any, list[tuple[str, str]]]]]
     fixes: dict[str, str] = dataclass_field(default_factory=dict)
+    report: Callable[[Counter], None] | None = None
 
     def advice(self, reasons: set[str]) -> str:
         return "".join(f"; {fix}" for phrase, fix in self.fixes.items() if any(phrase in reason for reason in reasons))
-
-
-# Rows checked per process below this count: starting processes costs more than it saves (bench/data_scale.py).
-PARALLEL_MIN_ROWS = 20_000
-AUTO_MAX_PROCS = 8
-_WORK: list[Callable] = []  # the range function forked workers run: inherited at the fork, never pickled
-
-
-def resolve_num_proc(num_proc: int | None, rows: int) -> int:
-    """Processes to validate and tokenise `rows` rows with: num_proc as given; None (auto) = the usable CPUs
-    (at most AUTO_MAX_PROCS), but 1 under PARALLEL_MIN_ROWS rows."""
-    if num_proc is not None:
-        return max(1, min(num_proc, rows // 2 or 1))
-    if rows < PARALLEL_MIN_ROWS:
-        return 1
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cpus, AUTO_MAX_PROCS))
-
-
-def _run_chunk(chunk: tuple[int, int]):
-    return _WORK[0](*chunk)
-
-
-def _over_ranges(work: Callable[[int, int], Any], total: int, num_proc: int) -> list:
-    """work(start, stop) over contiguous ranges covering [0, total), results in order: here, or in `num_proc`
-    forked processes (fork: the rows, converter and tokenizer are inherited; only results are pickled back)."""
-    if num_proc <= 1 or "fork" not in multiprocessing.get_all_start_methods():
-        return [work(0, total)]
-    size = max(1, -(-total // (num_proc * 4)))  # a few chunks per process: a slow chunk does not hold up the end
-    _WORK[:] = [work]
-    try:
-        with multiprocessing.get_context("fork").Pool(num_proc) as pool:
-            return list(pool.imap(_run_chunk, [(start, min(start + size, total)) for start in range(0, total, size)]))
-    finally:
-        _WORK.clear()
 
 
 def _collect(raw: RawRows, mapping: dict[str, str], convert: Callable, renderer, *, drop_invalid: bool,
@@ -241,9 +209,9 @@ def _collect(raw: RawRows, mapping: dict[str, str], convert: Callable, renderer,
         raise InvalidDataError(raw.source, [], f"max_invalid_fraction must be within [0, 1], got {max_invalid_fraction}",
                                "set data.max_invalid_fraction between 0 and 1")
 
-    def convert_range(start: int, stop: int) -> tuple[list, list[RowProblem], set[str]]:
-        """Rows [start, stop): (values of the good rows, problems, fault reasons). Each row is converted and
-        checked on its own, so ranges concatenated in order give exactly what one pass gives."""
+    def convert_range(start: int, stop: int) -> tuple[list, list[RowProblem], set[str], Counter]:
+        """Rows [start, stop): (values of the good rows, problems, fault reasons, the check's tally). Each row is
+        converted and checked on its own, so ranges concatenated in order give exactly what one pass gives."""
         results, kept_rows, problems = [], [], []
         for index in range(start, stop):
             if raw.rows[index] is None:
@@ -254,22 +222,27 @@ def _collect(raw: RawRows, mapping: dict[str, str], convert: Callable, renderer,
             if result is not None and not row.problems:
                 results.append(result)
                 kept_rows.append(index)
+        tally: Counter = Counter()
         if after is None or not results:
-            return results, problems, set()
-        checked, results, reasons = after.run(results), [], set()
+            return results, problems, set(), tally
+        checked, results, reasons = after.run(results, tally), [], set()
         for index, (value, faults) in zip(kept_rows, checked):
             problems += [RowProblem(index, mapping.get(name, name), reason, raw.line_of(index)) for name, reason in faults]
             reasons.update(reason for _, reason in faults)
             if not faults:
                 results.append(value)
-        return results, problems, reasons
+        return results, problems, reasons, tally
 
-    results, problems, reasons = [], list(raw.problems), set()
-    for part_results, part_problems, part_reasons in _over_ranges(convert_range, len(raw.rows),
-                                                                  resolve_num_proc(num_proc, len(raw.rows))):
+    results, problems, reasons, tally = [], list(raw.problems), set(), Counter()
+    processes = resolve_num_proc(num_proc, len(raw.rows))
+    for part_results, part_problems, part_reasons, part_tally in over_ranges(convert_range, len(raw.rows), processes,
+                                                                             raw.source):
         results += part_results
         problems += part_problems
         reasons |= part_reasons
+        tally.update(part_tally)
+    if after is not None and after.report is not None:
+        after.report(tally)
     extra_fix = after.advice(reasons) if after is not None else ""
     if not problems:
         return results
@@ -293,6 +266,7 @@ def _collect(raw: RawRows, mapping: dict[str, str], convert: Callable, renderer,
     return results
 
 
+@without_gc
 def load_preference_pairs(
     source: str, *, split: str = "train", layout: str = "auto", columns: dict[str, str] | None = None,
     chat_template_tokenizer=None, drop_invalid: bool = False, max_invalid_fraction: float = 0.05,
@@ -368,6 +342,7 @@ def _prompt_completion_example(row: RowReader,
     return None if row.problems else PromptAnswer(prompt, completion)
 
 
+@without_gc
 def load_prompt_answers(
     source: str, *, split: str = "train", columns: dict[str, str] | None = None, chat_template_tokenizer=None,
     drop_invalid: bool = False, max_invalid_fraction: float = 0.05, data_files_hint: str | None = None,

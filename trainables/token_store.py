@@ -37,6 +37,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from trainables.errors import UserError
 from trainables.lineage import rows_fingerprint, tokenizer_identity
 from trainables.tokenization import TRUNCATION_RULE, TokenizedPair
 
@@ -47,6 +48,10 @@ MANIFEST = "manifest.json"
 COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 SPLITS = ("train", "eval")
 BATCH_ROWS = 65_536  # rows per Arrow record batch: bounds the writer's memory, not the reader's
+
+
+class TokenStoreError(UserError, OSError):
+    """The sweep's token store could not be written (a full disk, a read-only storage_path)."""
 
 
 def _digest(parts: dict) -> str:
@@ -90,17 +95,13 @@ def store_dir(parent: str | os.PathLike, key: str) -> Path:
 
 
 def _column_batch(pairs: Sequence[TokenizedPair], name: str):
-    """One column of a record batch: large_list<int32> built from flat numpy arrays (no per-token objects)."""
+    """One column of a record batch as large_list<int32> (pyarrow converts the tuples in C++)."""
     import pyarrow as pa
 
-    lengths = np.fromiter((len(getattr(pair, name)) for pair in pairs), dtype=np.int64, count=len(pairs))
-    offsets = np.zeros(len(pairs) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    values = np.fromiter((token for pair in pairs for token in getattr(pair, name)), dtype=np.int64,
-                         count=int(offsets[-1]))
-    if values.size and (values.min() < 0 or values.max() >= 2**31):
-        raise ValueError(f"token store: a {name} token id outside 0..2^31-1 (min {values.min()}, max {values.max()})")
-    return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values.astype(np.int32)))
+    try:
+        return pa.array([getattr(pair, name) for pair in pairs], type=pa.large_list(pa.int32()))
+    except (pa.ArrowInvalid, OverflowError) as error:
+        raise ValueError(f"token store: a {name} token id does not fit in 32 bits: {error}") from error
 
 
 def _write_split(path: Path, pairs: Sequence[TokenizedPair]) -> int:
@@ -127,6 +128,14 @@ def write_token_store(directory: str | os.PathLike, splits: dict[str, Sequence[T
     the manifest last, then one rename. A damaged store already there is replaced; a valid one (another
     driver's, same key) is kept."""
     directory = Path(directory)
+    try:
+        return _write(directory, splits, key)
+    except OSError as error:
+        raise TokenStoreError(f"token store {directory}: could not write it ({type(error).__name__}: {error}); free "
+                              "space there or set storage_path to a writable folder") from error
+
+
+def _write(directory: Path, splits: dict[str, Sequence[TokenizedPair]], key: str) -> Path:
     directory.parent.mkdir(parents=True, exist_ok=True)
     temp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-", dir=directory.parent))
     try:
@@ -141,7 +150,11 @@ def write_token_store(directory: str | os.PathLike, splits: dict[str, Sequence[T
                 return directory  # written meanwhile by another process: same key, same pairs
             logger.warning("token store %s is damaged or incomplete: replacing it", directory)
             shutil.rmtree(directory, ignore_errors=True)
-        os.replace(temp, directory)
+        try:
+            os.replace(temp, directory)
+        except OSError:  # another process renamed its complete store into place first
+            if check_token_store(directory) is None:
+                raise
     finally:
         shutil.rmtree(temp, ignore_errors=True)
     logger.info("token store written: %s (%s)", directory,

@@ -32,6 +32,7 @@ lengths, not from pad ids, so pad == eos is safe. Tested by `python -m pytest te
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -164,24 +165,33 @@ class _Cut:
 
 
 def _cut_rows(prompts: Sequence[str], answer_lists: Sequence[Sequence[str]], tokenizer, max_length: int,
-              max_prompt_length: int | None, what: str) -> list[_Cut]:
-    """Token ids (prompt, *answers) per row, truncated by the rule; logs how many rows were cut."""
+              max_prompt_length: int | None, what: str, tally: Counter | None = None) -> list[_Cut]:
+    """Token ids (prompt, *answers) per row, truncated by the rule. How many rows were cut is logged, or,
+    with `tally`, added to it (a checked load logs once for all its row ranges: _log_truncation)."""
     prompt_limit = resolve_max_prompt_length(max_length, max_prompt_length)
     eos_token_id = _eos_token_id(tokenizer)
     prompt_ids = _tokenize_prompts(tokenizer, prompts)
     answer_ids = [_tokenize_answers(tokenizer, answers, eos_token_id) for answers in answer_lists]
-    rows, prompts_cut, answers_cut = [], 0, 0
+    rows, counts = [], Counter()
     for index, prompt in enumerate(prompt_ids):
         answers = tuple(ids[index] for ids in answer_ids)
         kept_prompt, answer_limit = truncation_plan(len(prompt), max(map(len, answers)), max_length, prompt_limit)
-        prompts_cut += kept_prompt < len(prompt)
-        answers_cut += any(len(answer) > answer_limit for answer in answers)
+        counts["prompts_cut"] += kept_prompt < len(prompt)
+        counts["answers_cut"] += any(len(answer) > answer_limit for answer in answers)
         kept = keep_prompt_end(prompt, kept_prompt, tokenizer.bos_token_id) if prompt else ()
         rows.append(_Cut(kept, tuple(answer[:answer_limit] for answer in answers), prompt, answers))
-    if prompts_cut or answers_cut:
-        logger.info("truncated to max_length=%d (%s): prompts cut in %d of %d %ss, answers cut in %d",
-                    max_length, TRUNCATION_RULE, prompts_cut, len(rows), what, answers_cut)
+    counts["rows"] += len(rows)
+    if tally is not None:
+        tally.update(counts)
+    else:
+        _log_truncation(counts, max_length, what)
     return rows
+
+
+def _log_truncation(counts: Counter, max_length: int, what: str) -> None:
+    if counts["prompts_cut"] or counts["answers_cut"]:
+        logger.info("truncated to max_length=%d (%s): prompts cut in %d of %d %ss, answers cut in %d", max_length,
+                    TRUNCATION_RULE, counts["prompts_cut"], counts["rows"], what, counts["answers_cut"])
 
 
 def _tokenize(prompts: Sequence[str], answer_lists: Sequence[Sequence[str]], tokenizer, max_length: int,
@@ -241,26 +251,26 @@ def pair_token_check(tokenizer, max_length: int, max_prompt_length: int | None =
     """A RowCheck that tokenises preference pairs: per pair (TokenizedPair, faults); see the module docstring."""
     resolve_max_prompt_length(max_length, max_prompt_length)  # a bad limit is a config error, not a row's
 
-    def run(pairs: list[PreferencePair]) -> list[tuple[TokenizedPair, list[tuple[str, str]]]]:
+    def run(pairs: list[PreferencePair], tally: Counter) -> list[tuple[TokenizedPair, list[tuple[str, str]]]]:
         rows = _cut_rows([p.prompt for p in pairs], [[p.chosen for p in pairs], [p.rejected for p in pairs]],
-                         tokenizer, max_length, max_prompt_length, "pair")
+                         tokenizer, max_length, max_prompt_length, "pair", tally)
         return [(TokenizedPair(row.prompt, *row.answers), _faults(row, ("chosen", "rejected"), tokenizer, max_length))
                 for row in rows]
 
-    return RowCheck(run, TOKEN_CHECK_FIXES)
+    return RowCheck(run, TOKEN_CHECK_FIXES, report=lambda tally: _log_truncation(tally, max_length, "pair"))
 
 
 def example_token_check(tokenizer, max_length: int, max_prompt_length: int | None = None) -> RowCheck:
     """A RowCheck that tokenises SFT examples: per example (TokenizedExample, faults)."""
     resolve_max_prompt_length(max_length, max_prompt_length)
 
-    def run(examples: list[PromptAnswer]) -> list[tuple[TokenizedExample, list[tuple[str, str]]]]:
+    def run(examples: list[PromptAnswer], tally: Counter) -> list[tuple[TokenizedExample, list[tuple[str, str]]]]:
         rows = _cut_rows([e.prompt for e in examples], [[e.answer for e in examples]], tokenizer, max_length,
-                         max_prompt_length, "example")
+                         max_prompt_length, "example", tally)
         return [(TokenizedExample(row.prompt, row.answers[0]), _faults(row, ("answer",), tokenizer, max_length))
                 for row in rows]
 
-    return RowCheck(run, TOKEN_CHECK_FIXES)
+    return RowCheck(run, TOKEN_CHECK_FIXES, report=lambda tally: _log_truncation(tally, max_length, "example"))
 
 
 def load_tokenized_pairs(source: str, *, max_length: int, max_prompt_length: int | None = None, tokenizer=None,
