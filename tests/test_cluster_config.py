@@ -319,3 +319,23 @@ def test_gpus_per_worker_is_one_whole_gpu_or_a_fraction_for_one_worker_trials(tm
         with pytest.raises(ConfigError, match=message):
             load_config(config, list(overrides))
     assert load_config(config, ["resources.use_gpu=false", "resources.gpus_per_worker=4"])  # ignored without GPUs
+
+
+def test_a_study_joining_several_nodes_refuses_node_local_storage_naming_the_key(tmp_path, monkeypatch) -> None:
+    """`dpo study --address ...`: its stages and evaluations may run on other nodes, so the same refusal as
+    a sweep's, before any stage trains."""
+    import ray
+
+    from orchestrator.config.schema import ExperimentConfig
+    from orchestrator.ray import cluster as cluster_module
+    from orchestrator.workflows.study import Study
+
+    config = ExperimentConfig.model_validate({
+        "name": "study", "model": {"path": str(tmp_path)}, "data": {"train": "t.jsonl"},
+        "storage_path": str(tmp_path / "runs"), "tracking": {"uri": "http://127.0.0.1:5000"}})
+    monkeypatch.setattr(cluster_module, "start_ray", lambda address, resources: None)  # joined, as far as Ray goes
+    monkeypatch.setattr(cluster_module, "cluster_is_multi_node", lambda autoscaling: True)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    with pytest.raises(ConfigError, match=r"storage_path: .* is on this node's own disk(.|\n)*tracking.uri: "
+                                          r"http://127.0.0.1... is a loopback address"):
+        Study(config, None, address="ray://head:10001").ensure_ray()

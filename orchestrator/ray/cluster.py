@@ -300,10 +300,14 @@ def worker_environment(local_cluster: bool = False) -> dict[str, str]:
 
 def check_storage_is_shared(experiment: Experiment) -> None:
     """check_joined_cluster for a sweep that joined the connected cluster (`dpo sweep --address ...`)."""
+    check_layout_is_shared(experiment.layout, experiment.tracking.uri, experiment.tracking.enabled)
+
+
+def check_layout_is_shared(layout, tracking_uri: str | None, tracking_enabled: bool) -> None:
+    """check_joined_cluster for a sweep's or study's StorageLayout and tracking.uri / tracking.enabled."""
     from orchestrator.tracking.server import resolve_tracking_uri
 
-    layout, tracking = experiment.layout, experiment.tracking
-    uri, embedded = resolve_tracking_uri(tracking.uri, layout.storage) if tracking.enabled else (None, False)
+    uri, embedded = resolve_tracking_uri(tracking_uri, layout.storage) if tracking_enabled else (None, False)
     check_joined_cluster(storage_path=layout.storage, reference_cache_dir=layout.reference_cache_dir,
                          tracking_uri=uri, tracking_embedded=embedded,
                          multi_node=cluster_is_multi_node(declared_autoscaling()))

@@ -175,11 +175,13 @@ class Study:
     def ensure_ray(self) -> None:
         import ray
 
-        from orchestrator.ray.cluster import start_ray
+        from orchestrator.ray.cluster import check_layout_is_shared, start_ray
 
         if not ray.is_initialized():
             start_ray(self.address, self.resources)
             self.started_ray = True
+            if self.address:  # stages and evaluations may land on other nodes: what they share must be shared
+                check_layout_is_shared(self.layout, self.config.tracking.uri, self.config.tracking.enabled)
 
     def train(self, stage: str, start_model: str) -> str:
         """Run (or skip, when complete) one training stage; returns its model folder."""
