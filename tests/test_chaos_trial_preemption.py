@@ -4,11 +4,12 @@
 thread of a Ray worker, where the same handling is installed by orchestrator/ray/trial.py and
 trainables/preemption.py. One warm trial (one worker, `failure.max_failures: 1`) of a sweep run through
 `run_sweep` on a local Ray, as `dpo sweep` does; checkpoints every 10 steps, so a stop checkpoint is told
-apart from a regular one. The test freezes the trial actor after its third step, sends it SIGTERM and lets it
-go on: the trial must save and report the step it is in (not a multiple of 10), the worker process must
-exit, and Tune must retry the trial from that checkpoint (no step trained twice) and end with the losses
-of the same run uninterrupted in this process (1e-6 on CPU).
-Run: `python -m pytest tests/test_chaos_trial_preemption.py -q` (about 40 s on 2 loaded cores).
+apart from a regular one. The test freezes the trial actor once Tune has its step 3 (or a later one),
+sends it SIGTERM and lets it go on: the trial must save and report the step it is in (not a multiple of
+10) and end its attempt with Preempted, the worker process must exit, and Tune must retry the trial from
+that checkpoint (no step trained twice) and end with the losses of the same run uninterrupted in this
+process (1e-6 on CPU).
+Run: `python -m pytest tests/test_chaos_trial_preemption.py -q` (98 s on 2 cores shared with other runs, load average 9).
 """
 
 from __future__ import annotations
