@@ -20,7 +20,6 @@ import json
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -30,28 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-class PeakRss:
-    def __init__(self):
-        import psutil
-
-        self.process = psutil.Process()
-        self.baseline = self.peak = self.process.memory_info().rss
-        self.running = True
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _sample(self):
-        while self.running:
-            self.peak = max(self.peak, self.process.memory_info().rss)
-            time.sleep(0.001)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *_):
-        self.running = False
-        self.thread.join()
+from trainables.host_memory import PeakRss  # noqa: E402 - the repository root is on the path now
 
 
 def build_model(directory: Path, layers: int, hidden: int) -> None:
@@ -104,7 +82,7 @@ def worker(rank: int, world: int, init_file: str, model_dir: str, root: str) -> 
                                         optimizer_state=optimizer_state)
                     del model_state, optimizer_state
                 dist.barrier()
-            figures[way] = {"seconds": time.perf_counter() - started, "rss_gain_mib": (rss.peak - rss.baseline) / 2**20}
+            figures[way] = {"seconds": time.perf_counter() - started, "rss_gain_mib": rss.gained / 2**20}
         if rank == 0:
             (out / "figures.json").write_text(json.dumps(figures))
     finally:

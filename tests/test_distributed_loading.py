@@ -17,13 +17,13 @@ Run: `python -m pytest tests/test_distributed_loading.py -q -s` (prints the figu
 from __future__ import annotations
 
 import json
-import threading
-import time
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
+
+from trainables.host_memory import RETURN_FREED_BLOCKS, PeakRss
 
 WORLD = 2
 LAYERS, HIDDEN, INTERMEDIATE, VOCAB = 4, 1024, 2816, 512  # 207 MiB; largest tensor 11 MiB = 5.3%
@@ -40,36 +40,6 @@ def wide_model(tmp_path) -> Path:
                          tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
     AutoModelForCausalLM.from_config(config).save_pretrained(directory, safe_serialization=True)
     return directory
-
-
-class PeakRss:
-    """The most this process's resident memory rose above `baseline` while the block ran (sampled every ms)."""
-
-    def __init__(self):
-        import psutil
-
-        self.process = psutil.Process()
-        self.baseline = self.peak = self.process.memory_info().rss
-        self.running = True
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _sample(self) -> None:
-        while self.running:
-            self.peak = max(self.peak, self.process.memory_info().rss)
-            time.sleep(0.001)
-
-    def __enter__(self) -> "PeakRss":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *_) -> None:
-        self.running = False
-        self.thread.join()
-        self.peak = max(self.peak, self.process.memory_info().rss)
-
-    @property
-    def gained(self) -> int:
-        return self.peak - self.baseline
 
 
 def _worker(rank: int, init_file: str, wide_dir: str, tiny_dir: str, out: str) -> None:
@@ -138,7 +108,8 @@ def _worker(rank: int, init_file: str, wide_dir: str, tiny_dir: str, out: str) -
 def test_rank_one_holds_its_shard_not_the_model_and_the_weights_equal_a_normal_load(wide_model, tmp_path, monkeypatch):
     import torch.multiprocessing as mp
 
-    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")  # read by glibc when each rank's process starts
+    for name, value in RETURN_FREED_BLOCKS.items():  # read by glibc when each rank's process starts
+        monkeypatch.setenv(name, value)
     from tests.tiny_world import build_model_dir
 
     tiny = build_model_dir(tmp_path / "tiny", "llama")

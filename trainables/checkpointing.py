@@ -108,41 +108,57 @@ def save_checkpoint(
     (trainables/sharding.py), written instead of model.state_dict() / optimizer.state_dict(), so the
     checkpoint has the same layout as one of a single process.
     """
+    run_id = _run_id((extra or {}).get(LINEAGE_KEY))
+    final, staging = _staging_for(checkpoints_dir, step, run_id)
+    with _no_space_left(checkpoints_dir, staging, step):  # a full disk: staging removed, DiskFullError
+        save_model_and_tokenizer(model, tokenizer, staging / "model", state_dict=model_state)
+        optimizer_state = optimizer_state if optimizer_state is not None else optimizer.state_dict()
+        torch.save(_training_state(step, pairs_consumed, optimizer_state, scheduler, extra), staging / STATE_FILE)
+        files = sorted(p for p in staging.rglob("*") if p.is_file())
+        _write_manifest(staging, {"step": step, "files": {str(p.relative_to(staging)): _sha256(p) for p in files}}, extra)
+    return _put_in_place(staging, final, keep_last, run_id)
+
+
+# ---- what both formats share: checks and staging, the training state, the manifest, renaming and pruning ----
+
+def _staging_for(checkpoints_dir: Path, step: int, run_id: str | None) -> tuple[Path, Path]:
+    """(final, staging) folders of checkpoint `step`, after the checks every save makes: no link as the checkpoints
+    folder, no other run's checkpoint of this step replaced; abandoned staging folders removed, a fresh own one."""
     if checkpoints_dir.is_symlink():
         raise CheckpointError(f"{checkpoints_dir} is a symbolic link; checkpoints are written only into a real "
                               "folder of the run (remove the link or choose another output_dir)")
     checkpoints_dir.mkdir(parents=True, exist_ok=True)
     remove_abandoned_staging(checkpoints_dir)
     final = checkpoints_dir / f"step-{step:06d}"
-    run_id = _run_id((extra or {}).get(LINEAGE_KEY))
     _check_replaceable(final, run_id)
     staging = checkpoints_dir / f"{STAGING_PREFIX}step-{step:06d}-{os.getpid()}"
     if staging.is_symlink():
         staging.unlink()  # a link where this process stages its save: never written through
     shutil.rmtree(staging, ignore_errors=True)
-    with _no_space_left(checkpoints_dir, staging, step):  # a full disk: staging removed, DiskFullError
-        save_model_and_tokenizer(model, tokenizer, staging / "model", state_dict=model_state)
-        torch.save(
-            {
-                "step": step,
-                "pairs_consumed": pairs_consumed,
-                "optimizer": optimizer_state if optimizer_state is not None else optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": rng_state(),
-                "extra": extra or {},
-            },
-            staging / STATE_FILE,
-        )
-        files = sorted(p for p in staging.rglob("*") if p.is_file())
-        manifest = {"step": step, "files": {str(p.relative_to(staging)): _sha256(p) for p in files}}
-        if (extra or {}).get(LINEAGE_KEY):
-            manifest[LINEAGE_KEY] = extra[LINEAGE_KEY]
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
+    return final, staging
+
+
+def _training_state(step: int, pairs_consumed: int, optimizer_state: dict[str, Any] | None, scheduler,
+                    extra: dict[str, Any] | None) -> dict[str, Any]:
+    """training_state.pt's content (optimizer_state None: the optimizer is in the sharded files)."""
+    return {"step": step, "pairs_consumed": pairs_consumed, "optimizer": optimizer_state,
+            "scheduler": scheduler.state_dict(), "rng": rng_state(), "extra": extra or {}}
+
+
+def _write_manifest(staging: Path, manifest: dict[str, Any], extra: dict[str, Any] | None) -> None:
+    """manifest.json, written last into the staging folder: the files' hashes and the run's lineage."""
+    if (extra or {}).get(LINEAGE_KEY):
+        manifest[LINEAGE_KEY] = extra[LINEAGE_KEY]
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
+
+
+def _put_in_place(staging: Path, final: Path, keep_last: int | None, run_id: str | None) -> Path:
+    """Rename the complete staging folder into place, then delete this run's checkpoints beyond keep_last."""
     if final.exists():
         shutil.rmtree(final)
     os.replace(staging, final)
     if keep_last and run_id:
-        for old in own_checkpoints(checkpoints_dir, run_id)[:-keep_last]:
+        for old in own_checkpoints(final.parent, run_id)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -220,21 +236,12 @@ def save_sharded_checkpoint(
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    final = checkpoints_dir / f"step-{step:06d}"
+    final = checkpoints_dir / f"step-{step:06d}"  # the same name _staging_for gives on rank 0
     run_id = _run_id((extra or {}).get(LINEAGE_KEY))
     prepared: tuple[str | None, str | None] = (None, None)
     if rank == 0:  # the checks and the staging folder of save_checkpoint, once; their outcome goes to every rank
         try:
-            if checkpoints_dir.is_symlink():
-                raise CheckpointError(f"{checkpoints_dir} is a symbolic link; checkpoints are written only into a real "
-                                      "folder of the run (remove the link or choose another output_dir)")
-            checkpoints_dir.mkdir(parents=True, exist_ok=True)
-            remove_abandoned_staging(checkpoints_dir)
-            _check_replaceable(final, run_id)
-            staging = checkpoints_dir / f"{STAGING_PREFIX}step-{step:06d}-{os.getpid()}"
-            if staging.is_symlink():
-                staging.unlink()
-            shutil.rmtree(staging, ignore_errors=True)
+            _, staging = _staging_for(checkpoints_dir, step, run_id)
             (staging / SHARDED_DIR).mkdir(parents=True)
             prepared = (str(staging), None)
         except (CheckpointError, OSError) as error:
@@ -254,9 +261,7 @@ def save_sharded_checkpoint(
             if rank == 0:
                 mine.append(staging / SHARDED_DIR / ".metadata")
                 _save_config_and_tokenizer(model, tokenizer, staging / "model")
-                torch.save({"step": step, "pairs_consumed": pairs_consumed, "optimizer": None,
-                            "scheduler": scheduler.state_dict(), "rng": rng_state(), "extra": extra or {}},
-                           staging / STATE_FILE)
+                torch.save(_training_state(step, pairs_consumed, None, scheduler, extra), staging / STATE_FILE)
                 mine += sorted(p for p in (staging / "model").rglob("*") if p.is_file()) + [staging / STATE_FILE]
             hashes = {str(p.relative_to(staging)): [_sha256(p), p.stat().st_size] for p in mine}
     except CheckpointError as error:
@@ -269,20 +274,11 @@ def save_sharded_checkpoint(
             if failed:
                 raise CheckpointError(failed[0])
             files = {name: value for part in gathered for name, value in part.items()}
-            manifest = {"step": step, "format": SHARDED_FORMAT, "world_size": world,
-                        "files": {name: files[name][0] for name in sorted(files)},
-                        "sizes": {name: files[name][1] for name in sorted(files)},
-                        "ranks": {str(r): sorted(part) for r, part in enumerate(gathered)}}
-            if (extra or {}).get(LINEAGE_KEY):
-                manifest[LINEAGE_KEY] = extra[LINEAGE_KEY]
-            (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(staging, final)
-            if keep_last and run_id:
-                for old in own_checkpoints(checkpoints_dir, run_id)[:-keep_last]:
-                    shutil.rmtree(old, ignore_errors=True)
-            outcome = (str(final), None)
+            _write_manifest(staging, {"step": step, "format": SHARDED_FORMAT, "world_size": world,
+                                      "files": {name: files[name][0] for name in sorted(files)},
+                                      "sizes": {name: files[name][1] for name in sorted(files)},
+                                      "ranks": {str(r): sorted(part) for r, part in enumerate(gathered)}}, extra)
+            outcome = (str(_put_in_place(staging, final, keep_last, run_id)), None)
         except (CheckpointError, OSError) as error:
             shutil.rmtree(staging, ignore_errors=True)
             outcome = (None, str(error))
