@@ -11,6 +11,11 @@
   tokens, precomputed reference.
 - Exact parameter counts (tied embeddings once), LoRA adapter counts against peft, FSDP division, the
   JSON object, and a model.path without config.json or of an unknown type -> ConfigError naming it.
+- Checkpoint and communication (`-k scale`, trainables/scale_plan.py), by hand arithmetic on the 7B shape:
+  the sharded checkpoint's 12 bytes per weight and write time, the all-gathers per micro-batch and one
+  reduce-scatter per step, FSDP over two nodes planned as the HSDP the engine builds (1/8 shards, only the
+  replica all-reduce between nodes), DDP's and LoRA's rank-0 checkpoints. tests/test_sharded_resume.py checks
+  the checkpoint bytes against a real sharded checkpoint.
 Run: `python -m pytest tests/test_plan.py -q` (33 to 50 s on 2 shared CPU cores, about 28 s of CPU time:
 imports, the profiler's start and the measured steps).
 """
@@ -226,6 +231,64 @@ def test_a_head_keeping_full_logits_is_shown_for_comparison():
     plan = plan_memory(shape, TrainingSetup(strategy="single", num_workers=1, micro_batch_pairs=4, seq_len=1024,
                                             compute="bf16"))
     assert plan.parts["logprob_head"] < plan.full_logits_head / 5
+
+
+# ---- checkpoint and communication (trainables/scale_plan.py) ---------------------------------------------
+
+def scale_json(config: Path, *arguments: str) -> dict:
+    parser = argparse.ArgumentParser()
+    add_plan_arguments(parser)
+    args = parser.parse_args([str(config), "--json", *arguments])
+    from contextlib import redirect_stdout
+    from io import StringIO
+
+    out = StringIO()
+    with redirect_stdout(out):
+        assert plan_command(args) == 0
+    return json.loads(out.getvalue())
+
+
+def test_scale_fsdp_on_one_node_checkpoint_and_bytes_per_step(llama_7b, capsys):
+    shape = read_model_shape(str(llama_7b.parent / "model"))
+    layers = sum(shape.layer_parameters)
+    fsdp = scale_json(llama_7b, "--set=resources.num_workers=8", "--set=resources.strategy=fsdp", "--gpus-per-node=8",
+                      "--storage-gbps=2")
+    checkpoint, communication = fsdp["checkpoint"], fsdp["communication"]
+    assert checkpoint["format"] == "sharded" and checkpoint["writers"] == 8
+    assert checkpoint["bytes"] == 12 * shape.parameters  # fp32 weights + 2 AdamW moments, nothing gathered
+    assert checkpoint["write_seconds"] == pytest.approx(12 * shape.parameters / 2e9, abs=1e-3)
+    # 64 pairs over 8 workers, micro-batches of 2: 4 forward/backward passes, each gathering every weight (bf16)
+    # for its forward and the decoder layers again for its backward; one fp32 reduce-scatter per step
+    assert communication["micro_batches_per_step"] == 4 and communication["mesh"] == [1, 8]
+    assert communication["collectives"]["all_gather"] == int((shape.parameters + layers) * 2 * 7 / 8) * 4
+    assert communication["collectives"]["reduce_scatter"] == int(shape.parameters * 4 * 7 / 8)
+    assert communication["between_nodes_bytes"] == 0
+    print(format_report(plan_config(load_config(llama_7b, ["resources.num_workers=8", "resources.strategy=fsdp"]),
+                                    gpus_per_node=8)))
+    assert "checkpoint: 75.3 GiB, sharded, 8 ranks write 9.4 GiB each" in capsys.readouterr().out
+
+
+def test_scale_fsdp_over_two_nodes_is_hsdp_sharded_within_a_node(llama_7b):
+    shape = read_model_shape(str(llama_7b.parent / "model"))
+    hsdp = scale_json(llama_7b, "--set=resources.num_workers=16", "--set=resources.strategy=fsdp", "--gpus-per-node=8")
+    one_node = scale_json(llama_7b, "--set=resources.num_workers=16", "--set=resources.strategy=fsdp")
+    assert hsdp["communication"]["mesh"] == [2, 8] and one_node["communication"]["mesh"] == [1, 16]
+    # the engine replicates across nodes: each GPU holds 1/8 of the optimizer state, not 1/16
+    assert hsdp["parts"]["optimizer"] == 8 * shape.parameters // 8 == 2 * one_node["parts"]["optimizer"]
+    # between the nodes only the all-reduce of each GPU's 1/8 of the fp32 gradients with its one replica
+    assert hsdp["communication"]["between_nodes_bytes"] == hsdp["communication"]["collectives"]["all_reduce"]
+    assert hsdp["communication"]["collectives"]["all_reduce"] == 2 * int(shape.parameters * 4 / 8 / 2)
+
+
+def test_scale_ddp_and_lora_checkpoints_are_written_by_rank_0(llama_7b):
+    shape = read_model_shape(str(llama_7b.parent / "model"))
+    ddp = scale_json(llama_7b, "--set=resources.num_workers=8", "--set=resources.strategy=ddp")
+    assert ddp["checkpoint"]["format"] == "single" and ddp["checkpoint"]["writers"] == 1
+    assert ddp["checkpoint"]["bytes"] == 4 * shape.parameters + 8 * shape.parameters  # fp32 model + AdamW
+    assert ddp["communication"]["collectives"] == {"all_reduce": 2 * int(4 * shape.parameters * 7 / 8)}
+    lora = scale_json(llama_7b, "--set=model.lora={r: 16}", "--set=model.dtype=bfloat16")
+    assert lora["checkpoint"]["bytes"] == 12 * lora["model"]["trained_parameters"]  # adapters and their AdamW state
+    assert lora["communication"]["bytes_per_gpu_per_step"] == 0  # one worker
 
 
 # ---- bad input ------------------------------------------------------------------------------------------

@@ -129,6 +129,8 @@ class TrainingSetup:
     attn_implementation: str = "sdpa"  # sdpa / flash_attention_2 keep no (seq x seq) tensor; eager does
     exact_kl: bool = False  # dpo.kl_estimator exact: full logits of the policy and the live reference are kept
     head_chunk_tokens: int = HEAD_CHUNK_TOKENS
+    micro_batches: int = 1  # forward/backward passes per optimizer step on one worker
+    gpus_per_node: int = 0  # 0: all workers on one node; else workers beyond it span nodes (HSDP under FSDP)
 
     @property
     def tokens(self) -> int:
@@ -136,7 +138,13 @@ class TrainingSetup:
 
     @property
     def shards(self) -> int:
-        return self.num_workers if self.strategy == "fsdp" else 1
+        """The ways FSDP splits each weight: every worker, or under HSDP (workers spanning several nodes) the GPUs
+        of one node, since the engine replicates across nodes (trainables/sharding.py: mesh_shape)."""
+        if self.strategy != "fsdp":
+            return 1
+        from trainables.sharding import mesh_shape
+
+        return mesh_shape(self.num_workers, self.gpus_per_node)[-1]
 
 
 @dataclass(frozen=True)

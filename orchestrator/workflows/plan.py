@@ -1,6 +1,6 @@
 """`dpo plan`: will a config's training run fit the GPU? Per-GPU memory by part, from config.json alone.
 
-    dpo plan CONFIG [--set key=value ...] [--gpu-memory GIB] [--json]
+    dpo plan CONFIG [--set key=value ...] [--gpu-memory GIB] [--gpus-per-node N] [--storage-gbps GB/s] [--json]
 
 The config is read as every command reads it (load_config, resolve_run); the model is built on the meta
 device from its config.json (trainables/memory_plan.py: no weights are read, any Hugging Face causal LM),
@@ -10,8 +10,11 @@ The verdict compares the peak (training, or the reference pass before it) with -
 USABLE_FRACTION is counted as usable (the rest: CUDA context, NCCL buffers, allocator fragmentation).
 When it does not fit, each knob that would make it fit is found by planning again with it set:
 gradient checkpointing, a smaller train.micro_batch_size, FSDP (over the workers, or more), LoRA, a
-precomputed reference, a smaller reference.batch_size (alone, then in pairs, then in threes). `--json`
-prints the same as one object.
+precomputed reference, a smaller reference.batch_size (alone, then in pairs, then in threes). Below the table:
+a checkpoint's size and write time at --storage-gbps, and the bytes each GPU sends per step, within and between
+nodes (trainables/scale_plan.py); --gpus-per-node places the workers on nodes as Ray Train does, so FSDP over
+more workers than one node holds is HSDP (sharded within a node, replicated across). `--json` prints the same
+as one object.
 
 What is read: model.path (and reference.path), model.dtype, model.lora, model.attn_implementation,
 data.max_length, train.batch_size, train.micro_batch_size, train.precision (auto: bf16, as on a GPU),
@@ -40,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 GIB = 1 << 30
 DEFAULT_GPU_GIB = 80.0
+DEFAULT_STORAGE_GBPS = 1.0  # a shared file system's aggregate write bandwidth, GB/s; measure yours (docs/scale.md)
 USABLE_FRACTION = 0.9  # of the GPU's memory; the rest is CUDA context, NCCL buffers and fragmentation
 FSDP_WORKER_CHOICES = (2, 4, 8, 16, 32, 64)
 DEFAULT_LORA_RANK = 16
@@ -68,6 +72,7 @@ class PlanReport:
     other_checkpointing_bytes: int  # the training total with checkpointing flipped
     gpu_memory_bytes: int
     knobs: tuple[Knob, ...]
+    scale: Any = None  # trainables.scale_plan.ScalePlan: checkpoint and communication
 
     @property
     def usable_bytes(self) -> int:
@@ -85,8 +90,9 @@ def configured_checkpointing(config: ExperimentConfig) -> bool:
     return bool(config.train.gradient_checkpointing)
 
 
-def training_setup(config: ExperimentConfig):
-    """The TrainingSetup of one worker of this config (resolve_run checks batch_size against the workers)."""
+def training_setup(config: ExperimentConfig, gpus_per_node: int = 0):
+    """The TrainingSetup of one worker of this config (resolve_run checks batch_size against the workers);
+    gpus_per_node: 0 when every worker is on one node."""
     from orchestrator.config.spec import resolve_run
     from trainables.memory_plan import TrainingSetup
 
@@ -95,8 +101,10 @@ def training_setup(config: ExperimentConfig):
     local_batch = config.train.batch_size // workers
     strategy = "fsdp" if config.resources.strategy == "fsdp" else ("ddp" if workers > 1 else "single")
     lora = config.model.lora
+    micro = min(spec.loop.micro_batch_size, local_batch)
     return TrainingSetup(
-        strategy=strategy, num_workers=workers, micro_batch_pairs=min(spec.loop.micro_batch_size, local_batch),
+        strategy=strategy, num_workers=workers, micro_batch_pairs=micro, micro_batches=-(-local_batch // micro),
+        gpus_per_node=gpus_per_node,
         seq_len=config.data.max_length, compute="fp32" if config.train.precision == "fp32" else "bf16",
         weight_dtype=config.model.dtype, lora_rank=lora.r if lora else None,
         lora_targets=(lora.target_modules if isinstance(lora.target_modules, str) else tuple(lora.target_modules))
@@ -123,22 +131,23 @@ def model_shapes(config: ExperimentConfig):
     return policy, read("reference.path", config.reference.path) if uses_other else policy
 
 
-def plan_config(config: ExperimentConfig, gpu_memory_gib: float = DEFAULT_GPU_GIB) -> PlanReport:
+def plan_config(config: ExperimentConfig, gpu_memory_gib: float = DEFAULT_GPU_GIB, *, gpus_per_node: int = 0,
+                storage_gbps: float = DEFAULT_STORAGE_GBPS) -> PlanReport:
     """The plan of `config` on GPUs of `gpu_memory_gib` GiB, with the knobs that make it fit if it does not."""
-    from trainables.memory_plan import plan_memory
-
-    from trainables.memory_plan import head_chunk_tokens
+    from trainables.memory_plan import head_chunk_tokens, plan_memory
+    from trainables.scale_plan import plan_scale
 
     shape, reference = model_shapes(config)
-    setup = replace(training_setup(config), head_chunk_tokens=head_chunk_tokens(shape.vocab_size))  # the engine's
+    setup = replace(training_setup(config, gpus_per_node), head_chunk_tokens=head_chunk_tokens(shape.vocab_size))
     plan = plan_memory(shape, setup, reference=reference)
     flipped = plan_memory(shape, replace(setup, gradient_checkpointing=not setup.gradient_checkpointing),
                           reference=reference)
     gpu_bytes = int(gpu_memory_gib * GIB)
     usable = int(gpu_bytes * USABLE_FRACTION)
     knobs = () if plan.peak <= usable else find_knobs(config, shape, reference, setup, usable)
+    scale = plan_scale(shape, setup, trained=plan.trained_parameters, storage_gbps=storage_gbps, reference=reference)
     return PlanReport(config_name=config.name, plan=plan, checkpointing_configured=configured_checkpointing(config),
-                      other_checkpointing_bytes=flipped.total, gpu_memory_bytes=gpu_bytes, knobs=knobs)
+                      other_checkpointing_bytes=flipped.total, gpu_memory_bytes=gpu_bytes, knobs=knobs, scale=scale)
 
 
 def refuse_if_unfit(config: ExperimentConfig, gpu_memory_gib: float = DEFAULT_GPU_GIB) -> PlanReport:
@@ -312,6 +321,10 @@ def format_report(report: PlanReport) -> str:
             lines += [f"  {knob.as_set_flags()}  ->  {_gib(knob.peak_bytes)}{knob.note}" for knob in report.knobs]
         else:
             lines.append("none of the knobs tried (checkpointing, micro-batch, FSDP up to 64 workers, LoRA) is enough")
+    if report.scale is not None:
+        from trainables.scale_plan import describe
+
+        lines += [""] + describe(report.scale)
     return "\n".join(lines)
 
 
@@ -345,19 +358,33 @@ def report_json(report: PlanReport) -> dict[str, Any]:
                   "seq_len": setup.seq_len, "reference_mode": setup.reference_mode},
         "knobs": [{"set": dict(knob.settings), "per_gpu_bytes": knob.peak_bytes, "note": knob.note.strip(" ()")}
                   for knob in report.knobs],
+        **(_scale_json(report.scale) if report.scale is not None else {}),
     }
+
+
+def _scale_json(scale) -> dict[str, Any]:
+    from trainables.scale_plan import as_json
+
+    return as_json(scale)
 
 
 # ---- the command ------------------------------------------------------------------------------------
 
-def _positive_gib(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of GiB, e.g. 80") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number of GiB (got {text})")
-    return value
+def _positive(unit: str, example: str):
+    """An argparse type: a positive, finite number of `unit`."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of {unit}, e.g. {example}") from None
+        if not value > 0 or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"must be a positive number of {unit} (got {text})")
+        return value
+
+    return parse
+
+
+_positive_gib = _positive("GiB", "80")
 
 
 def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
@@ -366,13 +393,26 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override a config key, e.g. --set resources.strategy=fsdp (repeatable)")
     parser.add_argument("--gpu-memory", type=_positive_gib, default=DEFAULT_GPU_GIB, metavar="GIB",
                         help=f"memory of one GPU in GiB, as nvidia-smi reports it (default {DEFAULT_GPU_GIB:g})")
+    parser.add_argument("--gpus-per-node", type=_whole_gpus, default=0, metavar="N",
+                        help="GPUs of one node; FSDP over more workers is HSDP (sharded within a node, replicated "
+                             "across nodes), as the engine builds it (default 0: every worker on one node)")
+    parser.add_argument("--storage-gbps", type=_positive("GB/s", "2"), default=DEFAULT_STORAGE_GBPS, metavar="GB/S",
+                        help="aggregate write bandwidth of the checkpoint storage in GB/s, for the checkpoint's write "
+                             f"time (default {DEFAULT_STORAGE_GBPS:g})")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+
+
+def _whole_gpus(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"must be a whole number of GPUs, 0 or more (got {text!r})")
+    return int(text)
 
 
 def plan_command(args: argparse.Namespace) -> int:
     """`dpo plan`: prints the table (or JSON); exit 0 whether or not it fits (the verdict says which)."""
     from orchestrator.config import load_config
 
-    report = plan_config(load_config(args.config, args.overrides), args.gpu_memory)
+    report = plan_config(load_config(args.config, args.overrides), args.gpu_memory,
+                         gpus_per_node=args.gpus_per_node, storage_gbps=args.storage_gbps)
     print(json.dumps(report_json(report), indent=2) if args.json else format_report(report))
     return 0
