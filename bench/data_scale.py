@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import random
 import resource
 import subprocess
@@ -117,6 +118,7 @@ def main() -> None:
     if args.one is not None:
         print(json.dumps(run_one(args)))
         return
+    load_before = os.getloadavg()[0]  # the machine may be shared: the figures depend on it
     with tempfile.TemporaryDirectory(prefix="dpo-data-scale-") as workdir:
         data, tokenizer = Path(workdir) / "pairs.jsonl", Path(workdir) / "tokenizer"
         clock = time.perf_counter()
@@ -134,7 +136,8 @@ def main() -> None:
             print(json.dumps(runs[-1]), flush=True)
     same = len({run["tokens_sha"] for run in runs}) == 1
     print(json.dumps({"bench": "data_scale", "pairs": args.pairs, "max_length": args.max_length,
-                      "same_tokens_for_every_num_proc": same, "runs": runs}))
+                      "same_tokens_for_every_num_proc": same, "cpus": os.cpu_count(),
+                      "load_average_before": load_before, "load_average_after": os.getloadavg()[0], "runs": runs}))
 
 
 if __name__ == "__main__":

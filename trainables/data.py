@@ -42,8 +42,8 @@ from trainables.data_sources import (
 from trainables.row_processes import DataWorkerError, over_ranges, resolve_num_proc, without_gc
 
 __all__ = [
-    "DataSourceError", "DataWorkerError", "InvalidDataError", "PreferencePair", "PromptAnswer", "RowCheck", "RowProblem", "dataset_fingerprint",
-    "extract_implicit_prompt", "load_preference_pairs", "load_prompt_answers",
+    "DataSourceError", "DataWorkerError", "InvalidDataError", "PreferencePair", "PromptAnswer", "RowCheck", "RowProblem",
+    "dataset_fingerprint", "extract_implicit_prompt", "load_preference_pairs", "load_prompt_answers",
 ]
 
 logger = logging.getLogger(__name__)

@@ -52,7 +52,9 @@ class PreferenceData:
         (the sweep driver, once the data is valid: trainables/token_store.py). Without a store: unchanged."""
         if self.store is None or isinstance(self.train, StoredPairs):
             return self
-        write_token_store(self.store, {"train": self.train, "eval": self.eval}, self.store.name.removeprefix("tokens-"))
+        if check_token_store(self.store, verify_content=True) is None:  # a hub dataset's store is found only now
+            key = self.store.name.removeprefix("tokens-")
+            write_token_store(self.store, {"train": self.train, "eval": self.eval}, key)
         splits = open_token_store(self.store)
         return PreferenceData(self.tokenizer, splits["train"], splits["eval"], self.store)
 
