@@ -158,6 +158,10 @@ def test_a_sweep_writes_the_store_once_and_reads_it_back_on_resume(tmp_path, mon
     train = write_jsonl(tmp_path / "train.jsonl", pair_rows("explicit", 40, seed=1))
     spec = engine_args(str(model), str(train), data__max_length=48, data__eval_holdout=4)
     stores = tmp_path / "sweep" / "data"
+    bad = write_jsonl(tmp_path / "bad.jsonl", pair_rows("explicit", 40, seed=1)[:39] + [{"prompt": "p", "chosen": ""}])
+    with pytest.raises(InvalidDataError, match=r"bad.jsonl: 1 of 40 rows are invalid\n  row 39 \(line 40\)"):
+        load_preference_data(spec.model, replace(spec.data, train=str(bad)), token_stores=str(stores))
+    assert not stores.exists()  # bad data fails before anything is written
     first = load_preference_data(spec.model, spec.data, token_stores=str(stores))
     assert isinstance(first.train, list) and not stores.exists()  # validated and tokenised; nothing written yet
     stored = first.stored()
