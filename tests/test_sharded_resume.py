@@ -11,7 +11,8 @@ Each step-3 checkpoint is then resumed by one 2-rank spawn and in this process (
 losses must equal the uninterrupted 4-rank run's within 1e-5, and the 4-rank losses must equal one process's.
 The step-5 checkpoints go through `dpo export`'s writer (write_export: consolidated in one process, LoRA
 merged, loaded back with from_pretrained and generating), and the exported model's logits must equal the
-trained (still sharded) model's. With LoRA the runs must also draw the same initial adapters as one process
+trained (still sharded) model's; `dpo plan`'s checkpoint size (trainables/scale_plan.py) must be the tensor
+bytes these checkpoints hold. With LoRA the runs must also draw the same initial adapters as one process
 (the meta-device build used to consume the generator first), and the LoRA checkpoint must hold only adapter tensors and their optimizer state.
 Run: `python -m pytest tests/test_sharded_resume.py -q --durations=3`.
 """
@@ -179,3 +180,26 @@ def test_a_lora_checkpoint_holds_only_adapters_and_their_optimizer_state(runs):
     assert {k.rsplit(".", 1)[-1] for k in optimizer_keys} == {"step", "exp_avg", "exp_avg_sq"}
     assert set(keys) == set(model_keys) | set(optimizer_keys) | {k for k in keys if k.startswith("optimizer.param_groups.")}
     assert (checkpoint / "model" / "adapter_config.json").is_file() and not list((checkpoint / "model").glob("*.safetensors"))
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name", list(RUNS))
+def test_dpo_plans_checkpoint_bytes_are_the_tensor_bytes_of_the_real_checkpoint(runs, name):
+    """trainables/scale_plan.py's checkpoint size (what `dpo plan` prints) against the tensors this engine wrote."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from trainables.memory_plan import TrainingSetup, plan_memory, read_model_shape
+    from trainables.scale_plan import plan_scale
+
+    lora = RUNS[name]["lora"]
+    setup = TrainingSetup(strategy="fsdp", num_workers=4, micro_batch_pairs=2, seq_len=48, compute="fp32",
+                          lora_rank=4 if lora else None, lora_targets=("q_proj", "v_proj"))
+    shape = read_model_shape(str(runs["root"] / "model"))
+    planned = plan_scale(shape, setup, trained=plan_memory(shape, setup).trained_parameters, storage_gbps=1.0)
+    metadata = FileSystemReader(str(runs["root"] / name / "checkpoints" / "step-000003" / "sharded")).read_metadata()
+    written = sum(item.size.numel() * torch.empty((), dtype=item.properties.dtype).element_size()
+                  for key, item in metadata.state_dict_metadata.items()
+                  if isinstance(item, TensorStorageMetadata) and not key.endswith(".step"))  # AdamW's step counters
+    assert planned.sharded_checkpoint and planned.writers == 4
+    assert planned.checkpoint_bytes == written, (name, planned.checkpoint_bytes, written)

@@ -92,6 +92,8 @@ def plan_scale(shape: ModelShape, setup: TrainingSetup, *, trained: int, storage
     sharded = setup.strategy == "fsdp" and workers > 1
     if sharded:
         checkpoint, writers = trained * CHECKPOINT_BYTES_PER_TRAINED, workers
+        if shape.tied_embeddings and setup.lora_rank is None:  # the state dict names a tied weight twice
+            checkpoint += shape.vocab_size * shape.hidden_size * 4
     else:  # save_pretrained: the whole model in its stored dtype (only the adapters under LoRA), plus AdamW
         weights = trained * 4 if setup.lora_rank is not None else shape.parameters * DTYPE_BYTES[setup.weight_dtype]
         checkpoint, writers = weights + trained * ADAM_BYTES_PER_TRAINED, 1
