@@ -204,7 +204,7 @@ def _collect(raw: RawRows, mapping: dict[str, str], convert: Callable, renderer,
     """Convert every row, run `after` on the good ones, then raise or drop according to drop_invalid.
 
     num_proc: processes for the conversion and `after` (resolve_num_proc); the result, the problems and their
-    order are the same for any number."""
+    order are the same for any number. raw.rows are released (set to None) as their ranges are done."""
     if not 0.0 <= max_invalid_fraction <= 1.0:
         raise InvalidDataError(raw.source, [], f"max_invalid_fraction must be within [0, 1], got {max_invalid_fraction}",
                                "set data.max_invalid_fraction between 0 and 1")
@@ -235,8 +235,9 @@ def _collect(raw: RawRows, mapping: dict[str, str], convert: Callable, renderer,
 
     results, problems, reasons, tally = [], list(raw.problems), set(), Counter()
     processes = resolve_num_proc(num_proc, len(raw.rows))
-    for part_results, part_problems, part_reasons, part_tally in over_ranges(convert_range, len(raw.rows), processes,
-                                                                             raw.source):
+    for start, stop, (part_results, part_problems, part_reasons, part_tally) in over_ranges(
+            convert_range, len(raw.rows), processes, raw.source):
+        raw.rows[start:stop] = [None] * (stop - start)  # converted: the rows' dicts and texts are freed as we go
         results += part_results
         problems += part_problems
         reasons |= part_reasons

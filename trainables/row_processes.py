@@ -18,7 +18,7 @@ import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from trainables.errors import UserError
 
@@ -64,20 +64,27 @@ def _run_chunk(chunk: tuple[int, int]):
     return _WORK[0](*chunk)
 
 
-def over_ranges(work: Callable[[int, int], Any], total: int, num_proc: int, source: str) -> list:
-    """work(start, stop) over contiguous ranges covering [0, total), results in order: here, or in `num_proc`
-    forked processes (fork: the rows, converter and tokenizer are inherited; only results are pickled back)."""
+def over_ranges(work: Callable[[int, int], Any], total: int, num_proc: int,
+                source: str) -> Iterator[tuple[int, int, Any]]:
+    """(start, stop, work(start, stop)) for contiguous ranges covering [0, total), in order: computed here,
+    one range at a time, or in `num_proc` forked processes (fork: the rows, converter and tokenizer are
+    inherited; only results are pickled back). Every worker is forked before the first range is yielded, so
+    the caller may release a range's rows once it has its result."""
     # a few chunks per process, so that a slow one does not hold up the end; at most ROWS_PER_CHUNK rows each,
     # so that a chunk's texts, token ids and tokenizer output are freed before the next (driver memory)
     serial = num_proc <= 1 or "fork" not in multiprocessing.get_all_start_methods()
     size = ROWS_PER_CHUNK if serial else max(1, min(ROWS_PER_CHUNK, -(-total // (num_proc * 4))))
     chunks = [(start, min(start + size, total)) for start in range(0, total, size)] or [(0, 0)]
     if serial:
-        return [work(start, stop) for start, stop in chunks]
+        for start, stop in chunks:
+            yield start, stop, work(start, stop)
+        return
     _WORK[:] = [work]
     try:  # an executor, not a Pool: a worker killed (out of memory) raises here instead of hanging the driver
         with ProcessPoolExecutor(num_proc, mp_context=multiprocessing.get_context("fork")) as pool:
-            return list(pool.map(_run_chunk, chunks))
+            results = pool.map(_run_chunk, chunks)  # submits every chunk: with fork, every worker starts now
+            for (start, stop), result in zip(chunks, results):
+                yield start, stop, result
     except BrokenProcessPool as error:
         raise DataWorkerError(
             f"{source}: a process validating and tokenising rows (data.num_proc={num_proc}) died, most likely out "
