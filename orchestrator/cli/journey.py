@@ -3,7 +3,7 @@ the report and the exported model.
 
     dpo analyze CONFIG|NAME [--set k=v ...] [rule options] [--report-dir DIR] [--no-log]
     dpo export  CONFIG|NAME --out DIR [--trial ID] [--register MODEL_NAME [--alias A]] [--adapter] [--prompt TEXT] [rule options]
-    dpo quickstart CONFIG [--set k=v ...] [--out DIR] [rule options]     sweep -> analyze -> export
+    dpo quickstart CONFIG [--set k=v ...] [--out DIR] [rule options]     sweep -> analyze -> export -> benchmark
 
 CONFIG is a YAML experiment config: the sweep is its `name`, the runs are read from the tracking URI it
 resolves to (tracking.uri, MLFLOW_TRACKING_URI or the embedded server of its storage_path), exactly as
@@ -176,20 +176,10 @@ def _is_file(path: str) -> bool:
 
 
 def first_held_out_prompt(config: Any | None, default: str) -> str:
-    """The first prompt of the config's held-out pairs (a realistic generation check), else `default`.
+    """The first prompt of the config's held-out pairs (a realistic generation check), else `default`."""
+    from orchestrator.workflows.downstream import held_out_pairs
 
-    Conversational pairs are rendered with the model's chat template, as in training; a data problem is
-    the user's to see, not hidden behind the default.
-    """
-    if config is None or not config.data.eval:
-        return default
-    from orchestrator.config.spec import resolve_run
-    from trainables.data import load_preference_pairs
-    from trainables.entrypoints import tokenizer_for
-
-    spec = resolve_run(config)
-    pairs = load_preference_pairs(spec.data.eval, split=spec.data.eval_split, layout=spec.data.layout,
-                                  columns=spec.data.column_map, chat_template_tokenizer=tokenizer_for(spec.model))
+    pairs = held_out_pairs(config)
     return pairs[0].prompt if pairs else default
 
 
@@ -238,9 +228,12 @@ def export(args: argparse.Namespace) -> int:
 
 
 def quickstart(args: argparse.Namespace) -> int:
-    """sweep -> analyze -> export, then the four facts: chosen beta, report, exported directory, MLflow URL."""
+    """sweep -> analyze -> export -> downstream check, then the facts: chosen beta, the config's benchmarks on the
+    start model and the exported one, the exported model's answers to held-out prompts, report, exported
+    directory, MLflow URLs."""
     from orchestrator.config.spec import resolve_experiment
     from orchestrator.console import print_sweep_summary, runs_view_url, sweep_session
+    from orchestrator.workflows.downstream import downstream_check
     from orchestrator.workflows.sweep import run_sweep
 
     from orchestrator.config import load_config
@@ -261,10 +254,13 @@ def quickstart(args: argparse.Namespace) -> int:
         out = args.out or str(Path(str(config.output_dir)) / "model")
         exported = run_export(source, args, out, sweep=analysis.sweep)
         print_export(exported)
+        check = downstream_check(config, exported.directory)  # the start model and the exported one, side by side
     chosen = analysis.selection.chosen
     print("")
     print(f"chosen beta:    {chosen['beta']:g} (kl_weight {chosen['kl_weight']:g}, learning_rate "
           f"{chosen['learning_rate']:g}, trial {chosen['trial_id']})")
+    for line in check.lines():
+        print(redact_text(line))
     print(f"report:         {analysis.report.html}")
     print(f"exported model: {exported.directory}")
     print(f"MLflow runs:    {redact_text(str(runs_view_url(analysis.sweep.uri, analysis.sweep.experiment_id)))}")
