@@ -21,6 +21,7 @@ import argparse
 import datetime
 import json
 import os
+import socket
 import sys
 import tempfile
 import threading
@@ -72,6 +73,13 @@ class Restarter(threading.Thread):
             print(f"soak: MLflow server restarted after {count} finished trials ({self.restarts[-1]})", flush=True)
 
 
+def ephemeral_port() -> int:
+    """A free port from the kernel's ephemeral range (which it hands out in turn, so rarely the same soon)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def expected_points(trial_dir: Path) -> set[tuple[str, int]]:
     """Every (metric, step) of the train/ and eval/ metrics Tune received from a trial (its result.json)."""
     points = set()
@@ -97,7 +105,9 @@ def main() -> None:
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     storage = Path(tempfile.mkdtemp(prefix="dpo-bench-soak-"))
     server = EmbeddedServer(storage / "mlflow-server")
-    url = server.start_or_reuse()
+    # not the default port 5000: while this server is down, a sweep started by someone else on this machine
+    # would take that port, and the trials would log into the wrong server
+    url = server.start_or_reuse(port=ephemeral_port())
     port = server.state()["port"]
     betas = [round(0.05 * (i + 1), 2) for i in range(args.trials)]
     config = load_config("configs/quickstart.yaml", [
