@@ -110,7 +110,7 @@ def main() -> None:
     url = server.start_or_reuse(port=ephemeral_port())
     port = server.state()["port"]
     betas = [round(0.05 * (i + 1), 2) for i in range(args.trials)]
-    config = load_config("configs/quickstart.yaml", [
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml", [
         f"storage_path={storage / 'runs'}", f"output_dir={storage / 'outputs'}", f"tracking.uri={url}",
         "sweep.strategy=grid", f"sweep.beta=[{','.join(map(str, betas))}]", f"train.max_steps={args.steps}",
         "train.warmup_steps=2", f"train.log_every={args.log_every}", f"train.eval_every={args.steps}",
