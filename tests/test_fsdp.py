@@ -166,7 +166,9 @@ def _fsdp_worker(rank: int, world_size: int, init_file: str, raw: dict[str, Any]
 
         out = Path(root)
         results = {"straight": run_engine(raw, out / "straight", workers=world_size, prepare_model=prepare)}
-        gathered = full_model_state(sharded[-1])  # every rank takes part; rank 0 gets the full weights
+        # the policy, loaded first (the exact eval/kl's reference is loaded sharded at the first evaluation);
+        # every rank takes part, rank 0 gets the full weights
+        gathered = full_model_state(sharded[0])
         if rank == 0:  # compared by the test with the sharded step-4 checkpoint loaded in one process
             torch.save(gathered, out / "gathered.pt")
         step2 = str(out / "straight" / "checkpoints" / "step-000002")
