@@ -13,9 +13,11 @@ Used by orchestrator/cli/journey.py; tested by `python -m pytest tests/test_quic
 from __future__ import annotations
 
 import logging
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from orchestrator.redaction import excerpt_text
 
@@ -100,6 +102,11 @@ def sample_answers(model, tokenizer, pairs: list, count: int = SAMPLE_ANSWERS) -
 
 def downstream_check(config, exported_dir: str | Path, samples: int = SAMPLE_ANSWERS) -> DownstreamCheck:
     """The config's benchmarks on config.model.path and on exported_dir, and exported_dir's sample answers."""
+    with _quiet_transformers():
+        return _downstream_check(config, exported_dir, samples)
+
+
+def _downstream_check(config, exported_dir: str | Path, samples: int) -> DownstreamCheck:
     from trainables.benchmarks.base import ComparisonModels, build_benchmark, load_benchmark_tokenizer, run_benchmarks
     from trainables.modeling import load_causal_lm, resolve_device
 
@@ -124,3 +131,20 @@ def downstream_check(config, exported_dir: str | Path, samples: int = SAMPLE_ANS
         after = run_benchmarks(suite, exported, tokenizer, comparisons)
     answers = sample_answers(exported, tokenizer, held_out_pairs(config), samples)
     return DownstreamCheck(before=before, after=after, answers=answers)
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence Transformers' deprecation notices while generating: the installed version warns, three lines
+    on the console, that the `past_key_values` argument of the greedy decoder (trainables/benchmarks/
+    generation.py) will be renamed. The summary is for the user's results, not for that."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
