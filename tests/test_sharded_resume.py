@@ -1,20 +1,22 @@
 """The engine at 4 ranks (issue 19): FSDP and HSDP losses, sharded checkpoints resumed at 2 ranks and 1, export.
 
-The tiny Llama's LM head is tied to its embedding, as in the embedded default. One 4-rank spawn (gloo, torch.multiprocessing, as tests/test_fsdp.py does) trains two runs of 5 steps: FSDP
-over the 4 ranks (full weights), and HSDP as a 2 x 2 mesh (LOCAL_WORLD_SIZE 2, as Ray Train sets it on 2
-nodes of 2 workers) with LoRA. Each writes sharded checkpoints at steps 3 and 5. Step 3
-is in the middle of a metric window (log_every 2: steps 3 and 4 are one logged mean), so resuming there
+The tiny Llama's LM head is tied to its embedding, as in the embedded default. One 4-rank spawn (gloo,
+torch.multiprocessing, as tests/test_fsdp.py does) trains two runs of 5 steps: FSDP over the 4 ranks (full
+weights), and HSDP as a 2 x 2 mesh (LOCAL_WORLD_SIZE 2, as Ray Train sets it on 2 nodes of 2 workers) with
+LoRA. Each writes sharded checkpoints at steps 3 and 5. Step 3 is in the middle of a metric window (log_every 2: steps 3 and 4 are one logged mean), so resuming there
 exercises everything a checkpoint carries besides the weights: the Adam moments, the warmup+cosine scheduler,
 the data position and the partial window of metric sums, whose per-rank split depends on the world size.
 
 Each step-3 checkpoint is then resumed by one 2-rank spawn and in this process (1 rank); the continued
 losses must equal the uninterrupted 4-rank run's within 1e-5, and the 4-rank losses must equal one process's.
-The step-5 checkpoints go through `dpo export`'s writer (write_export: consolidated in one process, LoRA
-merged, loaded back with from_pretrained and generating), and the exported model's logits must equal the
+The step-5 checkpoints go through `dpo export`'s writer and check (write_weights: consolidated in one
+process, LoRA merged; verify_export: loaded with from_pretrained, generating), and the exported model's logits must equal the
 trained (still sharded) model's; `dpo plan`'s checkpoint size (trainables/scale_plan.py) must be the tensor
 bytes these checkpoints hold. With LoRA the runs must also draw the same initial adapters as one process
-(the meta-device build used to consume the generator first), and the LoRA checkpoint must hold only adapter tensors and their optimizer state.
-Run: `python -m pytest tests/test_sharded_resume.py -q --durations=3`.
+(the meta-device build used to consume the generator first), and the LoRA checkpoint must hold only
+adapter tensors and their optimizer state.
+Run: `python -m pytest tests/test_sharded_resume.py -q --durations=3` (142 to 230 s of setup on 2 cores shared
+with other jobs at load average 8-12).
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ import torch
 from tests.test_fsdp import assert_same_metrics, experiment_raw, run_engine
 from tests.tiny_world import build_model_dir, pair_rows, write_jsonl
 
-# FSDP over 4 ranks with full weights; HSDP (2 x 2) with LoRA. HSDP with full weights adds ~20 s and differs from the
-# first only in the mesh, whose checkpoints tests/test_sharded_checkpoint.py already loads at other world sizes.
+# FSDP over 4 ranks with full weights; HSDP (2 x 2) with LoRA. HSDP with full weights would add a third run (a third
+# of this module's time) differing from the first only in the mesh, whose checkpoints tests/test_sharded_checkpoint.py
+# already loads at other world sizes.
 RUNS = {"fsdp": {"hsdp": False, "lora": False}, "hsdp_lora": {"hsdp": True, "lora": True}}
 PROBE = [[1, 5, 9, 12, 7, 4, 8, 10], [1, 6, 6, 11, 13, 5, 9, 14]]  # token ids the trained models' logits are read on
 
