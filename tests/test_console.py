@@ -232,10 +232,11 @@ def test_verbose_shows_worker_output_and_keeps_it_in_the_file(tmp_path):
 @pytest.mark.ray
 @pytest.mark.mlflow
 @pytest.mark.integration
-def test_quickstart_output_through_a_pipe_is_short_and_shows_every_trial_and_decision(tmp_path):
+def test_quickstart_output_through_a_pipe_is_short_and_shows_every_trial_and_decision(tmp_path, demo_cache):
     """The embedded default, shortened to two rounds (beta 0.1 then 0.2) of 12 steps, in a subprocess whose
-    stdout and stderr are pipes, as in CI or under `ray job submit`."""
-    env = {**os.environ, "DPO_DEMO_CACHE": str(tmp_path / "demo"), "PYTHONUNBUFFERED": "1"}
+    stdout and stderr are pipes, as in CI or under `ray job submit`. The demo assets (with the SFT model the
+    quickstart starts from) come from the session's shared cache."""
+    env = {**os.environ, "DPO_DEMO_CACHE": str(demo_cache), "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "orchestrator", "quickstart", str(REPO / "configs/quickstart.yaml"),
                "--set", f"output_dir={tmp_path / 'outputs'}", "--set", f"storage_path={tmp_path / 'runs'}",
                "--set", "train.max_steps=12", "--set", "train.warmup_steps=2", "--set", "train.log_every=3",
@@ -268,6 +269,10 @@ def test_quickstart_output_through_a_pipe_is_short_and_shows_every_trial_and_dec
     assert "(warm_trial" in (tmp_path / "runs" / "quickstart" / "console.log").read_text()
     assert re.search(r"MLflow runs: +http://127\.0\.0\.1:\d+/#/experiments/\d+/runs\?workflowType=machine_learning$",
                      output, re.M), output
+    # issue 22: the exported model against the SFT model it started from, and its answers to held-out prompts
+    assert re.search(r"^benchmark: +exact_match \d\.\d{3} -> \d\.\d{3} \(start model -> exported model\)$",
+                     output, re.M), output
+    assert re.search(r"^(held-out:)? +(sort|reverse): [\d ]+ -> '= [\d ]+\.' correct$", output, re.M), output
 
 
 def test_a_loss_dimension_trial_shows_the_prior_beta_it_runs_at(tmp_path):
