@@ -49,7 +49,8 @@ def worker(rank: int, world: int, init_file: str, model_dir: str, root: str) -> 
     import torch.distributed as dist
     from transformers import AutoTokenizer
 
-    from trainables.checkpointing import save_checkpoint, save_sharded_checkpoint
+    from trainables.checkpointing import save_checkpoint
+    from trainables.sharded_checkpoint import save_sharded_checkpoint
     from trainables.loop import build_optimizer
     from trainables.modeling import load_causal_lm
     from trainables.sharding import FSDPPreparer, empty_causal_lm, gather_full_state
@@ -98,7 +99,8 @@ def main() -> None:
     args = parser.parse_args()
     import torch.multiprocessing as mp
 
-    from trainables.checkpointing import MANIFEST, load_sharded_state
+    from trainables.checkpointing import MANIFEST
+    from trainables.sharded_checkpoint import load_sharded_state
     from trainables.loop import build_optimizer
     from trainables.modeling import load_causal_lm
 

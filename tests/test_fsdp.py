@@ -4,7 +4,7 @@ Two FSDP ranks with the global batch of one process must give that process's los
 with gradient accumulation, active gradient clipping and held-out evaluation split unevenly over the
 ranks (7 pairs, batches of 3: rank 0 runs two eval forwards, rank 1 one, so the lockstep padding is
 needed or the run hangs). FSDP checkpoints are sharded (torch.distributed.checkpoint, one file per rank,
-trainables/checkpointing.py): loaded into one process they hold the weights gathered from the shards and
+trainables/sharded_checkpoint.py): loaded into one process they hold the weights gathered from the shards and
 one process's weights and optimizer state, and resuming under FSDP, from an FSDP or a single-process
 checkpoint, and in one process from the FSDP checkpoint, continues the uninterrupted losses. One test runs the engine in 2 processes (torch.multiprocessing, gloo), loading the
 policy sharded (rank 0 reads the weights, trainables/sharding.py: FSDPPreparer), one runs a trial's
@@ -101,10 +101,10 @@ def assert_same_metrics(got: list[dict[str, Any]], expected: list[dict[str, Any]
 
 def consolidated(checkpoint: Path, like: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """A sharded checkpoint's (weights, optimizer state) loaded into one process's model (built from `like`'s
-    config) and AdamW, with no process group (trainables/checkpointing.py: load_sharded_state)."""
+    config) and AdamW, with no process group (trainables/sharded_checkpoint.py: load_sharded_state)."""
     from transformers import AutoModelForCausalLM
 
-    from trainables.checkpointing import load_sharded_state
+    from trainables.sharded_checkpoint import load_sharded_state
     from trainables.loop import build_optimizer
 
     model = AutoModelForCausalLM.from_pretrained(like / "model")

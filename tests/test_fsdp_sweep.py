@@ -46,7 +46,8 @@ def test_an_fsdp_sweep_checkpoints_sharded_survives_a_killed_worker_and_exports(
 
     from orchestrator.config.layout import mlflow_root
     from orchestrator.tracking.server import EmbeddedServer
-    from trainables.checkpointing import is_sharded_checkpoint, load_sharded_state
+    from trainables.checkpointing import is_sharded_checkpoint
+    from trainables.sharded_checkpoint import load_sharded_state
 
     storage = tmp_path / "runs"
     sets = [f"storage_path={storage}", f"output_dir={tmp_path / 'out'}", f"reference.cache_dir={tmp_path / 'cache'}",

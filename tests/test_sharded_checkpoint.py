@@ -5,7 +5,7 @@ device, so resuming with fewer visible GPUs works; an older checkpoint's per-dev
 the saving process saw) is restored from its first entry instead of being indexed by position (which
 raised IndexError with fewer GPUs). Simulated on CPU by standing in for torch.cuda's RNG functions.
 
-Sharded checkpoints (trainables/checkpointing.py: save_sharded_checkpoint, load_sharded_state): a tiny Llama
+Sharded checkpoints (trainables/sharded_checkpoint.py: save_sharded_checkpoint, load_sharded_state): a tiny Llama
 on 2 gloo ranks takes one AdamW step and saves, full and with LoRA; each rank wrote and hashed its own shard
 file; loaded in one process (no process group) and on 4 ranks as HSDP (2 x 2), weights and Adam state equal
 the saved ones within 1e-6, and the HSDP world's own checkpoint loads in one process; the LoRA checkpoint
@@ -128,7 +128,7 @@ def _world_worker(rank: int, world: int, init_file: str, model_dir: str, root: s
     import torch.distributed as dist
     from transformers import AutoTokenizer
 
-    from trainables.checkpointing import load_sharded_state, save_sharded_checkpoint
+    from trainables.sharded_checkpoint import load_sharded_state, save_sharded_checkpoint
     from trainables.loop import build_optimizer
     from trainables.sharding import FSDPPreparer
 
@@ -206,7 +206,8 @@ def test_a_sharded_checkpoint_saved_on_2_ranks_resumes_on_1_and_on_4_ranks_and_h
     from torch.distributed.checkpoint import FileSystemReader
 
     from trainables.checkpointing import (MANIFEST, checkpoint_problem, is_sharded_checkpoint, latest_checkpoint,
-                                          load_sharded_state, load_training_state)
+                                          load_training_state)
+    from trainables.sharded_checkpoint import load_sharded_state
     from trainables.loop import build_optimizer
 
     model_dir = build_model_dir(tmp_path / "model", "llama")

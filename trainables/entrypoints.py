@@ -235,7 +235,7 @@ def _load_policy(model_args: ModelArgs, checkpoint: Path | None, device, prepare
     """
     lora = model_args.lora_rank is not None
     # a sharded checkpoint (torch.distributed.checkpoint) holds no HF weights: the model is built from the base model
-    # and the loop loads its saved state (trainables/checkpointing.py: load_sharded_state)
+    # and the loop loads its saved state (trainables/sharded_checkpoint.py: load_sharded_state)
     sharded = checkpoint is not None and is_sharded_checkpoint(checkpoint)
     full_checkpoint = checkpoint is not None and not lora and not sharded
 

@@ -25,7 +25,8 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from trainables.settings import LoopSettings
-from trainables.checkpointing import load_sharded_state, restore_rng_state, save_checkpoint, save_sharded_checkpoint
+from trainables.checkpointing import restore_rng_state, save_checkpoint
+from trainables.sharded_checkpoint import load_sharded_state, save_sharded_checkpoint
 from trainables.preemption import Preempted, stop_requested
 from trainables.sharding import clip_gradients, gather_full_state, gradient_sync, is_sharded, load_optimizer_state
 

@@ -4,7 +4,7 @@ Planned from the ModelShape and TrainingSetup of trainables/memory_plan.py (conf
 for the checkpoint format and the collectives this engine uses; `dpo plan` prints it below the memory
 table (orchestrator/workflows/plan.py). Nothing here imports the orchestrator.
 
-Checkpoint (trainables/checkpointing.py). With FSDP over several workers it is sharded: the trained
+Checkpoint (trainables/sharded_checkpoint.py, checkpointing.py). With FSDP over several workers it is sharded: the trained
 weights in fp32 and AdamW's two fp32 moments, 12 bytes per trained weight, written by every rank in
 parallel (torch.distributed.checkpoint spreads replicated HSDP shards over the replicas, so each writes about
 1/N). Otherwise one process (rank 0) writes the model as save_pretrained does (every weight in its stored

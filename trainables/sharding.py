@@ -13,7 +13,7 @@ before its forward and backward and freed after), and the root unit holds the re
 norm, LM head). With a bf16 runtime on CUDA, parameters are all-gathered and computed in bf16 and
 gradients reduced in fp32.
 
-Checkpoints over several ranks are sharded (trainables/checkpointing.py: save_sharded_checkpoint, with
+Checkpoints over several ranks are sharded (trainables/sharded_checkpoint.py: save_sharded_checkpoint, with
 torch.distributed.checkpoint: each rank writes its own shards, no full gather) and load into any world
 size (load_sharded_state). The gathers here (full_model_state, full_optimizer_state) serve FSDP on one
 rank and tests; load_optimizer_state loads a single process's full, index-keyed optimizer state into a

@@ -40,7 +40,8 @@ from orchestrator.errors import ExportError
 from orchestrator.tracking.records import package_versions, redact
 from orchestrator.tracking.schema import (CHECKPOINT_DIR_TAG, DATA_TAG_PREFIX, EXPORT_DIR_TAG, EXPORT_STEP_TAG,
                                           EXPORTED_MODEL_ARTIFACT_FOLDER, GIT_COMMIT_TAG, REFERENCE_CACHE_KEY_TAG)
-from trainables.checkpointing import STATE_FILE, is_complete, is_sharded_checkpoint, load_sharded_state, load_training_state
+from trainables.checkpointing import STATE_FILE, is_complete, is_sharded_checkpoint, load_training_state
+from trainables.sharded_checkpoint import load_sharded_state
 
 logger = logging.getLogger(__name__)
 
