@@ -9,6 +9,7 @@ its determinism is checked on 3-step SFT builds. Run: `python -m pytest tests/te
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -180,6 +181,9 @@ def test_sft_model_is_deterministic_and_a_stale_one_is_retrained(tmp_path: Path)
     """Two caches, the same seed: byte-identical SFT models and markers (3 SFT steps keep it cheap). Adding the
     SFT model leaves the base assets valid; a tampered SFT model is retrained, the base assets kept."""
     first = build_demo_assets(cache_dir=tmp_path / "one", seed=0, sft_steps=3)
+    # The second cache gets a copy of the base assets (their determinism is tested above): only SFT runs again.
+    shutil.copytree(first.root, tmp_path / "two" / first.root.name,
+                    ignore=shutil.ignore_patterns("sft_model", SFT_MARKER_FILE))
     second = build_demo_assets(cache_dir=tmp_path / "two", seed=0, sft_steps=3)
     assert _file_bytes(first.sft_model_dir) == _file_bytes(second.sft_model_dir)
     assert (first.root / SFT_MARKER_FILE).read_bytes() == (second.root / SFT_MARKER_FILE).read_bytes()
