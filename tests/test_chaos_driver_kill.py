@@ -8,8 +8,9 @@ RUNNING), holding every logged train/loss step exactly once: the trial that was 
 died lost no point (its metric journal is replayed by --resume, orchestrator/tracking/metric_journal.py)
 and logged none twice. The scenario is bench/driver_kill.py's, which repeats it with more seeds; the
 journal replay on its own is tested without Ray in tests/test_chaos_journal.py.
-It is too slow for the suite's time budget (10 minutes on 2 cores shared with other test runs, load average
-10 to 19, on 2026-12-02: Ray, the MLflow server and the trials start twice), so it runs only when asked:
+It is too slow for the suite's time budget (on 2026-12-02, on 2 cores shared with other test runs: 10 minutes
+at a load average of 10 to 19 with the reference still precomputed; the script's runs with the live reference
+took 149 to 576 s: Ray, the MLflow server and the trials start twice), so it runs only when asked:
 `DPO_E2E_CHAOS=1 python -m pytest tests/test_chaos_driver_kill.py -q`.
 """
 
