@@ -38,6 +38,7 @@ from ray.tune import Callback
 LOSS_KEY = "train/loss"
 REDRAW_EVERY_S = 0.5
 HEARTBEAT_S = 60.0
+WAIT_NOTE_S = 30.0  # how often a sweep whose trials all wait for resources says so
 TRAINING_VIEW = "workflowType=machine_learning"  # the MLflow 3 UI's "Model training" mode, as a URL parameter
 MAX_BUFFERED_RECORDS = 20_000  # log records kept while the sweep folder does not exist yet
 WORKER_LOGGER = "dpo.workers"  # what Ray's worker processes print, as log records of this logger
@@ -275,6 +276,8 @@ class SweepConsole:
         self._last_draw = -math.inf
         self._last_heartbeat = clock()
         self._last_round: Any = None
+        self._waiting_since: float | None = None  # when the first trial started waiting for resources
+        self._last_wait_note = -math.inf
         self._lock = threading.RLock()
 
     def _config(self, config: dict[str, Any]) -> dict[str, Any]:
@@ -289,6 +292,7 @@ class SweepConsole:
                 self.note(f"searcher: {config['decision']}")
             trial = self.trials.setdefault(trial_id, TrialState(trial_id, self._config(config)))
             trial.status = "running"
+            self._waiting_since = None  # placed: a later wait (the next round's trials) is counted afresh
             self._refresh(force=True)
 
     def trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
@@ -314,6 +318,19 @@ class SweepConsole:
             if not self.tty:
                 self._print(format_trial(trial, self.total_steps, self.label, self.clock()))
             self._refresh(force=True)
+
+    def waiting_for_resources(self, pending: int, cluster_now: Callable[[], str]) -> None:
+        """Every WAIT_NOTE_S while no trial could be placed yet: say so, with what the cluster has now, so
+        that a sweep waiting for the autoscaler's nodes does not look hung."""
+        with self._lock:
+            now = self.clock()
+            if self._waiting_since is None:
+                self._waiting_since = self._last_wait_note = now
+            elif now - self._last_wait_note >= WAIT_NOTE_S:
+                self._last_wait_note = now
+                self.note(f"waiting {format_duration(now - self._waiting_since)} for the cluster to place "
+                          f"{pending} pending trial(s); it has {cluster_now()} now (an autoscaler adds nodes "
+                          "in minutes)")
 
     def note(self, text: str) -> None:
         """A line printed above the trial lines (a decision, a warning), kept on screen."""
@@ -401,9 +418,21 @@ class ConsoleCallback(Callback):
         if self.console:
             self.console.trial_finished(trial.trial_id, "error")
 
+    def on_step_end(self, iteration: int, trials: list, **info) -> None:
+        if self.console and trials and all(trial.status == "PENDING" for trial in trials):
+            self.console.waiting_for_resources(len(trials), _cluster_now)
+
     def on_experiment_end(self, trials: list, **info) -> None:
         if self.console:
             self.console.close()
+
+
+def _cluster_now() -> str:
+    """`CPU 8, GPU 0`: what the connected Ray cluster has now (an autoscaler may be adding nodes)."""
+    import ray
+
+    resources = ray.cluster_resources()
+    return ", ".join(f"{name} {resources.get(name, 0):g}" for name in ("CPU", "GPU"))
 
 
 @contextlib.contextmanager

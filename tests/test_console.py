@@ -292,3 +292,27 @@ def test_a_loss_dimension_trial_shows_the_prior_beta_it_runs_at(tmp_path):
     console.trial_finished("a", "done")
     line = [line for line in stream.getvalue().splitlines() if line.startswith("trial a")][-1]
     assert re.search(r"beta 0\.01\s", line) and "lr 0.001" in line
+
+
+def test_a_sweep_whose_trials_wait_for_nodes_says_so_every_30_seconds():
+    """Joined to an autoscaling cluster with no GPU node yet, every trial is PENDING: the console says what
+    it waits for, with what the cluster has now, instead of looking hung; a placed trial ends the wait."""
+    from types import SimpleNamespace
+
+    clock, stream = Clock(), io.StringIO()
+    console = SweepConsole(stream, total_steps=40, metric="eval/preference_accuracy", tty=False, heartbeat_s=1e9,
+                           clock=clock)
+    callback = ConsoleCallback(console)
+    pending = [SimpleNamespace(trial_id="a", status="PENDING", config=config(0.1, 1, "start"))]
+    for now in (0.0, 10.0, 31.0, 45.0, 62.0):
+        clock.now = now
+        console.waiting_for_resources(1, lambda: "CPU 8, GPU 0")
+    notes = [line for line in stream.getvalue().splitlines() if line.startswith("waiting")]
+    assert notes == ["waiting 0:31 for the cluster to place 1 pending trial(s); it has CPU 8, GPU 0 now (an "
+                     "autoscaler adds nodes in minutes)",
+                     "waiting 1:02 for the cluster to place 1 pending trial(s); it has CPU 8, GPU 0 now (an "
+                     "autoscaler adds nodes in minutes)"]
+    callback.on_trial_start(0, pending, pending[0])
+    pending[0].status = "RUNNING"
+    callback.on_step_end(0, pending)  # a trial runs: nothing to say
+    assert len([line for line in stream.getvalue().splitlines() if line.startswith("waiting")]) == 2
