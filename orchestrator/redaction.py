@@ -60,9 +60,20 @@ def _key_value_secret(match: re.Match) -> str:
     return match.group(0)
 
 
+def _environment() -> dict[str, str]:
+    """A copy of os.environ. Another thread (MLflow's telemetry) may add or delete a variable while it is read,
+    which makes the read raise KeyError or RuntimeError (a `dpo sweep --resume` crashed so): read again."""
+    for _ in range(10):
+        try:
+            return dict(os.environ)
+        except (KeyError, RuntimeError):
+            continue
+    return dict(os.environ)
+
+
 def environment_secrets() -> list[str]:
     """Values of environment variables named like secrets (longest first), to be cut out of any text."""
-    values = {value for name, value in os.environ.items()
+    values = {value for name, value in _environment().items()
               if len(value) >= MIN_ENV_SECRET_CHARS and name not in NOT_SECRET_VARIABLES and is_secret_key(name)}
     return sorted(values, key=len, reverse=True)
 

@@ -418,3 +418,33 @@ def test_two_runs_never_share_an_output_dir_even_in_one_process(world, tmp_path)
         outcome = run_cli(dpo_args(world, out))
     assert outcome.code == 0 and seen, outcome.everything
     assert metrics_steps(out) == [1, 3]
+
+
+def test_redaction_reads_the_environment_while_another_thread_changes_it(monkeypatch):
+    """MLflow's telemetry thread deletes a variable while the driver redacts a message: reading os.environ
+    then raised KeyError and crashed a `dpo sweep --resume` (issue 23's driver-kill runs)."""
+    import os
+    import threading
+
+    from orchestrator.redaction import redact_text
+
+    monkeypatch.setenv("DPO_TEST_API_TOKEN", "s3cr3t-value-of-some-length")
+    stop = threading.Event()
+
+    def churn() -> None:
+        index = 0
+        while not stop.is_set():
+            os.environ[f"DPO_CHURN_{index % 40}"] = "x"
+            os.environ.pop(f"DPO_CHURN_{(index + 20) % 40}", None)
+            index += 1
+
+    thread = threading.Thread(target=churn)
+    thread.start()
+    try:
+        for _ in range(3000):
+            assert redact_text("token s3cr3t-value-of-some-length") == "token ***"
+    finally:
+        stop.set()
+        thread.join()
+        for index in range(40):
+            os.environ.pop(f"DPO_CHURN_{index}", None)
