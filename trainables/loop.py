@@ -211,7 +211,7 @@ def run_training_loop(
             model.train()
             eval_seconds_total += time.perf_counter() - eval_started
         checkpoint_dir = None
-        # SIGTERM / SIGINT under `dpo train` (trainables/preemption.py); always None in a Ray trial's thread
+        # SIGTERM / SIGINT under `dpo train` or in a one-worker Ray trial (trainables/preemption.py)
         stop_signal = stop_requested()
         checkpoint_step = done % settings.checkpoint_every == 0 or done == settings.max_steps or stop_signal is not None
         if checkpoint_step:
