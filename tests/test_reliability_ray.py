@@ -14,8 +14,9 @@ a grid over learning_rate [1e8, 5e-3, 4e-3], one trial at a time, `failure.max_f
   driver and the local Ray it started. `dpo sweep --resume` must finish every trial, rerun none that finished,
   resume the running one from its checkpoint and leave exactly one MLflow run per trial, none RUNNING.
 - Item 8: while trials run, every socket the local Ray and the MLflow server listen on is on 127.0.0.1.
-Item 1 for trials of several workers (a TorchTrainer per trial, Ray Train restarts its worker group) is a
-second, shorter sweep of one two-worker trial without MLflow: the test SIGKILLs one RayTrainWorker.
+Item 1 for trials of several workers (a TorchTrainer per trial, Ray Train restarts its worker group) is
+tests/test_fsdp_sweep.py, with the procedure below (kill_one_worker_past_a_checkpoint): a two-worker FSDP trial
+of the embedded default loses one RayTrainWorker after a sharded checkpoint, and the group goes on from it.
 The MLflow server is the embedded one (SQLite under pytest's tmp folder), started and stopped by the test.
 Run: `python -m pytest tests/test_reliability_ray.py -q --durations=5` (3 to 6 minutes on 2 CPU cores, by load).
 """
@@ -403,9 +404,7 @@ def test_the_local_ray_and_the_mlflow_server_listen_on_loopback_only(faulty_swee
     assert not exposed, f"listening beyond 127.0.0.1: {exposed}"
 
 
-# ---- item 1 for trials of several workers (Ray Train) -------------------------------------------
-
-TWO_WORKER_STEPS = 30
+# ---- item 1 for trials of several workers (Ray Train): used by tests/test_fsdp_sweep.py ----------
 
 
 def kill_one_worker_past_a_checkpoint(sweep: subprocess.Popen, tune_root: Path, trials_storage: Path,
@@ -429,54 +428,3 @@ def kill_one_worker_past_a_checkpoint(sweep: subprocess.Popen, tune_root: Path, 
             for worker in workers:  # the newest report is the checkpoint's own: let one more step through
                 worker.resume()
         time.sleep(0.02)
-
-
-def test_a_killed_worker_of_a_two_worker_trial_restarts_the_group_from_its_last_checkpoint(tmp_path):
-    """Multi-worker trials run as a TorchTrainer (docs/sweeps.md): when one of its workers dies, Ray Train
-    (failure.max_failures) restarts the worker group from the newest checkpoint, within the same trial. The
-    steps redone after the restart must give the values the first attempt reported (the model, optimizer,
-    scheduler and data position were all restored), and the trial must finish without error."""
-    raw: dict[str, Any] = {
-        "name": "two-workers", "output_dir": str(tmp_path / "outputs"), "storage_path": str(tmp_path / "runs"),
-        "model": {"path": str(build_model_dir(tmp_path / "model", "llama"))},
-        "data": {"train": str(write_jsonl(tmp_path / "train.jsonl", pair_rows("explicit", 32, seed=1))),
-                 "eval": str(write_jsonl(tmp_path / "eval.jsonl", pair_rows("explicit", 8, seed=2))), "max_length": 48},
-        "train": {"learning_rate": KILLED_WORKER_LR, "batch_size": 8, "max_steps": TWO_WORKER_STEPS, "warmup_steps": 0,
-                  "log_every": 1, "eval_every": 15, "checkpoint_every": CHECKPOINT_EVERY, "keep_checkpoints": 2,
-                  "device": "cpu"},
-        "reference": {"cache_dir": str(tmp_path / "reference-cache")},
-        "resources": {"num_workers": 2, "cpus_per_worker": 1},
-        "failure": {"max_failures": MAX_FAILURES},
-        "sweep": {"strategy": "grid", "learning_rate": [KILLED_WORKER_LR]},
-        "tracking": {"enabled": False},  # one MLflow run through a restart: the warm sweep above checks it
-    }
-    assert trial_mode(ExperimentConfig.model_validate(raw)) == "train"
-    config_file = tmp_path / "two-workers.yaml"
-    config_file.write_text(json.dumps(raw))  # JSON is YAML
-    tune_root, trials_storage, log = tmp_path / "runs" / "two-workers", tmp_path / "runs" / "two-workers-trials", tmp_path / "sweep.log"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TUNE_GLOBAL_CHECKPOINT_S": "1", "DPO_DEMO_CACHE": str(tmp_path / "demo")}
-    sweep = subprocess.Popen([sys.executable, "-m", "orchestrator", "sweep", str(config_file)], cwd=tmp_path, env=env,
-                             stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        killed = kill_one_worker_past_a_checkpoint(sweep, tune_root, trials_storage,
-                                                   time.monotonic() + 300, log)
-        assert sweep.wait(timeout=300) == 0, log_tail(log)
-    finally:
-        if sweep.poll() is None:
-            kill_process_tree(psutil.Process(sweep.pid))
-
-    summary = json.loads((tune_root / "sweep_summary.json").read_text())
-    [trial] = summary["trials"]
-    assert summary["trial_mode"] == "train" and trial["error"] is None and trial["step"] == TWO_WORKER_STEPS, trial
-    before = {r["step"]: r for r in killed["results"]}
-    last_checkpoint, k = max(killed["checkpoints"]), max(before)
-    steps = [r["step"] for r in tune_results(tune_root / killed["trial_id"])]
-    print(f"worker killed after step {k}; the group restarted from the checkpoint of step {last_checkpoint}")
-    assert steps == list(range(1, k + 1)) + list(range(last_checkpoint + 1, TWO_WORKER_STEPS + 1)), steps
-    assert last_checkpoint < k <= last_checkpoint + CHECKPOINT_EVERY, "more than one checkpoint interval lost"
-    redone = [r for r in tune_results(tune_root / killed["trial_id"])[k:] if r["step"] <= k]
-    assert [r["step"] for r in redone] == list(range(last_checkpoint + 1, k + 1))
-    for again in redone:
-        for key in ("train/loss", "train/reward_margin", "train/grad_norm"):
-            assert math.isclose(again[key], before[again["step"]][key], abs_tol=TOLERANCE), (
-                f"step {again['step']} {key}: after the restart {again[key]!r}, first attempt {before[again['step']][key]!r}")
