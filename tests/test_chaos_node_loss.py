@@ -34,6 +34,18 @@ TOLERANCE = 1e-6
 CHECKPOINT_EVERY, MAX_STEPS, LEARNING_RATE = 5, 30, 5e-3
 
 
+def assert_as_if_uninterrupted(results: list[dict[str, Any]], raw: dict[str, Any], folder: Path, what: str) -> None:
+    """Every reported train/loss, and the final FINAL_METRICS, of an interrupted trial (`results`, Tune's rows)
+    equal the same training run uninterrupted in one process, within TOLERANCE."""
+    uninterrupted = uninterrupted_run(raw, raw["train"]["learning_rate"], folder)
+    last = raw["train"]["max_steps"]
+    for key in FINAL_METRICS:
+        assert math.isclose(results[-1][key], uninterrupted[last][key], abs_tol=TOLERANCE), (
+            f"{key}: {what} {results[-1][key]!r}, uninterrupted {uninterrupted[last][key]!r}")
+    for result in results:
+        assert math.isclose(result["train/loss"], uninterrupted[result["step"]]["train/loss"], abs_tol=TOLERANCE)
+
+
 def sweep_config(root: Path) -> dict[str, Any]:
     """One grid trial on the tiny model: every step reported, a checkpoint every CHECKPOINT_EVERY steps."""
     return {
@@ -153,9 +165,4 @@ def test_a_trial_whose_node_dies_goes_on_from_its_checkpoint_on_the_surviving_no
     [trial] = summary["trials"]
     assert trial["error"] is None and trial["step"] == MAX_STEPS, trial
 
-    uninterrupted = uninterrupted_run(raw, LEARNING_RATE, tmp_path / "uninterrupted")
-    for key in FINAL_METRICS:
-        assert math.isclose(results[-1][key], uninterrupted[MAX_STEPS][key], abs_tol=TOLERANCE), (
-            f"{key}: after node loss {results[-1][key]!r}, uninterrupted {uninterrupted[MAX_STEPS][key]!r}")
-    for result in results:
-        assert math.isclose(result["train/loss"], uninterrupted[result["step"]]["train/loss"], abs_tol=TOLERANCE)
+    assert_as_if_uninterrupted(results, raw, tmp_path / "uninterrupted", "after node loss")
