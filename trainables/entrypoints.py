@@ -158,15 +158,11 @@ def precompute_reference(
     device = resolve_device(runtime_args.device)
     autocast_dtype = resolve_autocast_dtype(runtime_args.precision, device)
     key = key or reference_cache_key(model_args, preference_args, data, runtime_args)
-    reference_path = preference_args.reference_path or model_args.path
     values, reused = load_or_compute_reference_logps(
         cache_dir=Path(preference_args.reference_cache_dir).expanduser(),
         fingerprint=key,
         pairs=list(data.train) + list(data.eval),
-        load_reference_model=lambda: load_causal_lm(
-            reference_path, revision=model_args.revision, trust_remote_code=model_args.trust_remote_code,
-            dtype=model_args.dtype, attn_implementation=model_args.attn_implementation,
-        ),
+        load_reference_model=lambda: load_reference_model(model_args, preference_args, device),
         pad_token_id=data.tokenizer.pad_token_id,
         batch_size=preference_args.reference_batch_size,
         device=device,
@@ -184,17 +180,29 @@ def reference_part(model_args: ModelArgs, preference_args: PreferenceArgs, data:
     (reused if a finished one is there). Returns (values, reused)."""
     device = resolve_device(runtime_args.device)
     autocast_dtype = resolve_autocast_dtype(runtime_args.precision, device)
-    reference_path = preference_args.reference_path or model_args.path
 
     def compute(pairs) -> ReferenceLogps:
-        model = load_causal_lm(reference_path, revision=model_args.revision, trust_remote_code=model_args.trust_remote_code,
-                               dtype=model_args.dtype, attn_implementation=model_args.attn_implementation).to(device)
+        model = load_reference_model(model_args, preference_args, device)
         return compute_reference_logps(model, pairs, pad_token_id=data.tokenizer.pad_token_id,
                                        batch_size=preference_args.reference_batch_size, device=device,
                                        autocast_dtype=autocast_dtype, show_progress=runtime_args.show_progress)
 
     return load_or_compute_part(Path(preference_args.reference_cache_dir).expanduser(), key,
                                 list(data.train) + list(data.eval), index, count, compute)
+
+
+def load_reference_model(model_args: ModelArgs, preference_args: PreferenceArgs, device,
+                         prepare_model=None) -> torch.nn.Module:
+    """The frozen reference model (reference.path, default model.path) as the policy's loading options give
+    it: under FSDP (prepare_model.load_sharded) built on the meta device and sharded like the policy, no full
+    copy on any rank; otherwise whole, on `device`."""
+    path = preference_args.reference_path or model_args.path
+    options = dict(revision=model_args.revision, trust_remote_code=model_args.trust_remote_code,
+                   dtype=model_args.dtype, attn_implementation=model_args.attn_implementation)
+    if hasattr(prepare_model, "load_sharded"):
+        return prepare_model.load_sharded(
+            lambda meta: empty_causal_lm(path, **options) if meta else load_causal_lm(path, **options))
+    return load_causal_lm(path, **options).to(device)
 
 
 def _take(values: ReferenceLogps, start: int, count: int) -> ReferenceLogps:
@@ -270,14 +278,7 @@ def _reference_for(model_args, preference_args, data, runtime_args, device, auto
                              padding_buckets=runtime_args.padding_buckets, share_prompt=runtime_args.share_prompt,
                              pad_token_id=data.tokenizer.pad_token_id), None
     if preference_args.reference_mode == "live":
-        path = preference_args.reference_path or model_args.path
-        options = dict(revision=model_args.revision, trust_remote_code=model_args.trust_remote_code,
-                       dtype=model_args.dtype, attn_implementation=model_args.attn_implementation)
-        if hasattr(prepare_model, "load_sharded"):  # FSDP: the frozen reference is sharded like the policy
-            model = prepare_model.load_sharded(
-                lambda meta: empty_causal_lm(path, **options) if meta else load_causal_lm(path, **options))
-        else:
-            model = load_causal_lm(path, **options).to(device)
+        model = load_reference_model(model_args, preference_args, device, prepare_model)
         return LiveReference(model, exact, autocast_dtype, padding_buckets=runtime_args.padding_buckets,
                              share_prompt=runtime_args.share_prompt, pad_token_id=data.tokenizer.pad_token_id), None
     rank, world = rank_and_world()
@@ -307,17 +308,10 @@ def _reference_distributions(model_args, preference_args, data, runtime_args, de
         return ReferenceDistributions(lambda: LiveReference(policy, True, autocast_dtype, adapters_of_policy=True,
                                                             **options))
 
-    path = preference_args.reference_path or model_args.path
-    load_options = dict(revision=model_args.revision, trust_remote_code=model_args.trust_remote_code,
-                        dtype=model_args.dtype, attn_implementation=model_args.attn_implementation)
-
     def load() -> LiveReference:
         logger.info("eval/kl: loading the reference model for the exact KL at evaluation")
-        if hasattr(prepare_model, "load_sharded"):  # FSDP: sharded like the policy (every rank evaluates in step)
-            model = prepare_model.load_sharded(
-                lambda meta: empty_causal_lm(path, **load_options) if meta else load_causal_lm(path, **load_options))
-        else:
-            model = load_causal_lm(path, **load_options).to(device)
+        # under FSDP sharded like the policy: every rank evaluates in step, so the load's collectives match
+        model = load_reference_model(model_args, preference_args, device, prepare_model)
         return LiveReference(model, True, autocast_dtype, **options)
 
     return ReferenceDistributions(load)
