@@ -99,6 +99,30 @@ def test_a_trial_larger_than_the_cluster_is_a_config_error(world, tmp_path):
         check_cluster_fits(resolve_run(too_many_gpus).resources, {"CPU": 8.0})  # a CPU-only cluster
 
 
+def test_an_incremental_round_may_have_all_its_trials_pending_at_once_unless_the_user_limits_it(world, tmp_path, monkeypatch):
+    """Tune allows a searcher other than its own one pending trial; the incremental round's fan-out would then
+    be placed one trial at a time (test_trials_that_fit_together_run_at_the_same_time runs it)."""
+    import os
+
+    from orchestrator.ray.tuner import pending_trials, tune_pending_trials
+
+    monkeypatch.delenv("TUNE_MAX_PENDING_TRIALS_PG", raising=False)
+    fan_out = resolve_experiment(tiny_config(world, tmp_path, sweep={
+        "strategy": "incremental_beta", "learning_rate": [5e-3, 4e-3, 3e-3], "kl_weight": [0.0, 0.1]})).sweep
+    assert pending_trials(fan_out) == 6
+    with tune_pending_trials(fan_out):
+        assert os.environ["TUNE_MAX_PENDING_TRIALS_PG"] == "6"
+    assert "TUNE_MAX_PENDING_TRIALS_PG" not in os.environ  # restored: the next sweep of a study decides again
+    limited = resolve_experiment(tiny_config(world, tmp_path, sweep={
+        "strategy": "incremental_beta", "learning_rate": [5e-3, 4e-3], "max_concurrent_trials": 1})).sweep
+    assert pending_trials(limited) is None  # Tune's ConcurrencyLimiter then sets it
+    grid = resolve_experiment(tiny_config(world, tmp_path, sweep={"strategy": "grid", "beta": [0.1, 0.2]})).sweep
+    assert pending_trials(grid) is None
+    monkeypatch.setenv("TUNE_MAX_PENDING_TRIALS_PG", "2")
+    with tune_pending_trials(fan_out):
+        assert os.environ["TUNE_MAX_PENDING_TRIALS_PG"] == "2"  # the user's own value wins
+
+
 def test_one_worker_trials_run_warm_and_the_layout_knows_where_their_checkpoints_are(world, tmp_path):
     warm = resolve_experiment(tiny_config(world, tmp_path))
     train = resolve_experiment(tiny_config(world, tmp_path, resources={"num_workers": 2, "cpus_per_worker": 1}))

@@ -15,6 +15,10 @@ its checkpoints again.
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
+
 from orchestrator.config.spec import Experiment, SweepSpec
 from orchestrator.ray.reference_task import reference_stopper
 from orchestrator.ray.trial import SharedRefs, TrialTracking
@@ -33,6 +37,36 @@ def searcher_and_space(sweep: SweepSpec):
         return OptunaSearch(metric=sweep.metric, mode=sweep.mode), space, sweep.max_trials
     space = grid_or_random_search_space(sweep.beta, sweep.kl_weight, sweep.learning_rate, sweep.strategy, sweep.loss)
     return None, space, 1 if sweep.strategy == "grid" else sweep.max_trials
+
+
+def pending_trials(sweep: SweepSpec) -> int | None:
+    """How many trials Tune may hold pending at once for this sweep (None: Tune's own choice).
+
+    Tune lets a searcher of its own (BasicVariantGenerator: grid, random) have hundreds of trials pending, but
+    any other searcher only one, unless max_concurrent_trials wraps it in a ConcurrencyLimiter. The incremental
+    procedure's searcher hands out a whole round at once (one trial per learning_rate x kl_weight), so with one
+    pending trial a fan-out started one trial at a time, and a short trial could end before the next was placed,
+    which then ran in its actor after it instead of beside it. Its round's width is the most it ever has in
+    flight, so allowing that many pending places a round's trials together as far as resources allow.
+    """
+    if sweep.incremental is None or sweep.max_concurrent_trials is not None:
+        return None
+    return len(sweep.incremental.learning_rates) * len(sweep.incremental.kl_weights)
+
+
+@contextlib.contextmanager
+def tune_pending_trials(sweep: SweepSpec) -> Iterator[None]:
+    """While Tune's controller starts (in Tuner.fit), TUNE_MAX_PENDING_TRIALS_PG = pending_trials(sweep); a
+    value the user exported wins, and the environment is restored after (a study runs several sweeps)."""
+    count = pending_trials(sweep)
+    if count is None or "TUNE_MAX_PENDING_TRIALS_PG" in os.environ:
+        yield
+        return
+    os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(count)
+    try:
+        yield
+    finally:
+        os.environ.pop("TUNE_MAX_PENDING_TRIALS_PG", None)
 
 
 def build_trainable(experiment: Experiment, tracking: TrialTracking | None = None, shared: SharedRefs = SharedRefs()):

@@ -164,7 +164,7 @@ def run_sweep(experiment: Experiment, *, address: str | None = None, resume: boo
     from orchestrator.ray.cluster import check_cluster_fits, check_storage_is_shared, local_resources, start_ray
     from orchestrator.ray.reference_task import REFERENCE_FAILED, DriverReference, ReferenceTask
     from orchestrator.ray.trial import SharedRefs, TrialTracking
-    from orchestrator.ray.tuner import build_tuner
+    from orchestrator.ray.tuner import build_tuner, tune_pending_trials
     from orchestrator.tracking.metric_journal import replay_journals
     from orchestrator.tracking.records import write_config_yaml
     from orchestrator.workflows.config_change import check_resume_config
@@ -232,7 +232,8 @@ def run_sweep(experiment: Experiment, *, address: str | None = None, resume: boo
         shared = SharedRefs(data=data_ref, reference_ready=reference.ref if reference else None,
                             reference_wait_s=experiment.sweep.reference_wait_s,
                             reference_key=reference.key() if isinstance(reference, DriverReference) else None)
-        results = build_tuner(experiment, resume, tracking, shared, console=console).fit()
+        with tune_pending_trials(experiment.sweep):  # an incremental round's trials are placed together
+            results = build_tuner(experiment, resume, tracking, shared, console=console).fit()
         # 5) the summary
         cache_key = reference.result() if reference is not None else None  # raises the task's error, if any
         summary = summarize(results, experiment, cache_key)
