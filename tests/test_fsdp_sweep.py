@@ -1,19 +1,25 @@
 """`dpo sweep` with FSDP workers on the embedded default (issue 19): sharded checkpoints, a killed worker, export.
 
-The shipped configs/quickstart.yaml, shortened with --set to one trial of 12 steps of 8 pairs, runs with
+The shipped configs/quickstart.yaml, shortened with --set to one trial of 16 steps of 8 pairs, runs with
 `resources.num_workers: 2` and `resources.strategy: fsdp` (a TorchTrainer of 2 gloo workers, the policy
-loaded sharded) and `failure.max_failures: 1`. Once Ray Train has registered a checkpoint and the trial has
-reported a step after it, the test SIGKILLs one RayTrainWorker process (tests/test_reliability_ray.py's
-procedure). Ray Train must restart the worker group from that checkpoint, which is in the sharded format
-(torch.distributed.checkpoint, one file per worker), redo the lost steps with the values of the first
-attempt (1e-5) and finish the trial. `dpo export` of the sweep must then consolidate the chosen sharded
-checkpoint into a Hugging Face folder that from_pretrained loads, holding the checkpoint's weights.
+loaded sharded) and `failure.max_failures: 2`. Two faults hit the trial:
+1) once Ray Train has registered a checkpoint and the trial has reported a step after it, the test SIGKILLs
+   one RayTrainWorker process (tests/test_reliability_ray.py's procedure). Ray Train must restart the worker
+   group from that checkpoint, which is in the sharded format (torch.distributed.checkpoint, one file per
+   worker), and redo the lost steps with the values of the first attempt (1e-5);
+2) once the new group has reported a step that is no checkpoint step, one of its workers gets SIGTERM (a
+   preempted node). Both workers must agree on the step boundary to stop at, write the sharded checkpoint
+   of that step and report it, and end with Preempted; the signalled process exits, and Ray Train restarts
+   the group from that checkpoint, so no step is trained twice.
+The trial must then finish. `dpo export` of the sweep must consolidate the chosen sharded checkpoint into a
+Hugging Face folder that from_pretrained loads, holding the checkpoint's weights.
 The embedded default's LM head is tied to its embedding, which FSDP loading used to untie (the first
 checkpoint then failed in get_state_dict).
 The demo assets come from the session's shared cache (tests/conftest.py: demo_cache), built once per session.
 Run: `python -m pytest tests/test_fsdp_sweep.py -q -s`. Its cost is Ray Train's start-up, the embedded MLflow
 server and, when no earlier test of the session built them, the demo assets: 276 s alone on 2 shared cores
-(load average 4-8), of which 76 s were the demo assets, 150 s the sweep (81 s Ray Train's start) and 30 s export.
+(load average 4-8), of which 76 s were the demo assets, 150 s the sweep (81 s Ray Train's start) and 30 s export,
+when only the SIGKILL was tested; with the SIGTERM too, 142 s on an idle machine with the demo assets cached.
 """
 
 from __future__ import annotations
@@ -21,22 +27,62 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
 import torch
 
 from tests.test_reliability_ray import (REPO, TOLERANCE, kill_one_worker_past_a_checkpoint, kill_process_tree,
-                                        log_tail, tune_results)
+                                        log_tail, registered_checkpoint_steps, train_workers, tune_results)
 
-STEPS = 12
+STEPS, CHECKPOINT_EVERY = 16, 5
 SHORTENED = ["resources.num_workers=2", "resources.cpus_per_worker=1", "resources.strategy=fsdp",
-             "train.max_steps=12", "train.batch_size=8", "train.checkpoint_every=5", "train.eval_every=6",
-             "train.log_every=1", "sweep.max_trials=1", "failure.max_failures=1"]
+             f"train.max_steps={STEPS}", "train.batch_size=8", f"train.checkpoint_every={CHECKPOINT_EVERY}", "train.eval_every=6",
+             "train.log_every=1", "sweep.max_trials=1", "failure.max_failures=2"]
+
+
+def sigterm_one_worker_past(sweep: subprocess.Popen, tune_root: Path, trials_storage: Path, killed: dict[str, Any],
+                            deadline: float, log: Path) -> dict[str, Any]:
+    """Once the group that replaced the killed worker has reported a step that is not a checkpoint step, sends
+    SIGTERM to one of its two workers (both frozen meanwhile, so the signal lands inside a step). Every worker
+    must then checkpoint the step in progress (a step no multiple of checkpoint_every), report it and stop, the
+    signalled process must exit, and Ray Train must restart the group from that checkpoint."""
+    driver, trial_id = psutil.Process(sweep.pid), killed["trial_id"]
+    first_group = set(killed["worker_pids"])
+    while True:
+        assert sweep.poll() is None, f"the sweep ended before the SIGTERM:\n{log_tail(log)}"
+        assert time.monotonic() < deadline, f"the restarted group reported no step to stop after:\n{log_tail(log)}"
+        workers = [w for w in train_workers(driver.children(recursive=True), "train") if w.pid not in first_group]
+        results = tune_results(tune_root / trial_id)
+        restarted = [r["step"] for r in results[len(killed["results"]):]]
+        if len(workers) == 2 and restarted and restarted[-1] % CHECKPOINT_EVERY and restarted[-1] <= STEPS - 5:
+            for worker in workers:
+                worker.suspend()
+            signalled_after = tune_results(tune_root / trial_id)[-1]["step"]
+            os.kill(workers[1].pid, signal.SIGTERM)
+            for worker in workers:
+                worker.resume()
+            workers[1].wait(timeout=120)  # the signalled worker exits once its checkpoint is reported
+            break
+        time.sleep(0.02)
+    ray_log = tune_root / "console.log"  # the workers' errors, as Ray Train logged them (not shown on the console)
+    pattern, until = rf"training stopped by SIGTERM after step (\d+) of {STEPS}", time.monotonic() + 60
+    while not re.findall(pattern, ray_log.read_text()) and time.monotonic() < until:  # Ray's log monitor lags a little
+        time.sleep(0.2)
+    stopped = re.findall(pattern, ray_log.read_text())
+    assert stopped, f"no worker ended with Preempted:\n{log_tail(ray_log)}"
+    assert len(set(stopped)) == 1, stopped  # every rank stopped after the same step
+    stop = int(stopped[0])
+    checkpoints = registered_checkpoint_steps(tune_root, trial_id, trials_storage / trial_id)
+    assert signalled_after <= stop < STEPS and stop in checkpoints, (signalled_after, stop, checkpoints)
+    return {"signalled_after": signalled_after, "stop_checkpoint": stop}
 
 
 @pytest.mark.integration
@@ -63,6 +109,7 @@ def test_an_fsdp_sweep_checkpoints_sharded_survives_a_killed_worker_and_exports(
     try:
         try:
             killed = kill_one_worker_past_a_checkpoint(sweep, tune_root, trials_storage, time.monotonic() + 400, log)
+            preempted = sigterm_one_worker_past(sweep, tune_root, trials_storage, killed, time.monotonic() + 400, log)
             assert sweep.wait(timeout=400) == 0, log_tail(log)
         finally:
             if sweep.poll() is None:
@@ -75,7 +122,11 @@ def test_an_fsdp_sweep_checkpoints_sharded_survives_a_killed_worker_and_exports(
         last_checkpoint, k = max(killed["checkpoints"]), max(before)
         results = tune_results(tune_root / killed["trial_id"])
         steps = [r["step"] for r in results]
-        print(f"worker killed after step {k}; the group restarted from the sharded checkpoint of step {last_checkpoint}")
+        stopped_at = preempted["stop_checkpoint"]
+        print(f"worker killed after step {k}; the group restarted from the sharded checkpoint of step {last_checkpoint}; "
+              f"SIGTERM to one worker after step {preempted['signalled_after']}: every worker checkpointed step "
+              f"{stopped_at} and the group went on from it")
+        # after the SIGTERM no step is trained twice: the group's stop checkpoint is the step it stopped after
         assert steps == list(range(1, k + 1)) + list(range(last_checkpoint + 1, STEPS + 1)), steps
         for again in (r for r in results[k:] if r["step"] <= k):  # redone after the restart: the same values
             for key in ("train/loss", "train/reward_margin", "train/grad_norm"):

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from orchestrator.cli.main import main
 from tests.tiny_world import build_model_dir, pair_rows, write_jsonl
@@ -270,3 +271,31 @@ def test_a_trial_thread_whose_step_outlasts_the_grace_period_hands_the_signal_to
     events = [json.loads(line) for line in child.stdout.splitlines()]
     assert events[:2] == [{"previous_handler": "SIGTERM"}, {"active": True}]
     assert events[2] == {"previous_handler": "SIGTERM"}, events  # the grace period ran out: Ray's handler (exit)
+
+
+def _agreement_rank(rank: int, world: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from trainables import preemption
+    from trainables.loop import agreed_stop_signal
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        answers = [agreed_stop_signal(torch.device("cpu"))]  # no rank signalled
+        if rank == 1:  # what the handler records when SIGTERM reaches this rank only
+            preemption._REQUEST.signal_name = "SIGTERM"
+        answers.append(agreed_stop_signal(torch.device("cpu")))
+        Path(out, f"rank{rank}.json").write_text(json.dumps(answers))
+    finally:
+        preemption._REQUEST.clear()
+        dist.destroy_process_group()
+
+
+def test_a_signal_that_reaches_one_rank_stops_every_rank_at_the_same_step_boundary(tmp_path):
+    """A trial of several workers: SIGTERM to one worker must stop all of them after the same step, or the ranks
+    that go on would wait forever for the stopped one in their next collective (and the checkpoint would be torn)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_agreement_rank, args=(3, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=3, join=True)
+    answers = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(3)]
+    assert answers == [[None, "SIGTERM"]] * 3, answers

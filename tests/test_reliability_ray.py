@@ -424,7 +424,7 @@ def kill_one_worker_past_a_checkpoint(sweep: subprocess.Popen, tune_root: Path, 
             if state["checkpoints"] and state["results"][-1]["step"] > max(state["checkpoints"]):
                 os.kill(workers[1].pid, signal.SIGKILL)
                 workers[0].resume()  # the survivor is stopped by Ray Train, as after any lost worker
-                return {"trial_id": trial_id, **state}
+                return {"trial_id": trial_id, "worker_pids": [worker.pid for worker in workers], **state}
             for worker in workers:  # the newest report is the checkpoint's own: let one more step through
                 worker.resume()
         time.sleep(0.02)

@@ -5,7 +5,7 @@ loop owns AdamW with a warmup + decay schedule, gradient accumulation, gradient 
 deterministic data order (a seeded permutation per epoch, so the data position is just the step),
 metric windows, evaluation every `eval_every` steps and at the end, atomic checkpoints, resume, and
 the stop on a non-finite loss, and the stop with a checkpoint that SIGTERM / SIGINT ask for under
-`dpo train` (trainables/preemption.py). It never imports Ray: progress leaves through `report(metrics,
+`dpo train` or in any worker of a trial, at a step boundary every rank agrees on (trainables/preemption.py). It never imports Ray: progress leaves through `report(metrics,
 checkpoint_dir)`. Under torch.distributed (DDP, or FSDP via trainables/sharding.py) each rank takes a
 strided share of every global batch and metric sums are all-reduced, so W workers give the losses of 1
 worker with the same global batch.
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 import time
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
@@ -72,6 +73,24 @@ def all_reduce_sums(sums: dict[str, float], device: torch.device) -> dict[str, f
     packed = torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(packed)
     return dict(zip(keys, packed.tolist()))
+
+
+def agreed_stop_signal(device: torch.device) -> str | None:
+    """The stop signal any rank received (trainables/preemption.py), or None; the same answer on every rank.
+
+    Several ranks must stop at the same step boundary: each saves its part of the checkpoint of that step (or
+    waits at the barrier for rank 0's) and reports it, so a SIGTERM that reaches one worker of a trial stops the
+    whole group there. One integer all-reduce (MAX of the signal numbers) per step; nothing without
+    torch.distributed.
+    """
+    name = stop_requested()
+    _, world = rank_and_world()
+    if world == 1:
+        return name
+    number = torch.tensor([int(signal.Signals[name]) if name else 0], dtype=torch.int64, device=device)
+    dist.all_reduce(number, op=dist.ReduceOp.MAX)
+    agreed = int(number.item())
+    return signal.Signals(agreed).name if agreed else None
 
 
 def global_batch_indices(step: int, dataset_size: int, batch_size: int, seed: int) -> list[int]:
@@ -211,8 +230,8 @@ def run_training_loop(
             model.train()
             eval_seconds_total += time.perf_counter() - eval_started
         checkpoint_dir = None
-        # SIGTERM / SIGINT under `dpo train` or in a one-worker Ray trial (trainables/preemption.py)
-        stop_signal = stop_requested()
+        # SIGTERM / SIGINT under `dpo train` or to any worker of a Ray trial (trainables/preemption.py)
+        stop_signal = agreed_stop_signal(device)
         checkpoint_step = done % settings.checkpoint_every == 0 or done == settings.max_steps or stop_signal is not None
         if checkpoint_step:
             # the window's sums over all ranks: a resumed run splits them over its own ranks, whatever their number

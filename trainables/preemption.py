@@ -13,13 +13,15 @@ installed by `dpo train` / `dpo sft` in the main thread, orchestrator/workflows/
 Python runs signal handlers between bytecodes, so a signal that arrives inside one long C call (a big
 matrix product) is seen when that call returns. Handlers can only be installed in the main thread; in any
 other thread (a Ray trial's training thread) `stop_on_signals` changes nothing.
-A Ray trial worker (a warm trial actor, a one-worker Ray Train worker) trains in a thread of its own, so
+A Ray trial worker (a warm trial actor, a Ray Train worker) trains in a thread of its own, so
 there the handlers are put in place once per process from its main thread (`install_in_worker`, called
 when orchestrator/ray/trial.py is imported there) and only act while a trial runs (`trial_scope`): the
 trial then saves and reports the step in progress and raises `Preempted`, and Ray's failure handling
-retries it from that checkpoint. Outside a trial, on a second signal, or when the grace period runs out,
-the process's previous handler (Ray's: exit) runs. No torch here.
-Tested by `python -m pytest tests/test_preemption.py tests/test_chaos_trial_preemption.py -q`.
+retries it from that checkpoint. In a trial of several workers the signal reaches one rank; the loop's
+`agreed_stop_signal` shares it at every step boundary, so every rank saves the same step and stops.
+Outside a trial, on a second signal, or when the grace period runs out, the process's previous handler
+(Ray's: exit) runs. No torch here.
+Tested by `python -m pytest tests/test_preemption.py tests/test_chaos_trial_preemption.py tests/test_fsdp_sweep.py -q`.
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ class Preempted(UserError):
 
     def __init__(self, signal_name: str, step: int, max_steps: int, checkpoint: str | None):
         self.signal_name, self.step, self.max_steps, self.checkpoint = signal_name, step, max_steps, checkpoint
-        saved = f"checkpoint {checkpoint} saved" if checkpoint else "no checkpoint saved on this rank"
+        saved = (f"checkpoint {checkpoint} saved" if checkpoint  # below: a rank other than 0 of a run of several
+                 else "the checkpoint of that step was saved with rank 0, which reports it")
         super().__init__(f"training stopped by {signal_name} after step {step} of {max_steps}: {saved}; continue "
                          "with --set train.resume_from=latest")
 

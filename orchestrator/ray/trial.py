@@ -258,10 +258,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         # shards the model as it loads: rank 0 reads the weights, every rank receives only its shards
         prepare_model = FSDPPreparer(device, resolve_autocast_dtype(job.spec.runtime.precision, device))
 
-    # One worker: SIGTERM checkpoints the step in progress. Several: every rank would have to agree on the
-    # step to stop at (the loop does not yet), so Ray's handler ends the worker and the group restarts.
-    grace_s = preemption_grace_s(job.spec) if context.get_world_size() == 1 else None
-    with trial_scope(grace_s) if grace_s else contextlib.nullcontext():
+    # SIGTERM / SIGINT to any worker: every rank checkpoints the step in progress (the loop agrees on it),
+    # reports it and ends with Preempted; Ray Train restarts the group from that checkpoint.
+    with trial_scope(preemption_grace_s(job.spec)):
         run_engine(job, rank=context.get_world_rank(), device=str(device),
                    send=lambda metrics, checkpoint: ray.train.report(metrics, checkpoint=checkpoint),
                    restored=ray.train.get_checkpoint(), startup=startup, prepare_model=prepare_model)
