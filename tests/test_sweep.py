@@ -519,3 +519,17 @@ def test_asha_stops_a_warm_trial_early_and_the_actor_runs_the_next_one(world, tm
     assert slow["step"] < 40, slow  # stopped at a rung
     assert runs[slow["trial_id"]].info.status == "KILLED" and "error" not in runs[slow["trial_id"]].data.tags
     assert after["load_seconds"] < first["load_seconds"], (after["load_seconds"], first["load_seconds"])
+
+
+@pytest.mark.ray
+def test_with_fail_fast_a_trial_that_fails_for_good_stops_the_sweep(world, tmp_path, local_ray):
+    """failure.fail_fast: a trial whose every attempt fails (a learning rate of 1e8: a non-finite loss from its first
+    update; no restart here) stops the sweep, and the next grid point never trains. Without it the others go on:
+    test_reliability_ray.py::test_an_error_on_every_attempt_ends_the_trial_after_max_failures_plus_one_attempts_and_the_sweep_goes_on."""
+    sections = dict(sweep={"strategy": "grid", "beta": [0.1], "learning_rate": [1e8, 1e-3], "max_concurrent_trials": 1},
+                    train={"max_steps": 6, "eval_every": 6, "checkpoint_every": 6}, reference={"mode": "live"})
+    stopped = run_sweep(tiny_config(world, tmp_path, name="fail-fast", failure={"max_failures": 0, "fail_fast": True},
+                                    **sections))
+    [failed] = [t for t in stopped["trials"] if t["error"]]
+    assert "NonFiniteLossError" in failed["error"] and failed["config"]["learning_rate"] == 1e8, failed
+    assert not [t for t in stopped["trials"] if t["step"] == 6], stopped["trials"]  # the 1e-3 trial never finished

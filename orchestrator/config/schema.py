@@ -223,6 +223,8 @@ class ResourcesSection(Section):
 
 class FailureSection(Section):
     max_failures: int = Field(1, ge=-1, le=MAX_ROUNDS, description="Restarts of a trial's workers from their last checkpoint (-1: unlimited)" + at_most(MAX_ROUNDS))
+    fail_fast: bool = Field(False, description="Stop the whole sweep when a trial fails for good (after its restarts); "
+                            "false: the other trials go on")
 
 
 class TrackingSection(Section):

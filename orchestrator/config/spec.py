@@ -114,6 +114,7 @@ class SweepSpec:
     incremental: IncrementalBetaSettings | None  # strategy incremental_beta only
     trial_mode: str  # warm: the engine in Tune's reused trial actor; train: a TorchTrainer per trial
     reference_wait_s: float = 21600.0  # reference.wait_timeout_s: the longest wait for the reference pass
+    fail_fast: bool = False  # failure.fail_fast: a trial failed for good stops the sweep (else the others go on)
 
 
 @dataclass(frozen=True)
@@ -257,7 +258,8 @@ def _sweep(config: ExperimentConfig) -> SweepSpec:
     return SweepSpec(strategy=sweep.strategy, metric=sweep.metric, mode=sweep.mode, scheduler=sweep.scheduler,
                      max_trials=sweep.max_trials, max_concurrent_trials=sweep.max_concurrent_trials, beta=beta,
                      kl_weight=kl_weight, learning_rate=learning_rate, loss=searched_losses, incremental=incremental,
-                     trial_mode=trial_mode(config), reference_wait_s=config.reference.wait_timeout_s)
+                     trial_mode=trial_mode(config), reference_wait_s=config.reference.wait_timeout_s,
+                     fail_fast=config.failure.fail_fast)
 
 
 def resolve_experiment(config: ExperimentConfig) -> Experiment:

@@ -98,11 +98,12 @@ def build_tuner(experiment: Experiment, resume: bool, tracking: TrialTracking | 
     scheduler = None
     if sweep.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="step", max_t=loop.max_steps, grace_period=max(1, loop.eval_every))
+    # fail_fast: a trial that fails for good (its restarts used up) stops the sweep; otherwise the others go on
     if sweep.trial_mode == "warm":  # Tune restarts a failed trial from its last checkpoint, and keeps the newest ones
-        failure = tune.FailureConfig(max_failures=resources.max_failures)
+        failure = tune.FailureConfig(max_failures=resources.max_failures, fail_fast=sweep.fail_fast)
         checkpoints = tune.CheckpointConfig(num_to_keep=resources.keep_checkpoints)
     else:  # Ray Train restarts a trial's workers and keeps its checkpoints
-        failure, checkpoints = tune.FailureConfig(max_failures=0), None
+        failure, checkpoints = tune.FailureConfig(max_failures=0, fail_fast=sweep.fail_fast), None
     return tune.Tuner(
         trainable,
         param_space=space,

@@ -8,8 +8,8 @@ secrets redacted) with the one given now, key by key (dotted names), and raises 
 every changed key with both values, unless the command was given `--force-config-change` (then it warns).
 Keys that cannot change results may differ: where the run is tracked (tracking.*), where it lives
 (output_dir, storage_path, reference.cache_dir, whose content is checked by its key), how to go on
-(train.resume_from, train.overwrite_output_dir), the preemption grace period and the number of restarts
-(failure.max_failures). A single run (`dpo train` / `dpo sft`) may also change train.max_steps, to train
+(train.resume_from, train.overwrite_output_dir), the preemption grace period, the number of restarts
+and whether a failed trial stops the sweep (failure.max_failures, failure.fail_fast). A single run (`dpo train` / `dpo sft`) may also change train.max_steps, to train
 longer (or stop sooner) than first planned: the steps after the checkpoint follow the new schedule, and a
 warning says so. A sweep may not: its finished trials would not be comparable with the others. A key the
 stored config does not hold (written by an older version) is not compared. Pure Python: no torch. Tested by `python -m pytest tests/test_chaos_config_change.py -q`.
@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 NON_RESULT_KEYS = frozenset({
     "tracking.enabled", "tracking.uri", "tracking.experiment", "output_dir", "storage_path", "reference.cache_dir",
     "train.resume_from", "train.overwrite_output_dir", "train.preemption_grace_s", "failure.max_failures",
+    "failure.fail_fast",
     "data.num_proc",  # how many processes tokenise: the pairs are the same for any number
 })
 SHOWN_CHANGES = 20  # keys listed in the message; the rest counted
