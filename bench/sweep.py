@@ -20,7 +20,10 @@ It runs the sweep in a fresh storage folder and reports:
   trials (reports, checkpoints, teardown); and the seconds outside trials;
 - the reference pass: its cold cost (measured once more, outside the sweep) and the compute that
   per-trial recomputation would have spent, K x cold cost, against 1 x cold cost with the shared cache;
-- Ray Train trials only (or --floor): Ray Train's floor, the wall time of a TorchTrainer.fit() whose
+- with --floor, warm trials: Ray and Tune's floor, the wall time of start_ray, a Tuner.fit() of as many
+  trials as the sweep ran, each importing the trial module and reporting once, and ray.shutdown() (the
+  part of the overhead no change to this project's code removes);
+- Ray Train trials only: Ray Train's floor, the wall time of a TorchTrainer.fit() whose
   workers run an empty loop, on a local Ray started as `dpo sweep` starts it, with the trial's resources
   (the per-trial cost no engine change can remove), and the CPU seconds Ray's processes spend in one such
   fit, by process (controller, worker, helper actors);
@@ -162,6 +165,46 @@ def ray_train_floor(config: ExperimentConfig, storage: str, fits: int = 3) -> tu
         ray.shutdown()
 
 
+def tune_floor(config: ExperimentConfig, trials: int) -> dict[str, float]:
+    """What Ray and Tune cost a warm sweep with nothing to train: start_ray as `dpo sweep` starts it, one
+    Tuner.fit() of `trials` trials of a function trainable that imports the trial module (torch, transformers,
+    the engine) and reports once, with the sweep's per-trial resources and reuse_actors; then ray.shutdown().
+    The part of the overhead no change of this project's code removes."""
+    import ray
+    from ray import tune
+
+    from orchestrator.ray.cluster import start_ray
+    from orchestrator.ray.trial import warm_resources
+
+    run = resolve_run(config)
+    started = time.perf_counter()
+    start_ray(None, run.resources)
+    ray_started = time.perf_counter()
+    try:
+        tuner = tune.Tuner(tune.with_resources(empty_trial, warm_resources(run.resources)),
+                           param_space={"index": tune.grid_search(list(range(trials)))},
+                           tune_config=tune.TuneConfig(reuse_actors=True, max_concurrent_trials=1),
+                           run_config=tune.RunConfig(storage_path=tempfile.mkdtemp(prefix="dpo-bench-floor-"), verbose=0))
+        fit_started = time.time()
+        results = tuner.fit()
+        fitted = time.perf_counter()
+        starts = sorted(result.metrics["started"] for result in results)
+    finally:
+        ray.shutdown()
+    ended = time.perf_counter()
+    return {"ray_start_seconds": ray_started - started, "fit_seconds": fitted - ray_started,
+            "fit_to_first_trial_seconds": starts[0] - fit_started,
+            "shutdown_seconds": ended - fitted, "total_seconds": ended - started, "trials": trials}
+
+
+def empty_trial(config: dict) -> None:
+    """The floor's trainable: the trial module's imports, then one report."""
+    import orchestrator.ray.trial  # noqa: F401 - what a real trial actor imports
+    from ray import tune
+
+    tune.report({"started": time.time()})
+
+
 STARTUP_PHASES = ("ray_train_start_seconds", "reference_wait_seconds", "load_seconds")  # ray_trial.StartupClock
 
 
@@ -175,6 +218,21 @@ def fixed_by_phase(slot_seconds: float, trials: list[dict]) -> dict[str, float]:
     phases["rest_of_trials"] = in_trials - sum(phases.values())
     phases["outside_trials"] = slot_seconds - sum(t.get("trial_seconds") or 0.0 for t in trials)
     return phases
+
+
+def outside_trials_split(started: float, ended: float, trials: list[dict]) -> dict[str, float]:
+    """The wall seconds outside trials (epoch times) split: before the first trial's function started,
+    between trials (no trial running), after the last trial's last report. Empty if trials lack start times."""
+    spans = sorted((t["trial_started_at"], t["trial_started_at"] + (t.get("trial_seconds") or 0.0))
+                   for t in trials if t.get("trial_started_at"))
+    if not spans:
+        return {}
+    between, running_until = 0.0, spans[0][1]
+    for start, end in spans[1:]:
+        between += max(0.0, start - running_until)
+        running_until = max(running_until, end)
+    return {"before_first_trial_seconds": spans[0][0] - started, "between_trials_seconds": between,
+            "after_last_trial_seconds": ended - running_until}
 
 
 def fixed_seconds_of_trials(trials: list[dict]) -> list[dict]:
@@ -210,16 +268,16 @@ def main() -> None:
     parser.add_argument("--config", default="configs/quickstart.yaml", help="sweep config (default: the quickstart)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override key=value")
     parser.add_argument("--out", default=None, help="JSON output (default bench/results/sweep-<date>.json)")
-    parser.add_argument("--floor", action="store_true", help="also time Ray Train's floor for a warm sweep")
+    parser.add_argument("--floor", action="store_true", help="warm trials: also time Ray and Tune's floor (empty trials)")
     args = parser.parse_args()
 
     storage = tempfile.mkdtemp(prefix="dpo-bench-sweep-")
     config = load_config(args.config, args.overrides + [f"storage_path={storage}"])
     experiment = resolve_experiment(config)
     load_before = load_average()
-    started = time.perf_counter()
+    started, started_epoch = time.perf_counter(), time.time()
     summary = run_sweep(experiment)
-    wall = time.perf_counter() - started
+    wall, ended_epoch = time.perf_counter() - started, time.time()
     load_after = load_average()
     trial_mode = summary.get("trial_mode", experiment.sweep.trial_mode)
 
@@ -236,7 +294,8 @@ def main() -> None:
 
         EmbeddedServer(mlflow_root(storage)).stop()  # the sweep's embedded server; this folder is temporary
     reference_seconds = cold_reference_seconds(config)
-    floor, floor_cpu = ray_train_floor(config, storage) if trial_mode == "train" or args.floor else ([], {})
+    floor, floor_cpu = ray_train_floor(config, storage) if trial_mode == "train" else ([], {})
+    warm_floor = tune_floor(config, len(summary["trials"])) if trial_mode == "warm" and args.floor else {}
     # The overhead is a fixed cost (per sweep and per trial), so the fraction falls as trials train longer:
     # the training per trial at which this sweep's fixed seconds would be 10% of the wall time.
     fixed_seconds = wall * slots - step_seconds - eval_seconds
@@ -262,6 +321,8 @@ def main() -> None:
                        + STARTUP_PHASES} | {"beta": t["config"].get("beta"), "step": t.get("step"), "error": t.get("error"),
                                             summary["metric"]: t.get("metric")} for t in trials],
         "fixed_seconds_by_phase": fixed_by_phase(wall * slots, trials),
+        "outside_trials_split": outside_trials_split(started_epoch, ended_epoch, trials),
+        "tune_floor": warm_floor,
     }
     print(f"sweep {config.name} ({trial_mode} trials): {len(trials)} trials, betas {figures['betas']}, "
           f"{slots} trial slot(s) on {cpus} CPUs; load average {load_before} before, {load_after} after")
@@ -279,6 +340,17 @@ def main() -> None:
                   f"final {summary['metric']} {trial.get('metric')} at step {trial.get('step')}")
     print("  fixed seconds by phase (summed over trials): " + ", ".join(
         f"{name.replace('_', ' ')} {value:.1f}" for name, value in figures["fixed_seconds_by_phase"].items()))
+    split = figures["outside_trials_split"]
+    if split:
+        print(f"  outside trials: {split['before_first_trial_seconds']:.1f} s before the first trial started "
+              f"(data check, Ray, MLflow, reference pass, Tune, the trial actor), "
+              f"{split['between_trials_seconds']:.1f} s between trials, "
+              f"{split['after_last_trial_seconds']:.1f} s after the last one (summary, MLflow, Ray shutdown)")
+    if warm_floor:
+        print(f"  Ray + Tune floor (start_ray, Tuner.fit of {warm_floor['trials']} empty trials that import the trial "
+              f"module, shutdown): {warm_floor['total_seconds']:.1f} s = Ray start {warm_floor['ray_start_seconds']:.1f} + "
+              f"fit {warm_floor['fit_seconds']:.1f} (first trial started after {warm_floor['fit_to_first_trial_seconds']:.1f}) + "
+              f"shutdown {warm_floor['shutdown_seconds']:.1f}")
     if floor:
         print(f"  Ray Train floor (TorchTrainer.fit of an empty loop, same resources): "
               f"{', '.join(f'{value:.1f}' for value in floor)} s; median {sorted(floor)[len(floor) // 2]:.1f} s per trial")

@@ -533,3 +533,26 @@ def test_with_fail_fast_a_trial_that_fails_for_good_stops_the_sweep(world, tmp_p
     [failed] = [t for t in stopped["trials"] if t["error"]]
     assert "NonFiniteLossError" in failed["error"] and failed["config"]["learning_rate"] == 1e8, failed
     assert not [t for t in stopped["trials"] if t["step"] == 6], stopped["trials"]  # the 1e-3 trial never finished
+
+
+@pytest.mark.ray
+def test_a_parent_run_that_cannot_be_opened_stops_the_sweep_with_its_error_and_no_trial_trains(world, tmp_path,
+                                                                                              local_ray, monkeypatch):
+    """A fresh sweep starts Tune while the driver opens its MLflow parent run (orchestrator/ray/handoff.py). When
+    that fails, the trials that started wait for it, get the driver's error instead of a run, and the sweep stops
+    with that error: no trial trains without its MLflow run."""
+    import time
+
+    import orchestrator.workflows.sweep as sweep_module
+
+    def cannot_open(*args, **kwargs):
+        time.sleep(5)  # long enough for Tune to have started the first trial, which must be waiting
+        raise RuntimeError("the tracking server refused the parent run")
+
+    monkeypatch.setattr(sweep_module, "open_sweep_run", cannot_open)
+    config = tiny_config(world, tmp_path, tracking={"enabled": True, "uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+                         sweep={"strategy": "grid", "beta": [0.1, 0.2]}, reference={"mode": "live"})
+    with pytest.raises(RuntimeError, match="refused the parent run"):
+        run_sweep(config)
+    results = [path for path in (tmp_path / "runs" / "tiny").glob("*/result.json") if path.read_text().strip()]
+    assert not results, f"a trial reported without its MLflow run: {results}"

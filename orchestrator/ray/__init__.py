@@ -8,6 +8,7 @@ job whose workers call the engine with the run spec.
     tuner.py           the Tuner: searcher, search space, scheduler (Tune over Train)
     searchers.py       the incremental beta procedure as a Tune searcher; grid and random spaces
     trial.py           one trial: the Tune function trainable and the Train worker function
+    handoff.py         the sweep's MLflow parent run, handed to trials that start before it is open
     probes.py          optional timing probes of a trial's start-up (perf/* metrics)
     jobs.py            a study's SFT and fixed-value DPO stages as Ray Train jobs
 """

@@ -141,7 +141,8 @@ class DriverReference:
 
 
 def reference_stopper():
-    """A Tune Stopper that ends the sweep once the reference task has failed (every trial would wait on it).
+    """A Tune Stopper that ends the sweep once the reference task has failed (every trial would wait on it),
+    or the sweep's MLflow parent run could not be opened (handoff.py: every trial would fail on it).
 
     Stateless, so it pickles into the Tuner's state and works again after Tuner.restore.
     """
@@ -152,9 +153,9 @@ def reference_stopper():
             return False
 
         def stop_all(self) -> bool:
-            from orchestrator.ray import reference_task
+            from orchestrator.ray import handoff, reference_task
 
-            return reference_task.REFERENCE_FAILED.is_set()
+            return reference_task.REFERENCE_FAILED.is_set() or handoff.SETUP_FAILED.is_set()
 
     return ReferenceFailed()
 

@@ -59,14 +59,29 @@ class SharedRefs:
 
 @dataclass(frozen=True)
 class TrialTracking:
-    """The sweep's MLflow parent run, under which each trial opens its child run."""
+    """The sweep's MLflow parent run, under which each trial opens its child run.
 
-    uri: str
-    experiment_id: str
-    parent_run_id: str
+    A fresh sweep starts Tune while the driver still opens the parent run: uri, experiment_id and
+    parent_run_id are then None and `handoff` (a handoff.Handoff actor) gives them; `resolved` waits for them.
+    """
+
+    uri: str | None
+    experiment_id: str | None
+    parent_run_id: str | None
     sweep: str
     journal_dir: str | None = None  # metric journals of the trials' runs (metric_journal.py); None: none
     system_metrics: bool = False  # each trial's rank 0 logs MLflow system metrics into its run
+    handoff: Any = None  # the Handoff actor that will hold (uri, experiment_id, parent_run_id); None: known
+
+    def resolved(self, timeout_s: float = 900.0) -> "TrialTracking":
+        """This tracking with the parent run known (waits for the driver to open it; raises its error)."""
+        if self.handoff is None:
+            return self
+        from dataclasses import replace
+
+        opened = ray.get(self.handoff.get.remote(), timeout=timeout_s)
+        return replace(self, handoff=None, uri=opened["uri"], experiment_id=opened["experiment_id"],
+                       parent_run_id=opened["parent_run_id"])
 
 
 @dataclass(frozen=True)
@@ -222,6 +237,7 @@ def warm_trial(trial_config: dict[str, Any], *, spec: RunSpec, layout: StorageLa
     started = time.time()
     trial_spec = spec.for_trial(trial_config)
     trial_id = tune.get_context().get_trial_id()
+    tracking = tracking.resolved() if tracking else None  # the parent run may still be opening (handoff.py)
     try:
         with trial_run(tracking, trial_config, trial_spec, layout.trial_dir(trial_id)) as run_id:
             job = WorkerJob(spec=trial_spec, shared=shared, tracking_uri=tracking.uri if tracking else None,
@@ -294,6 +310,7 @@ def run_trial(trial_config: dict[str, Any], *, spec: RunSpec, layout: StorageLay
     started = time.time()
     trial_spec = spec.for_trial(trial_config)
     trial_id = tune.get_context().get_trial_id()
+    tracking = tracking.resolved() if tracking else None  # the parent run may still be opening (handoff.py)
     with trial_run(tracking, trial_config, trial_spec, layout.trial_dir(trial_id)) as run_id:
         job = WorkerJob(spec=trial_spec, shared=shared, tracking_uri=tracking.uri if tracking else None, run_id=run_id,
                         journal_dir=tracking.journal_dir if tracking else None,

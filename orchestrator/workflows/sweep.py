@@ -1,8 +1,11 @@
 """`dpo sweep`: Ray Tune over the engine's trials, with the incremental beta procedure as a searcher.
 
 1) validate the config (done by the CLI) and every data row, before any server or Ray starts;
-2) start or join Ray; start (or reach) the MLflow server; open the sweep's parent run;
-3) compute the reference log-probs once, as a Ray task, into the sweep's cache, while Tune starts;
+2) start or join Ray; start (or reach) the MLflow server and open the sweep's parent run in a thread, while
+   Tune starts (trials that start first wait for it: orchestrator/ray/handoff.py; on --resume it is opened,
+   and the killed driver's metric points replayed, before Tune starts);
+3) compute the reference log-probs once, in the driver (local CPU Ray) or as Ray tasks, into the sweep's
+   cache, while Tune starts;
 4) fit the Tuner (orchestrator/ray/tuner.py): each trial runs the engine in a reused Tune trial actor
    (one worker) or as a Ray Train job (several workers);
 5) summarise: the best trial, the searcher's decision log and the reference-cache key are printed,
@@ -13,6 +16,7 @@ from their last checkpoint. Run: `dpo sweep configs/quickstart.yaml [--address a
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import math
@@ -58,6 +62,30 @@ def open_sweep_run(experiment: Experiment, uri: str, resume: bool) -> SweepRecor
     )
     records.log_dataset_inputs(uri, parent_run_id, {"train": experiment.run.data.train, "eval": experiment.run.data.eval})
     return SweepRecords(uri, mlflow_experiment, experiment_id, parent_run_id, name)
+
+
+def open_sweep_run_meanwhile(experiment: Experiment, uri_when_ready: Callable[[], str | None]):
+    """A fresh sweep's parent run, opened in a thread while Tune starts; (future of its SweepRecords, the
+    Handoff actor that gives it to the trials that start first: orchestrator/ray/handoff.py)."""
+    from orchestrator.ray.handoff import SETUP_FAILED, Handoff
+
+    handoff = Handoff.remote()
+
+    def open_and_hand_over() -> SweepRecords:
+        try:
+            records = open_sweep_run(experiment, uri_when_ready(), resume=False)
+        except BaseException as error:
+            SETUP_FAILED.set()  # the Tuner's stopper ends the sweep; the driver raises `error`
+            handoff.fail.remote(f"the sweep's MLflow parent run could not be opened: {type(error).__name__}: {error}")
+            raise
+        handoff.put.remote({"uri": records.uri, "experiment_id": records.experiment_id,
+                            "parent_run_id": records.parent_run_id})
+        return records
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sweep-parent-run")
+    opening = pool.submit(open_and_hand_over)
+    pool.shutdown(wait=False)
+    return opening, handoff
 
 
 def close_sweep_run(sweep: SweepRecords, summary: dict[str, Any] | None, error: str | None) -> None:
@@ -162,6 +190,7 @@ def run_sweep(experiment: Experiment, *, address: str | None = None, resume: boo
     import ray
 
     from orchestrator.ray.cluster import check_cluster_fits, check_storage_is_shared, local_resources, start_ray
+    from orchestrator.ray.handoff import SETUP_FAILED
     from orchestrator.ray.reference_task import REFERENCE_FAILED, DriverReference, ReferenceTask
     from orchestrator.ray.trial import SharedRefs, TrialTracking
     from orchestrator.ray.tuner import build_tuner, tune_pending_trials
@@ -200,7 +229,7 @@ def run_sweep(experiment: Experiment, *, address: str | None = None, resume: boo
         except BaseException:
             release_driver_lock(lock)
             raise
-    sweep_records = None
+    sweep_records, opening = None, None
     try:
         if layout.config_file is not None and (not resume or force_config_change or not layout.config_file.is_file()):
             write_config_yaml(layout.config_file, experiment.resolved_config())  # what --resume compares with
@@ -210,14 +239,23 @@ def run_sweep(experiment: Experiment, *, address: str | None = None, resume: boo
         data_ref = ray.put(data)  # the tokenizer and the store's paths (all pairs when storage is an object store)
         # 3) the reference pass, overlapping Tune's start
         REFERENCE_FAILED.clear()  # an earlier sweep's failed reference task (this process) must not stop this one
+        SETUP_FAILED.clear()  # nor its parent run that could not be opened
         precomputed = spec.preference.reference_mode == "precomputed"
         in_driver = started_here and not address and not spec.resources.use_gpu  # DriverReference's docstring
         reference = None if not precomputed else DriverReference(spec, data) if in_driver else ReferenceTask(spec, data_ref)
-        tracking_uri = tracking_uri_when_ready()
-        if tracking_uri:
-            sweep_records = open_sweep_run(experiment, tracking_uri, resume)
-            if resume and layout.metric_journals is not None:  # points the killed driver's trials never delivered
-                replay_journals(tracking_uri, layout.metric_journals)
+        journal_dir = None if layout.metric_journals is None else str(layout.metric_journals)
+        tracking = None
+        if experiment.tracking.enabled and not resume:  # opened while Tune starts; the first trials wait for it
+            opening, handoff = open_sweep_run_meanwhile(experiment, tracking_uri_when_ready)
+            tracking = TrialTracking(None, None, None, experiment.name, journal_dir=journal_dir,
+                                     system_metrics=experiment.tracking.system_metrics, handoff=handoff)
+        elif experiment.tracking.enabled:  # --resume: the killed driver's points are replayed before any trial
+            sweep_records = open_sweep_run(experiment, tracking_uri_when_ready(), resume)
+            if layout.metric_journals is not None:  # points the killed driver's trials never delivered
+                replay_journals(sweep_records.uri, layout.metric_journals)
+            tracking = TrialTracking(sweep_records.uri, sweep_records.experiment_id, sweep_records.parent_run_id,
+                                     sweep_records.sweep, journal_dir=journal_dir,
+                                     system_metrics=experiment.tracking.system_metrics)
         if reference is not None:
             reference.watch()
             if spec.resources.use_gpu:  # trials' placement groups could otherwise take every GPU the pass needs
@@ -225,23 +263,24 @@ def run_sweep(experiment: Experiment, *, address: str | None = None, resume: boo
 
                 wait_for_reference(reference.ref, experiment.sweep.reference_wait_s, f"sweep {experiment.name}")
         # 4) the trials
-        tracking = TrialTracking(sweep_records.uri, sweep_records.experiment_id, sweep_records.parent_run_id,
-                                 sweep_records.sweep, journal_dir=None if layout.metric_journals is None
-                                 else str(layout.metric_journals),
-                                 system_metrics=experiment.tracking.system_metrics) if sweep_records else None
         shared = SharedRefs(data=data_ref, reference_ready=reference.ref if reference else None,
                             reference_wait_s=experiment.sweep.reference_wait_s,
                             reference_key=reference.key() if isinstance(reference, DriverReference) else None)
         with tune_pending_trials(experiment.sweep):  # an incremental round's trials are placed together
             results = build_tuner(experiment, resume, tracking, shared, console=console).fit()
         # 5) the summary
+        if opening is not None:
+            sweep_records = opening.result()  # raises the error that stopped the sweep, if opening failed
         cache_key = reference.result() if reference is not None else None  # raises the task's error, if any
         summary = summarize(results, experiment, cache_key)
         if sweep_records:
             close_sweep_run(sweep_records, summary, error=None)
-            summary["mlflow"] = {"uri": tracking_uri, "parent_run_id": sweep_records.parent_run_id,
+            summary["mlflow"] = {"uri": sweep_records.uri, "parent_run_id": sweep_records.parent_run_id,
                                  "experiment_id": sweep_records.experiment_id}
     except BaseException as error:
+        if sweep_records is None and opening is not None:  # opened (or opening) but the sweep failed: run FAILED
+            done, _ = concurrent.futures.wait([opening], timeout=30)
+            sweep_records = opening.result() if done and opening.exception() is None else None
         if sweep_records:
             close_sweep_run(sweep_records, None, error=f"{type(error).__name__}: {error}")
         raise
