@@ -262,6 +262,8 @@ def run_training_loop(
             last_metrics.update(metrics)
         if stop_signal is not None and done < settings.max_steps:
             progress.close()
+            if world > 1:  # every rank's report of this step, rank 0's checkpoint included, is out before any rank
+                dist.barrier()  # ends: Ray Train would otherwise see an error before the checkpoint it must resume from
             raise Preempted(stop_signal, done, settings.max_steps, checkpoint_dir)
     progress.close()
     return last_metrics
