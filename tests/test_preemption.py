@@ -215,6 +215,16 @@ def test_the_stop_message_says_how_to_go_on():
     assert error.exit_code == EXIT_PREEMPTED == 75
     assert str(error) == ("training stopped by SIGTERM after step 7 of 10: checkpoint /runs/x/checkpoints/step-000007 "
                           "saved; continue with --set train.resume_from=latest")
+    # in a sweep's trial, Ray retries the trial from that checkpoint: no command to run; the driver gets the same text
+    import pickle
+
+    from trainables.preemption import trial_scope
+
+    with trial_scope(30):
+        in_trial = Preempted("SIGTERM", 7, 10, None)
+    assert str(in_trial).endswith("the checkpoint of that step was saved with rank 0, which reports it; the trial is "
+                                  "retried from it (failure.max_failures)"), str(in_trial)
+    assert str(pickle.loads(pickle.dumps(in_trial))) == str(in_trial)
 
 
 # A Ray trial worker in miniature: the process's own SIGTERM handler (Ray's exits the worker), the trial's loop in a

@@ -50,15 +50,18 @@ class Preempted(UserError):
 
     exit_code = EXIT_PREEMPTED
 
-    def __init__(self, signal_name: str, step: int, max_steps: int, checkpoint: str | None):
+    def __init__(self, signal_name: str, step: int, max_steps: int, checkpoint: str | None,
+                 in_trial: bool | None = None):
         self.signal_name, self.step, self.max_steps, self.checkpoint = signal_name, step, max_steps, checkpoint
+        self.in_trial = _REQUEST.trial_scoped if in_trial is None else in_trial  # raised in a sweep's trial
         saved = (f"checkpoint {checkpoint} saved" if checkpoint  # below: a rank other than 0 of a run of several
                  else "the checkpoint of that step was saved with rank 0, which reports it")
-        super().__init__(f"training stopped by {signal_name} after step {step} of {max_steps}: {saved}; continue "
-                         "with --set train.resume_from=latest")
+        go_on = ("the trial is retried from it (failure.max_failures)" if self.in_trial
+                 else "continue with --set train.resume_from=latest")
+        super().__init__(f"training stopped by {signal_name} after step {step} of {max_steps}: {saved}; {go_on}")
 
     def __reduce__(self):  # pickled as its arguments: Ray sends a trial's error to the driver by pickle
-        return (Preempted, (self.signal_name, self.step, self.max_steps, self.checkpoint))
+        return (Preempted, (self.signal_name, self.step, self.max_steps, self.checkpoint, self.in_trial))
 
 
 class PreemptionTimeout(BaseException):
@@ -76,10 +79,11 @@ class _StopRequest:
         self.received_at: float | None = None
         self.grace_s: float | None = None
         self.in_trial = False  # a Ray worker: a trial's loop is running and will read the request
+        self.trial_scoped = False  # a trial's loop runs (trial_scope), with or without the handlers installed
 
     def clear(self) -> None:
         self.signal_name = self.received_at = self.grace_s = None
-        self.in_trial = False
+        self.in_trial = self.trial_scoped = False
 
 
 _REQUEST = _StopRequest()
@@ -179,11 +183,11 @@ def trial_scope(grace_s: float) -> Iterator[bool]:
     progress within grace_s; yields whether the worker's handlers are installed (install_in_worker)."""
     installed = signal.getsignal(signal.SIGTERM) is _on_worker_signal
     _REQUEST.clear()
-    _REQUEST.grace_s, _REQUEST.in_trial = float(grace_s), installed
+    _REQUEST.grace_s, _REQUEST.in_trial, _REQUEST.trial_scoped = float(grace_s), installed, True
     try:
         yield installed
     finally:
-        _REQUEST.in_trial = False
+        _REQUEST.in_trial = _REQUEST.trial_scoped = False
         if _REQUEST.signal_name is None:
             _REQUEST.clear()
         else:  # the trial stopped on the signal: no alarm now; its retry runs in another worker
