@@ -552,7 +552,13 @@ def test_a_parent_run_that_cannot_be_opened_stops_the_sweep_with_its_error_and_n
     monkeypatch.setattr(sweep_module, "open_sweep_run", cannot_open)
     config = tiny_config(world, tmp_path, tracking={"enabled": True, "uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
                          sweep={"strategy": "grid", "beta": [0.1, 0.2]}, reference={"mode": "live"})
+    import ray
+
+    start_ray(None, resolve_run(config).resources)  # a Ray the sweep joins, as each sweep of a study does
     with pytest.raises(RuntimeError, match="refused the parent run"):
         run_sweep(config)
     results = [path for path in (tmp_path / "runs" / "tiny").glob("*/result.json") if path.read_text().strip()]
     assert not results, f"a trial reported without its MLflow run: {results}"
+    assert ray.is_initialized()  # the joined Ray outlives the sweep, but not the sweep's handoff actor
+    alive = [actor["ActorClassName"] for actor in ray._private.state.actors().values() if actor["State"] == "ALIVE"]
+    assert not [name for name in alive if name.endswith("Handoff")], alive

@@ -229,7 +229,7 @@ def run_sweep(experiment: Experiment, *, address: str | None = None, resume: boo
         except BaseException:
             release_driver_lock(lock)
             raise
-    sweep_records, opening = None, None
+    sweep_records, opening, handoff = None, None, None
     try:
         if layout.config_file is not None and (not resume or force_config_change or not layout.config_file.is_file()):
             write_config_yaml(layout.config_file, experiment.resolved_config())  # what --resume compares with
@@ -285,6 +285,8 @@ def run_sweep(experiment: Experiment, *, address: str | None = None, resume: boo
             close_sweep_run(sweep_records, None, error=f"{type(error).__name__}: {error}")
         raise
     finally:
+        if opening is not None and not started_here:  # a joined Ray outlives this sweep (a study runs several)
+            ray.kill(handoff)
         if started_here:
             ray.shutdown()
         release_driver_lock(lock)
