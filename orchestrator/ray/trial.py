@@ -37,7 +37,7 @@ from orchestrator.config.layout import StorageLayout
 from orchestrator.config.spec import Resources, RunSpec
 from orchestrator.ray.probes import StartupClock
 from orchestrator.tracking.schema import SEARCHED_PARAMS
-from trainables.preemption import install_in_worker, trial_scope
+from trainables.preemption import Preempted, install_in_worker, trial_scope
 
 # In a Ray worker this import runs in the main thread (a trainable is unpickled there), the only thread that
 # may install signal handlers: SIGTERM / SIGINT then checkpoint a trial's step in progress (trainables/preemption.py).
@@ -277,9 +277,32 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     # SIGTERM / SIGINT to any worker: every rank checkpoints the step in progress (the loop agrees on it),
     # reports it and ends with Preempted; Ray Train restarts the group from that checkpoint.
     with trial_scope(preemption_grace_s(job.spec)):
-        run_engine(job, rank=context.get_world_rank(), device=str(device),
-                   send=lambda metrics, checkpoint: ray.train.report(metrics, checkpoint=checkpoint),
-                   restored=ray.train.get_checkpoint(), startup=startup, prepare_model=prepare_model)
+        try:
+            run_engine(job, rank=context.get_world_rank(), device=str(device),
+                       send=lambda metrics, checkpoint: ray.train.report(metrics, checkpoint=checkpoint),
+                       restored=ray.train.get_checkpoint(), startup=startup, prepare_model=prepare_model)
+        except Preempted:
+            wait_for_reports_taken()  # else Ray Train can restart the group without the stop step's checkpoint
+            raise
+
+
+def wait_for_reports_taken(timeout_s: float = 60.0) -> None:
+    """Wait until Ray Train's controller has taken every report this worker queued.
+
+    The controller takes one queued report per worker per poll, and a poll that finds the training function
+    ended with an error restarts the group with what it has: reports still queued then are dropped. A stop
+    checkpoint reported right after a regular one was lost that way (tests/test_fsdp_sweep.py). Ray Train's
+    queue is internal (ray.train.v2), so this reads it defensively and gives up after timeout_s.
+    """
+    try:
+        from ray.train.v2._internal.execution.context import get_train_context
+
+        reports = get_train_context().execution_context.result_queue
+    except (ImportError, AttributeError, RuntimeError):
+        return
+    deadline = time.monotonic() + timeout_s
+    while getattr(reports, "unfinished_tasks", 0) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def scaling_for(resources: Resources) -> ScalingConfig:
