@@ -243,19 +243,19 @@ def run_sweep(experiment: Experiment, *, address: str | None = None, resume: boo
         precomputed = spec.preference.reference_mode == "precomputed"
         in_driver = started_here and not address and not spec.resources.use_gpu  # DriverReference's docstring
         reference = None if not precomputed else DriverReference(spec, data) if in_driver else ReferenceTask(spec, data_ref)
-        journal_dir = None if layout.metric_journals is None else str(layout.metric_journals)
         tracking = None
         if experiment.tracking.enabled and not resume:  # opened while Tune starts; the first trials wait for it
             opening, handoff = open_sweep_run_meanwhile(experiment, tracking_uri_when_ready)
-            tracking = TrialTracking(None, None, None, experiment.name, journal_dir=journal_dir,
-                                     system_metrics=experiment.tracking.system_metrics, handoff=handoff)
         elif experiment.tracking.enabled:  # --resume: the killed driver's points are replayed before any trial
             sweep_records = open_sweep_run(experiment, tracking_uri_when_ready(), resume)
             if layout.metric_journals is not None:  # points the killed driver's trials never delivered
                 replay_journals(sweep_records.uri, layout.metric_journals)
-            tracking = TrialTracking(sweep_records.uri, sweep_records.experiment_id, sweep_records.parent_run_id,
-                                     sweep_records.sweep, journal_dir=journal_dir,
-                                     system_metrics=experiment.tracking.system_metrics)
+        if experiment.tracking.enabled:
+            run = ((sweep_records.uri, sweep_records.experiment_id, sweep_records.parent_run_id) if sweep_records
+                   else (None, None, None))  # a fresh sweep's trials get them through the handoff
+            tracking = TrialTracking(*run, experiment.name,
+                                     journal_dir=None if layout.metric_journals is None else str(layout.metric_journals),
+                                     system_metrics=experiment.tracking.system_metrics, handoff=handoff)
         if reference is not None:
             reference.watch()
             if spec.resources.use_gpu:  # trials' placement groups could otherwise take every GPU the pass needs
